@@ -1,0 +1,139 @@
+"""Readers for LLaVA-style training JSON, test JSON (``question_id, image, text, answer``) and JSONL.
+
+Every problem is reported as a :class:`DataError` that names the file and the record index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from mmcl.data.sample import Sample
+from mmcl.errors import DataError
+
+_HUMAN_ROLES = {"human", "user"}
+_ASSISTANT_ROLES = {"gpt", "assistant"}
+_TRAIN_KEYS = {"id", "image", "images", "conversations"}
+_TEST_KEYS = {"question_id", "id", "image", "images", "text", "answer"}
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a ``.json`` file (a list of objects) or a ``.jsonl`` file (one object a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {line_number}: malformed JSON ({exc.msg})") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, found {type(records).__name__}")
+    return records
+
+
+def _image_paths(record: dict[str, Any], image_root: Path, where: str) -> tuple[Path, ...]:
+    raw = record.get("images", record.get("image"))
+    if raw is None:
+        return ()
+    names = [raw] if isinstance(raw, str) else raw
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths")
+    return tuple((image_root / name) for name in names)
+
+
+def _string_field(record: dict[str, Any], key: str, where: str) -> str:
+    value = record.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: missing or non-string field '{key}'")
+    return value
+
+
+def parse_train_record(record: Any, task: str, image_root: Path, where: str) -> Sample:
+    """One LLaVA conversation record: alternating human/gpt turns, the last one from gpt."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object, found {type(record).__name__}")
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError(f"{where}: missing or empty 'conversations' list")
+    turns: list[tuple[str, str]] = []
+    pending_user: str | None = None
+    for position, message in enumerate(conversations):
+        if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+            raise DataError(f"{where}: conversations[{position}] needs a string 'value'")
+        role = message.get("from")
+        if role in _HUMAN_ROLES and pending_user is None:
+            pending_user = message["value"]
+        elif role in _ASSISTANT_ROLES and pending_user is not None:
+            turns.append((pending_user, message["value"]))
+            pending_user = None
+        else:
+            raise DataError(f"{where}: conversations[{position}] from {role!r} breaks the human/gpt alternation")
+    if pending_user is not None:
+        raise DataError(f"{where}: conversation ends with a human turn and has no answer")
+    sample_id = str(record.get("id", where))
+    metadata = {k: v for k, v in record.items() if k not in _TRAIN_KEYS}
+    prompt, answer = turns[-1]
+    return Sample(
+        id=sample_id,
+        task=task,
+        images=_image_paths(record, image_root, where),
+        prompt=prompt,
+        answer=answer,
+        history=tuple(turns[:-1]),
+        metadata=metadata,
+    )
+
+
+def parse_test_record(record: Any, task: str, image_root: Path, where: str) -> Sample:
+    """One test record ``{question_id, image, text, answer}``; a conversation record also works."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object, found {type(record).__name__}")
+    if "conversations" in record:
+        return parse_train_record(record, task, image_root, where)
+    sample_id = record.get("question_id", record.get("id"))
+    if sample_id is None:
+        raise DataError(f"{where}: missing field 'question_id'")
+    metadata = {k: v for k, v in record.items() if k not in _TEST_KEYS}
+    return Sample(
+        id=str(sample_id),
+        task=task,
+        images=_image_paths(record, image_root, where),
+        prompt=_string_field(record, "text", where),
+        answer=_string_field(record, "answer", where),
+        metadata=metadata,
+    )
+
+
+def read_samples(path: Path, task: str, image_root: Path | None = None, split: str = "train") -> list[Sample]:
+    """Read a training (``split="train"``) or test file into samples; images resolve against ``image_root``
+    (default: the file's folder)."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    parse = parse_train_record if split == "train" else parse_test_record
+    records = load_records(path)
+    samples = [parse(record, task, root, f"{path}: record {index}") for index, record in enumerate(records)]
+    if split != "train":  # predictions are keyed by test id
+        _check_unique_ids(samples, path)
+    return samples
+
+
+def _check_unique_ids(samples: Iterable[Sample], path: Path) -> None:
+    seen: dict[str, int] = {}
+    for index, sample in enumerate(samples):
+        if sample.id in seen:
+            raise DataError(f"{path}: record {index}: duplicate id {sample.id!r} (first at record {seen[sample.id]})")
+        seen[sample.id] = index
