@@ -1,0 +1,134 @@
+"""A loaded vision-language model with its processor: chat formatting, training encodings with
+assistant-only labels, and batched greedy generation with left padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from mmcl.data.images import sample_images
+from mmcl.data.sample import IMAGE_PLACEHOLDER, Sample
+from mmcl.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+def build_messages(sample: Sample, include_final_answer: bool) -> list[dict[str, Any]]:
+    """Chat messages in the transformers multimodal format. ``<image>`` placeholders in the user text
+    become image items in place; if no turn has a placeholder, all images go before the first text."""
+    turns = sample.turns()
+    placeholders = sum(user.count(IMAGE_PLACEHOLDER) for user, _ in turns)
+    if placeholders not in (0, len(sample.images)):
+        raise DataError(
+            f"task {sample.task}: sample {sample.id}: {placeholders} '<image>' placeholders for {len(sample.images)} images"
+        )
+    messages: list[dict[str, Any]] = []
+    for index, (user, assistant) in enumerate(turns):
+        content: list[dict[str, str]] = []
+        if placeholders == 0 and index == 0:
+            content.extend({"type": "image"} for _ in sample.images)
+        for position, piece in enumerate(user.split(IMAGE_PLACEHOLDER)):
+            if position > 0:
+                content.append({"type": "image"})
+            if piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": "user", "content": content})
+        if index < len(turns) - 1 or include_final_answer:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
+    return messages
+
+
+@dataclass
+class Backbone:
+    """``model`` is the HF model (possibly wrapped by PEFT); ``processor`` its multimodal processor."""
+
+    name: str
+    model: Any
+    processor: Any
+    lora_targets: str
+    max_length: int = 512
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _tokenize(self, text: str, images: list) -> dict[str, torch.Tensor]:
+        return self.processor(text=[text], images=images or None, return_tensors="pt")
+
+    def encode_for_training(self, sample: Sample) -> dict[str, torch.Tensor]:
+        """Token ids of the whole conversation with labels on assistant tokens only (``-100`` elsewhere).
+
+        The boundary of each assistant turn is found by rendering the conversation up to that turn
+        with and without the answer; this works for any chat template whose renderings are prefixes
+        of each other, which the check below enforces."""
+        images = sample_images(sample)
+        messages = build_messages(sample, include_final_answer=True)
+        full_text = self._render(messages, generation_prompt=False)
+        encoded = self._tokenize(full_text, images)
+        input_ids = encoded["input_ids"][0]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for turn_end in range(1, len(messages), 2):
+            prompt_text = self._render(messages[:turn_end], generation_prompt=True)
+            answer_text = self._render(messages[: turn_end + 1], generation_prompt=False)
+            if not full_text.startswith(prompt_text) or not full_text.startswith(answer_text):
+                raise DataError(f"backbone {self.name}: chat template renderings are not prefixes of each other")
+            start = self._tokenize(prompt_text, images)["input_ids"].shape[1]
+            end = self._tokenize(answer_text, images)["input_ids"].shape[1]
+            labels[start:end] = input_ids[start:end]
+        features = {key: value[0] if key in ("input_ids", "attention_mask") else value for key, value in encoded.items()}
+        features["labels"] = labels
+        if input_ids.shape[0] > self.max_length:
+            raise DataError(
+                f"task {sample.task}: sample {sample.id}: {input_ids.shape[0]} tokens exceed max_length {self.max_length}"
+            )
+        return features
+
+    def collate(self, features: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad token sequences; concatenate image tensors (``pixel_values`` etc.) along dim 0."""
+        pad_id = self.tokenizer.pad_token_id
+        width = max(f["input_ids"].shape[0] for f in features)
+        batch: dict[str, torch.Tensor] = {}
+        for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+            rows = [torch.nn.functional.pad(f[key], (0, width - f[key].shape[0]), value=fill) for f in features]
+            batch[key] = torch.stack(rows)
+        for key in features[0]:
+            if key not in batch:
+                batch[key] = torch.cat([f[key] for f in features], dim=0)
+        return batch
+
+    def prompt_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts (generation prompt appended) with their images, on the model's device."""
+        texts, images = [], []
+        for sample in samples:
+            texts.append(self._render(build_messages(sample, include_final_answer=False), generation_prompt=True))
+            images.extend(sample_images(sample))
+        self.tokenizer.padding_side = "left"
+        batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        return batch.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
+        """Greedy answers for one batch of samples (KV cache on, left padding)."""
+        batch = self.prompt_batch(samples)
+        was_training = self.model.training
+        self.model.eval()
+        output = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if was_training:
+            self.model.train()
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

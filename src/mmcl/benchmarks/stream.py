@@ -1,0 +1,135 @@
+"""Tasks and streams: an ordered list of tasks, each a training file, a test file, an image root and
+a scorer. Registered streams (synthetic ones, published benchmarks) and streams declared in a
+config resolve to the same :class:`Task` objects and are read by the same readers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from mmcl.data.images import check_image
+from mmcl.data.readers import read_samples
+from mmcl.data.sample import Sample
+from mmcl.errors import ConfigError, DataError
+
+
+@dataclass
+class TaskFiles:
+    """One task of a stream declared in a config (all paths relative to the config's folder or absolute)."""
+
+    name: str
+    train: str  # LLaVA conversation JSON/JSONL
+    test: str  # test JSON/JSONL: question_id, image, text, answer (or conversations)
+    description: str = ""
+    image_root: str | None = None  # default: the folder of each file
+    scorer: str = "exact_match"
+    max_new_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task ready to use: its files are resolved; samples are read on first access."""
+
+    name: str
+    description: str
+    train_file: Path
+    test_file: Path
+    image_root: Path | None
+    scorer: str
+    max_new_tokens: int
+
+    @cached_property
+    def train_samples(self) -> list[Sample]:
+        return read_samples(self.train_file, self.name, self.image_root, split="train")
+
+    @cached_property
+    def test_samples(self) -> list[Sample]:
+        return read_samples(self.test_file, self.name, self.image_root, split="test")
+
+    def problems(self, max_problems: int | None = None) -> list[str]:
+        """Every bad record of both files: unreadable files, malformed records, missing or corrupt images."""
+        found: list[str] = []
+        for split, path in (("train", self.train_file), ("test", self.test_file)):
+            try:
+                samples = read_samples(path, self.name, self.image_root, split=split)
+            except DataError as exc:
+                found.append(str(exc))
+                continue
+            for index, sample in enumerate(samples):
+                for image in sample.images:
+                    problem = check_image(image, f"{path}: record {index}")
+                    if problem:
+                        found.append(problem)
+            if max_problems is not None and len(found) >= max_problems:
+                break
+        return found
+
+
+@dataclass
+class StreamSpec:
+    """A registered stream: a builder that prepares the files (generating them if synthetic)."""
+
+    name: str
+    description: str
+    build: Callable[[dict[str, Any], Path], list[Task]]  # (options, cache dir) -> tasks
+
+
+STREAMS: dict[str, StreamSpec] = {}
+
+
+def register_stream(spec: StreamSpec) -> StreamSpec:
+    STREAMS[spec.name] = spec
+    return spec
+
+
+def tasks_from_files(entries: list[TaskFiles], base_dir: Path) -> list[Task]:
+    """Tasks of a stream declared as a list of files; relative paths resolve against ``base_dir``."""
+    def resolve(path: str) -> Path:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else base_dir / candidate
+
+    names = [entry.name for entry in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"stream.tasks: duplicate task name(s) {duplicates}")
+    return [
+        Task(
+            name=entry.name,
+            description=entry.description or entry.name,
+            train_file=resolve(entry.train),
+            test_file=resolve(entry.test),
+            image_root=resolve(entry.image_root) if entry.image_root else None,
+            scorer=entry.scorer,
+            max_new_tokens=entry.max_new_tokens,
+        )
+        for entry in entries
+    ]
+
+
+@dataclass
+class StreamConfig:
+    """Which stream to run: a registered ``name`` (with its ``options``) or an explicit list of ``tasks``."""
+
+    name: str = "synth-domain"
+    options: dict[str, Any] = field(default_factory=dict)
+    tasks: list[TaskFiles] = field(default_factory=list)
+    cache_dir: str = "~/.cache/mmcl/streams"  # where generated streams are written
+
+
+def build_stream(config: StreamConfig, base_dir: Path) -> list[Task]:
+    from mmcl.benchmarks import registry  # noqa: F401  (registers the built-in streams)
+    from mmcl.evaluation.scorers import SCORERS
+
+    if config.tasks:
+        tasks = tasks_from_files(config.tasks, base_dir)
+    elif config.name in STREAMS:
+        cache = Path(config.cache_dir).expanduser()
+        tasks = STREAMS[config.name].build(dict(config.options), cache)
+    else:
+        raise ConfigError(f"stream.name: unknown stream {config.name!r} (known: {', '.join(sorted(STREAMS))})")
+    for task in tasks:
+        if task.scorer not in SCORERS:
+            raise ConfigError(f"stream task {task.name}: unknown scorer {task.scorer!r} (known: {', '.join(sorted(SCORERS))})")
+    return tasks

@@ -1,0 +1,184 @@
+"""The ``mmcl`` command line: run, list, report, data check, pretrain-tiny."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from mmcl.errors import ConfigError, MmclError
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for flag, key in (("method", "method.name"), ("stream", "stream.name"), ("out", "output_dir"),
+                      ("seed", "seed"), ("backbone", "backbone.name"), ("name", "name")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    for assignment in args.set or []:
+        key, separator, raw = assignment.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set training.epochs=2")
+        overrides[key] = yaml.safe_load(raw)
+    return overrides
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from mmcl.config import load_config
+    from mmcl.report.render import format_table, write_report
+    from mmcl.runner import ContinualRun
+
+    config_path = Path(args.config) if args.config else None
+    config = load_config(config_path, _overrides(args))
+    base_dir = config_path.parent if config_path else Path.cwd()
+    run = ContinualRun(config, base_dir, overwrite=args.overwrite)
+    print(f"run dir: {run.run_dir}  (method {config.method.name}, stream {config.stream.name}, backbone {config.backbone.name})")
+    try:
+        results = run.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished stages and evaluations are kept in {run.run_dir}. "
+              "Run the same command again to continue.", file=sys.stderr)
+        return 130
+    report = write_report(run.run_dir, results)
+    print()
+    print(format_table(results))
+    print(f"\nreport: {report}\nresults: {run.run_dir / 'results.json'}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from mmcl.report.render import format_table, write_report
+    from mmcl.runner import collect_results
+    from mmcl.utils import atomic_write_text
+
+    run_dir = Path(args.run_dir)
+    results = collect_results(run_dir)
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
+    report = write_report(run_dir, results)
+    print(format_table(results))
+    print(f"\nreport: {report}")
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from mmcl.backbones.registry import PRESETS
+    from mmcl.benchmarks import registry  # noqa: F401
+    from mmcl.benchmarks.stream import STREAMS
+    from mmcl.methods import METHODS
+
+    sections = [
+        ("streams", {name: spec.description for name, spec in STREAMS.items()}),
+        ("methods", {name: cls.description for name, cls in METHODS.items()}),
+        ("backbones", {name: preset.description for name, preset in PRESETS.items()}),
+    ]
+    for title, entries in sections:
+        print(f"{title}:")
+        width = max(map(len, entries)) if entries else 0
+        for name, description in sorted(entries.items()):
+            print(f"  {name.ljust(width)}  {description}")
+    print("backbones also accept any Hugging Face image-text-to-text hub id or local model directory")
+    return 0
+
+
+def command_data_check(args: argparse.Namespace) -> int:
+    from mmcl.benchmarks.stream import StreamConfig, TaskFiles, build_stream
+
+    target = Path(args.target)
+    if target.is_dir():
+        entries = [
+            TaskFiles(name=folder.name, train=str(_data_file(folder, "train")), test=str(_data_file(folder, "test")))
+            for folder in sorted(p for p in target.iterdir() if p.is_dir() and not p.name.startswith("."))
+        ]
+        if not entries:
+            raise ConfigError(f"{target}: no task folders (expected <task>/train.json and <task>/test.json)")
+        tasks = build_stream(StreamConfig(tasks=entries), Path.cwd())
+    elif target.suffix in (".yaml", ".yml"):
+        from mmcl.config import load_config
+
+        config = load_config(target)
+        tasks = build_stream(config.stream, target.parent)
+    else:
+        tasks = build_stream(StreamConfig(name=args.target), Path.cwd())
+    total = 0
+    for task in tasks:
+        problems = task.problems()
+        total += len(problems)
+        status = "ok" if not problems else f"{len(problems)} problem(s)"
+        print(f"{task.name}: {status}")
+        for problem in problems:
+            print(f"  {problem}")
+    print(f"{len(tasks)} task(s), {total} problem(s)")
+    return 1 if total else 0
+
+
+def _data_file(folder: Path, split: str) -> Path:
+    for suffix in (".json", ".jsonl"):
+        if (folder / f"{split}{suffix}").exists():
+            return folder / f"{split}{suffix}"
+    return folder / f"{split}.json"
+
+
+def command_pretrain_tiny(args: argparse.Namespace) -> int:
+    from mmcl.backbones.pretrain import PretrainConfig, pretrain_tiny
+
+    config = PretrainConfig(steps=args.steps, seed=args.seed)
+    out = pretrain_tiny(config, Path(args.out) if args.out else None)
+    print(f"tiny-llava written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmcl", description="Continual learning of multimodal LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run an experiment (default: seq-lora on synth-domain with tiny-llava)")
+    run.add_argument("config", nargs="?", help="experiment YAML; omitted = the default experiment")
+    run.add_argument("--method", help="override method.name")
+    run.add_argument("--stream", help="override stream.name")
+    run.add_argument("--backbone", help="override backbone.name")
+    run.add_argument("--out", help="run directory (override output_dir)")
+    run.add_argument("--name", help="override the experiment name")
+    run.add_argument("--seed", type=int, help="override the seed")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key, e.g. training.epochs=2")
+    run.add_argument("--overwrite", action="store_true", help="replace a run dir made by a different config")
+    run.set_defaults(handler=command_run)
+
+    listing = commands.add_parser("list", help="registered streams, methods and backbones")
+    listing.set_defaults(handler=command_list)
+
+    report = commands.add_parser("report", help="rebuild results.json and the report from stored predictions")
+    report.add_argument("run_dir")
+    report.set_defaults(handler=command_report)
+
+    data = commands.add_parser("data", help="data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser("check", help="validate a stream's files and images")
+    check.add_argument("target", help="stream name, a folder of <task>/{train,test}.json, or an experiment YAML")
+    check.set_defaults(handler=command_data_check)
+
+    pretrain = commands.add_parser("pretrain-tiny", help="rebuild the shipped tiny-llava weights (reproducible)")
+    pretrain.add_argument("--out", help="output directory (default: the package's tiny_llava folder)")
+    pretrain.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.set_defaults(handler=command_pretrain_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MmclError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Batched evaluation of one task: predictions stored as JSONL, scores recomputable from that file alone."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mmcl.data.sample import Sample
+from mmcl.evaluation.scorers import get_scorer
+from mmcl.utils import atomic_write_text
+
+Generate = Callable[[Sequence[Sample], int], list[str]]
+
+
+def predict_task(
+    generate: Generate,
+    samples: Sequence[Sample],
+    scorer_name: str,
+    max_new_tokens: int,
+    batch_size: int,
+    out_file: Path,
+) -> float:
+    """Generate answers for ``samples`` in batches, write ``out_file`` atomically, return the score (percent)."""
+    scorer = get_scorer(scorer_name)
+    started = time.perf_counter()
+    lines = []
+    for begin in range(0, len(samples), batch_size):
+        batch = samples[begin : begin + batch_size]
+        for sample, prediction in zip(batch, generate(batch, max_new_tokens)):
+            score = scorer(prediction, sample.answer)
+            record = {"id": sample.id, "prediction": prediction, "answer": sample.answer, "score": score}
+            lines.append(json.dumps(record, ensure_ascii=False))
+    header = {"scorer": scorer_name, "n": len(lines), "seconds": round(time.perf_counter() - started, 3)}
+    atomic_write_text(out_file, json.dumps({"meta": header}) + "\n" + "\n".join(lines) + ("\n" if lines else ""))
+    return score_prediction_file(out_file)
+
+
+def score_prediction_file(path: Path) -> float:
+    """Mean score (percent) of a predictions file, recomputed from its predictions and answers."""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    meta = records[0]["meta"]
+    scorer = get_scorer(meta["scorer"])
+    items = records[1:]
+    if not items:
+        return 0.0
+    return 100.0 * sum(scorer(item["prediction"], item["answer"]) for item in items) / len(items)
+
+
+def prediction_seconds(path: Path) -> float:
+    first_line = path.read_text(encoding="utf-8").split("\n", 1)[0]
+    return float(json.loads(first_line)["meta"].get("seconds", 0.0))

@@ -1,0 +1,104 @@
+"""The method interface the runner knows, and the registry methods join with ``@register_method``.
+
+A method sees one task at a time through hooks (names after Avalanche's vocabulary, without shared
+mutable state): ``setup`` once, then per task ``before_task`` -> ``train_data`` -> training with
+``extra_loss`` added to the cross-entropy -> ``after_task``. ``generate`` is overridden only when
+inference differs from plain batched generation (e.g. routing). Everything a later stage needs is
+returned by ``state_tensors`` (safetensors) and ``state_json`` (JSON) so a stage can be resumed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from mmcl.backbones.backbone import Backbone
+from mmcl.benchmarks.stream import Task
+from mmcl.data.sample import Sample
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape (Hu et al. 2021): W x + (alpha / rank) B A x on every targeted linear layer."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | None = None  # regex over module names; None = the backbone's default (language model + projector)
+
+
+@dataclass
+class NoOptions:
+    """This method has no options of its own."""
+
+
+class Method(ABC):
+    """Base class: sequential training with no protection against forgetting unless hooks add it."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_class: ClassVar[type] = NoOptions
+    trains_jointly: ClassVar[bool] = False  # True: one stage on the union of all tasks (multitask reference)
+
+    def __init__(self, config: Any, lora: LoraSettings, seed: int):
+        self.config = config
+        self.lora = lora
+        self.seed = seed
+        self.backbone: Backbone | None = None
+
+    # -- hooks -------------------------------------------------------------------------------
+    def setup(self, backbone: Backbone) -> None:
+        """Wrap the backbone's model (adapters, frozen parts) before the first task."""
+        self.backbone = backbone
+
+    def before_task(self, task_index: int, task: Task) -> None:
+        """Called before training on ``task`` (0-based ``task_index``)."""
+
+    def train_data(self, task_index: int, task: Task, samples: Sequence[Sample]) -> list[Sample]:
+        """The samples to train on for this task (replay and data rewriting hook in here)."""
+        return list(samples)
+
+    def extra_loss(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> torch.Tensor | None:
+        """A term added to the token cross-entropy during training, or None."""
+        return None
+
+    def after_task(self, task_index: int, task: Task) -> None:
+        """Called after training on ``task`` (statistics, experts, routers)."""
+
+    def generate(self, samples: Sequence[Sample], task: Task, max_new_tokens: int) -> list[str]:
+        """Answers for one batch of test samples of ``task``; the task identity is for oracle methods."""
+        assert self.backbone is not None
+        return self.backbone.generate(samples, max_new_tokens)
+
+    # -- state -------------------------------------------------------------------------------
+    def trainable_parameters(self) -> int:
+        assert self.backbone is not None
+        return sum(p.numel() for p in self.backbone.model.parameters() if p.requires_grad)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that define the model after a stage (adapter weights, statistics)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_tensors`` returned."""
+
+    def state_json(self) -> dict[str, Any]:
+        """JSON-serialisable state (buffers of ids, counters)."""
+        return {}
+
+    def load_state_json(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_json`` returned."""
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make the method selectable by ``cls.name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls

@@ -1,0 +1,37 @@
+"""PEFT helpers shared by the LoRA-based methods."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from mmcl.backbones.backbone import Backbone
+from mmcl.methods.base import LoraSettings
+
+
+def lora_config(settings: LoraSettings, backbone: Backbone) -> LoraConfig:
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.targets or backbone.lora_targets,
+        bias="none",
+    )
+
+
+def add_lora(backbone: Backbone, settings: LoraSettings, seed: int, adapter_name: str = "default") -> None:
+    """Wrap ``backbone.model`` in a PEFT model with one freshly initialised LoRA adapter."""
+    torch.manual_seed(seed)
+    backbone.model = get_peft_model(backbone.model, lora_config(settings, backbone), adapter_name=adapter_name)
+
+
+def adapter_tensors(backbone: Backbone, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    state = get_peft_model_state_dict(backbone.model, adapter_name=adapter_name)
+    return {key: value.detach().cpu().contiguous() for key, value in state.items()}
+
+
+def load_adapter_tensors(backbone: Backbone, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    result = set_peft_model_state_dict(backbone.model, tensors, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"adapter {adapter_name}: unexpected keys in saved state: {unexpected[:3]}")

@@ -1,0 +1,32 @@
+"""``seq-full``: sequential full fine-tuning of the language model and projector (no adapter).
+
+The second forgetting baseline of continual instruction tuning (e.g. the fine-tuning rows in CoIN);
+the vision tower stays frozen as in LLaVA's instruction-tuning stage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmcl.methods.base import Method, register_method
+
+
+@register_method
+class SequentialFullFineTuning(Method):
+    name = "seq-full"
+    description = "Full fine-tuning of language model + projector on each task in turn (no adapter)"
+
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
+        for name, parameter in backbone.model.named_parameters():
+            parameter.requires_grad = "vision_tower" not in name
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        model = self.backbone.model
+        return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        parameters = dict(self.backbone.model.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                parameters[name].copy_(value)

@@ -1,0 +1,265 @@
+"""The continual loop: one stage per task, each saved atomically; evaluations saved per (stage, task);
+re-running the same command skips what is done and continues where it stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mmcl.benchmarks.stream import Task, build_stream
+from mmcl.config import ExperimentConfig, from_dict
+from mmcl.errors import ConfigError, DataError, RunDirError
+from mmcl.evaluation.evaluator import predict_task, prediction_seconds, score_prediction_file
+from mmcl.evaluation.metrics import compute_all
+from mmcl.methods import METHODS, Method
+from mmcl.utils import atomic_write_text, git_commit, package_versions
+
+Log = Callable[[str], None]
+BASE_LABEL = "base"
+
+
+def stage_name(index: int, label: str) -> str:
+    return f"{index}_{label}"
+
+
+def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
+    """Create the run dir, or reuse it only if it was made by the same config."""
+    run_dir = config.run_dir
+    config_file = run_dir / "config.yaml"
+    if config_file.exists():
+        stored = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        same = stored.get("fingerprint") == config.fingerprint()
+        if not same and not overwrite:
+            raise RunDirError(
+                f"{run_dir}: holds a run of a different config; pick another --out or pass --overwrite to replace it"
+            )
+        if not same:
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"fingerprint": config.fingerprint(), **config.to_dict()}
+    atomic_write_text(config_file, yaml.safe_dump(resolved, sort_keys=False))
+    return run_dir
+
+
+def check_tasks(tasks: list[Task]) -> None:
+    """Refuse to start on bad data: the first problem, with file and record, and how many more there are."""
+    problems = [problem for task in tasks for problem in task.problems()]
+    if problems:
+        more = f" (and {len(problems) - 1} more; see `mmcl data check`)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+
+
+def create_method(config: ExperimentConfig) -> Method:
+    if config.method.name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {config.method.name!r} (known: {', '.join(sorted(METHODS))})")
+    method_class = METHODS[config.method.name]
+    options = from_dict(method_class.config_class, config.method.options, "method.options")
+    return method_class(options, config.lora, config.seed)
+
+
+def plan_stages(method: Method, tasks: list[Task]) -> list[tuple[str, list[Task]]]:
+    """(label, tasks trained in that stage) for every stage."""
+    if method.trains_jointly:
+        return [("joint", tasks)]
+    return [(task.name, [task]) for task in tasks]
+
+
+def write_plan(run_dir: Path, config: ExperimentConfig, method: Method, tasks: list[Task], stages: list) -> None:
+    plan = {
+        "name": config.name,
+        "method": config.method.name,
+        "stream": config.stream.name if not config.stream.tasks else "files",
+        "backbone": config.backbone.name,
+        "seed": config.seed,
+        "joint": method.trains_jointly,
+        "tasks": [
+            {"name": t.name, "description": t.description, "scorer": t.scorer, "max_new_tokens": t.max_new_tokens}
+            for t in tasks
+        ],
+        "stages": [label for label, _ in stages],
+    }
+    atomic_write_text(run_dir / "run.json", json.dumps(plan, indent=1))
+
+
+class ContinualRun:
+    """Drives one experiment in its run directory."""
+
+    def __init__(self, config: ExperimentConfig, base_dir: Path, overwrite: bool = False, log: Log = print):
+        self.config = config
+        self.log = log
+        self.tasks = build_stream(config.stream, base_dir)
+        check_tasks(self.tasks)
+        self.method = create_method(config)
+        self.stages = plan_stages(self.method, self.tasks)
+        self.run_dir = claim_run_dir(config, overwrite)
+        write_plan(self.run_dir, config, self.method, self.tasks, self.stages)
+        self.loaded_stage = 0  # the stage whose weights the model holds (0 = the backbone as loaded)
+        self.backbone = None
+
+    # -- paths -----------------------------------------------------------------------------
+    def stage_dir(self, index: int) -> Path:
+        return self.run_dir / "stages" / stage_name(index, self.stages[index - 1][0])
+
+    def prediction_file(self, row_label: str, task: Task) -> Path:
+        return self.run_dir / "predictions" / row_label / f"{task.name}.jsonl"
+
+    # -- model state -------------------------------------------------------------------------
+    def ensure_backbone(self) -> None:
+        if self.backbone is None:
+            from mmcl.backbones.registry import load_backbone
+
+            settings = self.config.backbone
+            self.log(f"loading backbone {settings.name}")
+            self.backbone = load_backbone(settings.name, settings.dtype, settings.device, settings.max_length)
+            self.method.setup(self.backbone)
+
+    def ensure_stage_loaded(self, index: int) -> None:
+        self.ensure_backbone()
+        if self.loaded_stage == index:
+            return
+        stage_dir = self.stage_dir(index)
+        self.method.load_state_json(json.loads((stage_dir / "state.json").read_text(encoding="utf-8")))
+        weights = stage_dir / "state.safetensors"
+        self.method.load_state_tensors(load_file(str(weights)) if weights.exists() else {})
+        self.loaded_stage = index
+
+    def train_stage(self, index: int) -> None:
+        label, stage_tasks = self.stages[index - 1]
+        final_dir = self.stage_dir(index)
+        work_dir = final_dir.with_name(f".tmp_{final_dir.name}")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        if index > 1:
+            self.ensure_stage_loaded(index - 1)
+        self.ensure_backbone()
+        from mmcl.training.sft import train_on_samples
+
+        started = time.perf_counter()
+        samples = []
+        for task in stage_tasks:
+            position = self.tasks.index(task)
+            self.method.before_task(position, task)
+            samples.extend(self.method.train_data(position, task, task.train_samples))
+        self.log(f"stage {index}/{len(self.stages)} [{label}]: training on {len(samples)} samples")
+        metrics = train_on_samples(
+            self.backbone,
+            samples,
+            self.config.training,
+            work_dir / "trainer",
+            seed=self.config.seed + index,
+            extra_loss=self.method.extra_loss,
+        )
+        for task in stage_tasks:
+            self.method.after_task(self.tasks.index(task), task)
+        seconds = time.perf_counter() - started
+        shutil.rmtree(work_dir / "trainer", ignore_errors=True)
+        save_file(self.method.state_tensors(), str(work_dir / "state.safetensors"))
+        atomic_write_text(work_dir / "state.json", json.dumps(self.method.state_json()))
+        info = {
+            "label": label,
+            "train_samples": len(samples),
+            "seconds": round(seconds, 3),
+            "trainable_parameters": self.method.trainable_parameters(),
+            "train_metrics": metrics,
+        }
+        atomic_write_text(work_dir / "stage.json", json.dumps(info, indent=1))
+        work_dir.replace(final_dir)
+        self.loaded_stage = index
+        self.log(f"stage {index} [{label}] done in {seconds:.1f}s, loss {metrics.get('train_loss', float('nan')):.3f}")
+
+    def evaluate_row(self, row_index: int, row_label: str, tasks: list[Task]) -> None:
+        evaluation = self.config.evaluation
+        for task in tasks:
+            out_file = self.prediction_file(row_label, task)
+            if out_file.exists():
+                continue
+            self.ensure_stage_loaded(row_index)
+            samples = task.test_samples[: evaluation.limit] if evaluation.limit else task.test_samples
+            max_new_tokens = evaluation.max_new_tokens or task.max_new_tokens
+            if row_index == 0:
+                generate = self.backbone.generate
+            else:
+                generate = lambda batch, tokens, task=task: self.method.generate(batch, task, tokens)  # noqa: E731
+            score = predict_task(generate, samples, task.scorer, max_new_tokens, evaluation.batch_size, out_file)
+            self.log(f"  eval [{row_label}] {task.name}: {score:.1f}")
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        if self.config.evaluation.evaluate_base:
+            self.evaluate_row(0, stage_name(0, BASE_LABEL), self.tasks)
+        for index in range(1, len(self.stages) + 1):
+            if not self.stage_dir(index).exists():
+                self.train_stage(index)
+            else:
+                self.log(f"stage {index}/{len(self.stages)} [{self.stages[index - 1][0]}]: done earlier, skipped")
+            seen = index if not (self.config.evaluation.forward_transfer or self.method.trains_jointly) else len(self.tasks)
+            self.evaluate_row(index, stage_name(index, self.stages[index - 1][0]), self.tasks[:seen])
+        results = collect_results(self.run_dir)
+        results["last_session_seconds"] = round(time.perf_counter() - started, 3)
+        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=1))
+        return results
+
+
+def collect_results(run_dir: Path) -> dict[str, Any]:
+    """Everything ``results.json`` holds, computed from the run dir alone (no model needed)."""
+    plan_file = run_dir / "run.json"
+    if not plan_file.is_file():
+        raise RunDirError(f"{run_dir}: not a run directory (no run.json)")
+    plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    tasks = [task["name"] for task in plan["tasks"]]
+    row_labels = [BASE_LABEL, *plan["stages"]]
+    matrix: list[list[float | None]] = []
+    eval_seconds = 0.0
+    for row_index, label in enumerate(row_labels):
+        row: list[float | None] = []
+        for task in tasks:
+            path = run_dir / "predictions" / stage_name(row_index, label) / f"{task}.jsonl"
+            if path.exists():
+                row.append(round(score_prediction_file(path), 4))
+                eval_seconds += prediction_seconds(path)
+            else:
+                row.append(None)
+        matrix.append(row)
+    stage_seconds, trainable = {}, None
+    for index, label in enumerate(plan["stages"], start=1):
+        info_file = run_dir / "stages" / stage_name(index, label) / "stage.json"
+        if info_file.exists():
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+            stage_seconds[label] = info["seconds"]
+            trainable = info["trainable_parameters"]
+    if plan["joint"]:
+        final = [value for value in matrix[-1] if value is not None]
+        metrics = {"ACC": sum(final) / len(final) if final else None}
+        reference_rows = {"joint": matrix[-1]}
+    else:
+        metrics = compute_all(matrix)
+        reference_rows = {}
+    return {
+        "name": plan["name"],
+        "method": plan["method"],
+        "stream": plan["stream"],
+        "backbone": plan["backbone"],
+        "seed": plan["seed"],
+        "tasks": tasks,
+        "task_descriptions": {task["name"]: task["description"] for task in plan["tasks"]},
+        "scorers": {task["name"]: task["scorer"] for task in plan["tasks"]},
+        "row_labels": row_labels,
+        "matrix": matrix,
+        "metrics": metrics,
+        "reference_rows": reference_rows,
+        "complete": all(stage_seconds.get(label) is not None for label in plan["stages"]),
+        "stage_seconds": stage_seconds,
+        "train_seconds": round(sum(stage_seconds.values()), 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "trainable_parameters": trainable,
+        "config_hash": config.get("fingerprint"),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+    }

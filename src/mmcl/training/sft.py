@@ -1,0 +1,109 @@
+"""Supervised fine-tuning on the HF ``Trainer``: one subclass whose ``compute_loss`` adds the
+continual-learning method's extra loss term."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from mmcl.backbones.backbone import Backbone
+from mmcl.data.sample import Sample
+
+ExtraLoss = Callable[[torch.nn.Module, dict, object], Optional[torch.Tensor]]
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings for one stage (one task) of supervised fine-tuning."""
+
+    epochs: float = 3.0  # passes over the task's training data
+    max_steps: int = -1  # if > 0, overrides epochs
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 2e-3  # LoRA on the tiny model; use ~2e-4 for 7B LoRA, 2e-5 for full FT
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    progress_bar: bool = True
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+
+
+class SampleDataset(Dataset):
+    """Samples encoded lazily by the backbone (images decoded when a batch is built)."""
+
+    def __init__(self, samples: Sequence[Sample], backbone: Backbone):
+        self.samples = list(samples)
+        self.backbone = backbone
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.backbone.encode_for_training(self.samples[index])
+
+
+class ContinualTrainer(Trainer):
+    """HF Trainer whose loss is the model's token cross-entropy plus ``extra_loss`` (EWC, LwF, ...)."""
+
+    def __init__(self, *args, extra_loss: ExtraLoss | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_loss = extra_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.extra_loss is not None:
+            extra = self.extra_loss(model, inputs, outputs)
+            if extra is not None:
+                loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+
+def train_on_samples(
+    backbone: Backbone,
+    samples: Sequence[Sample],
+    config: TrainingConfig,
+    work_dir: Path,
+    seed: int,
+    extra_loss: ExtraLoss | None = None,
+) -> dict[str, float]:
+    """Train ``backbone.model`` in place on ``samples``; returns the Trainer's final metrics."""
+    arguments = TrainingArguments(
+        output_dir=str(work_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not config.progress_bar,
+        bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = ContinualTrainer(
+        model=backbone.model,
+        args=arguments,
+        train_dataset=SampleDataset(samples, backbone),
+        data_collator=backbone.collate,
+        extra_loss=extra_loss,
+    )
+    result = trainer.train()
+    return dict(result.metrics)
