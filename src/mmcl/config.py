@@ -44,7 +44,7 @@ class EvaluationConfig:
 
     batch_size: int = 64
     max_new_tokens: int | None = None  # overrides every task's own max_new_tokens when set
-    forward_transfer: bool = False  # after task t also evaluate tasks t+1..T (needed for FWT)
+    forward_transfer: bool = True  # after task t also evaluate tasks t+1..T (needed for FWT; costs T(T-1)/2 evals)
     evaluate_base: bool = True  # row 0: the backbone before any training
     limit: int | None = None  # evaluate at most this many test samples per task (quick looks)
 

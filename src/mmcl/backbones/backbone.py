@@ -78,7 +78,8 @@ class Backbone:
             if not full_text.startswith(prompt_text) or not full_text.startswith(answer_text):
                 raise DataError(f"backbone {self.name}: chat template renderings are not prefixes of each other")
             start = self._tokenize(prompt_text, images)["input_ids"].shape[1]
-            end = self._tokenize(answer_text, images)["input_ids"].shape[1]
+            is_last = turn_end + 1 == len(messages)
+            end = input_ids.shape[0] if is_last else self._tokenize(answer_text, images)["input_ids"].shape[1]
             labels[start:end] = input_ids[start:end]
         features = {key: value[0] if key in ("input_ids", "attention_mask") else value for key, value in encoded.items()}
         features["labels"] = labels

@@ -33,7 +33,7 @@ class TrainingConfig:
     logging_steps: int = 10
     progress_bar: bool = True
     bf16: bool = False
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
 
 
 class SampleDataset(Dataset):
@@ -95,7 +95,7 @@ def train_on_samples(
         remove_unused_columns=False,
         disable_tqdm=not config.progress_bar,
         bf16=config.bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.activation_checkpointing,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = ContinualTrainer(
