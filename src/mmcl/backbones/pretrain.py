@@ -26,10 +26,10 @@ class PretrainConfig:
     """The recipe; every field is recorded next to the weights in ``pretrain.json``."""
 
     seed: int = 0
-    n_train: int = 24000
+    n_train: int = 20000
     n_test: int = 500
-    steps: int | None = None  # default: 3 epochs over n_train
-    epochs: float = 3.0
+    steps: int | None = None  # default: `epochs` passes over n_train
+    epochs: float = 2.0
     batch_size: int = 32
     learning_rate: float = 1e-3
     image_size: int = 48

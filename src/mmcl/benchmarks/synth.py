@@ -84,7 +84,8 @@ class _Cycle:
     """Yields values in shuffled passes, so every value is (almost) equally frequent."""
 
     def __init__(self, rng: random.Random, values: Sequence[Any]) -> None:
-        self._rng, self._values, self._queue = rng, list(values), list[Any]()
+        self._rng, self._values = rng, list(values)
+        self._queue: list[Any] = []
 
     def next(self) -> Any:
         if not self._queue:

@@ -1,0 +1,93 @@
+"""Shared fixtures: a very small LLaVA built from scratch (no download) and an experiment config that
+runs the synthetic stream on it in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_IMAGE_SIZE = 48
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Questions and answers of every synthetic generator, plus digits, letters and chat markers."""
+    from mmcl.benchmarks.synth import SYNTH_DOMAIN_TASKS, domain_examples, pretrain_examples
+
+    corpus: list[str] = []
+    for spec in SYNTH_DOMAIN_TASKS:
+        for example in domain_examples(spec.name, 12, seed=0, split="train", image_size=32):
+            corpus += [example.question, example.answer]
+    for example in pretrain_examples(24, seed=0, split="train", image_size=32):
+        corpus += [example.question, example.answer]
+    corpus += list("0123456789") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    corpus += ["yes", "no", "left", "right", "<|user|>\n", "<|assistant|>\n", "<|end|>\n"]
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A freshly initialised tiny LLaVA (CLIP tower + Llama) saved with ``save_pretrained``."""
+    from mmcl.backbones.tiny import TinyLlavaSpec, build_model, build_processor, train_tokenizer
+
+    spec = TinyLlavaSpec(
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+        vision_hidden=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_intermediate=64,
+        vocab_size=512,
+        max_positions=256,
+    )
+    tokenizer = train_tokenizer(_tokenizer_corpus(), spec.vocab_size)
+    processor = build_processor(tokenizer, spec)
+    model = build_model(tokenizer, spec, seed=0)
+    out = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stream_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for generated synthetic streams, shared by every test of the session."""
+    return tmp_path_factory.mktemp("stream_cache")
+
+
+def make_stream_config(model_dir: Path, cache_dir: Path, output_dir: Path, **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "name": "tiny-test",
+        "seed": 0,
+        "backbone": {"name": str(model_dir)},
+        "stream": {
+            "name": "synth-domain",
+            "options": {"train_per_task": 8, "test_per_task": 4},
+            "cache_dir": str(cache_dir),
+        },
+        "training": {"epochs": 1, "batch_size": 8, "progress_bar": False},
+        "evaluation": {"batch_size": 8},
+        "output_dir": str(output_dir),
+    }
+    config.update(extra)
+    return config
+
+
+@pytest.fixture
+def tiny_stream_config(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> dict[str, Any]:
+    """An experiment config (as a dict for YAML) running synth-domain on the tiny model; fresh output dir."""
+    return make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / "run")
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
