@@ -117,7 +117,7 @@ class ContinualRun:
             settings = self.config.backbone
             self.log(f"loading backbone {settings.name}")
             self.backbone = load_backbone(settings.name, settings.dtype, settings.device, settings.max_length)
-            self.method.setup(self.backbone)
+            self.method.setup(self.backbone, self.tasks)
 
     def ensure_stage_loaded(self, index: int) -> None:
         self.ensure_backbone()

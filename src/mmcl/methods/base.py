@@ -48,11 +48,13 @@ class Method(ABC):
         self.lora = lora
         self.seed = seed
         self.backbone: Backbone | None = None
+        self.tasks: list[Task] = []
 
     # -- hooks -------------------------------------------------------------------------------
-    def setup(self, backbone: Backbone) -> None:
-        """Wrap the backbone's model (adapters, frozen parts) before the first task."""
+    def setup(self, backbone: Backbone, tasks: Sequence[Task]) -> None:
+        """Wrap the backbone's model (adapters, frozen parts) before the first task; ``tasks`` is the stream."""
         self.backbone = backbone
+        self.tasks = list(tasks)
 
     def before_task(self, task_index: int, task: Task) -> None:
         """Called before training on ``task`` (0-based ``task_index``)."""

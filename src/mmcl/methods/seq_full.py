@@ -16,8 +16,8 @@ class SequentialFullFineTuning(Method):
     name = "seq-full"
     description = "Full fine-tuning of language model + projector on each task in turn (no adapter)"
 
-    def setup(self, backbone) -> None:
-        super().setup(backbone)
+    def setup(self, backbone, tasks) -> None:
+        super().setup(backbone, tasks)
         for name, parameter in backbone.model.named_parameters():
             parameter.requires_grad = "vision_tower" not in name
 

@@ -16,8 +16,8 @@ class SequentialLora(Method):
     name = "seq-lora"
     description = "One LoRA adapter fine-tuned on each task in turn (the forgetting baseline)"
 
-    def setup(self, backbone) -> None:
-        super().setup(backbone)
+    def setup(self, backbone, tasks) -> None:
+        super().setup(backbone, tasks)
         add_lora(backbone, self.lora, self.seed)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

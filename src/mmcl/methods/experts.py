@@ -1,0 +1,86 @@
+"""``experts``: a fresh LoRA adapter per task, trained from the base model on that task alone, and
+evaluated with the true task identity (oracle routing).
+
+No parameter is shared between tasks, so BWT = 0 by construction; the diagonal gives the
+single-task fine-tune scores S_ST that CLiMB's knowledge-transfer metric needs. Tasks without an
+expert yet (forward-transfer evaluations) are answered by the base model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from mmcl.benchmarks.stream import Task
+from mmcl.data.sample import Sample
+from mmcl.methods.base import Method, register_method
+from mmcl.methods.lora_utils import adapter_tensors, add_lora, load_adapter_tensors, lora_config
+
+SEPARATOR = "::"
+
+
+def adapter_name(task: Task) -> str:
+    return f"expert_{task.name}".replace(".", "_")
+
+
+@register_method
+class TaskExperts(Method):
+    name = "experts"
+    description = "A fresh LoRA per task, chosen by the true task identity at test time (oracle upper bound)"
+
+    def __init__(self, config, lora, seed: int):
+        super().__init__(config, lora, seed)
+        self.trained: list[str] = []  # adapter names, in task order
+
+    def setup(self, backbone, tasks) -> None:
+        super().setup(backbone, tasks)
+        add_lora(backbone, self.lora, self.seed, adapter_name=adapter_name(self.tasks[0]))
+
+    def _ensure_adapter(self, name: str, init_seed: int) -> None:
+        model = self.backbone.model
+        if name not in model.peft_config:
+            torch.manual_seed(init_seed)
+            model.add_adapter(name, lora_config(self.lora, self.backbone))
+
+    def before_task(self, task_index: int, task: Task) -> None:
+        name = adapter_name(task)
+        self._ensure_adapter(name, self.seed + task_index)
+        self.backbone.model.set_adapter(name)  # makes this adapter the only trainable one
+
+    def after_task(self, task_index: int, task: Task) -> None:
+        self.trained.append(adapter_name(task))
+
+    def generate(self, samples: Sequence[Sample], task: Task, max_new_tokens: int) -> list[str]:
+        name = adapter_name(task)
+        model = self.backbone.model
+        if name not in self.trained:
+            with model.disable_adapter():
+                return self.backbone.generate(samples, max_new_tokens)
+        model.set_adapter(name)
+        return self.backbone.generate(samples, max_new_tokens)
+
+    def trainable_parameters(self) -> int:
+        model = self.backbone.model
+        active = model.active_adapter
+        return sum(p.numel() for n, p in model.named_parameters() if f".{active}." in n)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}{SEPARATOR}{key}": value
+            for name in self.trained
+            for key, value in adapter_tensors(self.backbone, name).items()
+        }
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for index, name in enumerate(self.trained):
+            self._ensure_adapter(name, self.seed + index)
+            prefix = f"{name}{SEPARATOR}"
+            own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+            load_adapter_tensors(self.backbone, own, name)
+
+    def state_json(self) -> dict[str, Any]:
+        return {"trained": self.trained}
+
+    def load_state_json(self, state: dict[str, Any]) -> None:
+        self.trained = list(state.get("trained", []))
