@@ -42,6 +42,22 @@ def _read_mix(root: Path, split: str) -> list[Sample]:
     return samples
 
 
+def held_out_accuracy(backbone: Backbone, samples: list[Sample], batch_size: int = 64) -> dict[str, float]:
+    """Exact-match accuracy (percent) of greedy answers per question type of the mix, and overall."""
+    from mmcl.evaluation.scorers import exact_match
+
+    hits: dict[str, list[float]] = {}
+    for begin in range(0, len(samples), batch_size):
+        batch = samples[begin : begin + batch_size]
+        for sample, answer in zip(batch, backbone.generate(batch, max_new_tokens=32)):
+            qtype = str(sample.metadata.get("qtype", "all"))
+            hits.setdefault(qtype, []).append(exact_match(answer, sample.answer))
+    table = {qtype: 100.0 * sum(v) / len(v) for qtype, v in sorted(hits.items())}
+    every = [x for v in hits.values() for x in v]
+    table["overall"] = 100.0 * sum(every) / max(1, len(every))
+    return table
+
+
 def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir: Path | None = None) -> Path:
     """Generate the mix, train tokenizer and model, save model + processor with ``save_pretrained``."""
     from mmcl.backbones.registry import TINY_LLAVA_DIR
@@ -74,9 +90,10 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
     )
     with tempfile.TemporaryDirectory() as work:
         metrics = train_on_samples(backbone, train, training, Path(work), seed=config.seed)
+    held_out = held_out_accuracy(backbone, _read_mix(data_root, "test"))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    record = {"recipe": asdict(config), "spec": asdict(spec), "train_metrics": metrics}
+    record = {"recipe": asdict(config), "spec": asdict(spec), "train_metrics": metrics, "held_out_accuracy": held_out}
     (out_dir / "pretrain.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     return out_dir
