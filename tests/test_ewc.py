@@ -195,7 +195,9 @@ def test_online_mode_and_its_round_trip(tiny_model_dir, stream_cache_dir, tmp_pa
 
 
 # -- (4) end to end ----------------------------------------------------------------------------------
-def test_cli_run_with_ewc(tiny_model_dir, stream_cache_dir, tmp_path):
+def test_cli_run_with_ewc_and_exact_resume(tiny_model_dir, stream_cache_dir, tmp_path):
+    import shutil
+
     from mmcl.cli import main
 
     run_dir = tmp_path / "run"
@@ -217,3 +219,17 @@ def test_cli_run_with_ewc(tiny_model_dir, stream_cache_dir, tmp_path):
     assert [entry["task"] for entry in state["penalty"]] == list(range(1, len(stages)))
     keys = load_file(str(stages[-1] / "state.safetensors")).keys()
     assert sum(key.startswith("fisher::") for key in keys) == sum(key.startswith("anchor::") for key in keys) > 0
+
+    # a crash during the last stage: the rerun reloads stage T-1 (Fisher, anchors, adapter) from disk and
+    # must produce exactly the same last stage as the uninterrupted run
+    first_state = load_file(str(stages[-1] / "state.safetensors"))
+    shutil.rmtree(stages[-1])
+    shutil.rmtree(run_dir / "predictions" / stages[-1].name)
+    (run_dir / "results.json").unlink()
+    assert main(["run", str(path), "--method", "ewc"]) == 0
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert resumed["matrix"] == results["matrix"]
+    assert json.loads((stages[-1] / "state.json").read_text()) == state
+    second_state = load_file(str(stages[-1] / "state.safetensors"))
+    assert second_state.keys() == first_state.keys()
+    assert all(torch.equal(second_state[key], first_state[key]) for key in first_state)

@@ -150,7 +150,7 @@ def test_full_run_stage_dirs(seq_lora_run: Experiment) -> None:
 
 def test_full_run_predictions(seq_lora_run: Experiment, stream_cache_dir: Path) -> None:
     results = seq_lora_run.results()
-    (data_root,) = (stream_cache_dir / "synth-domain").glob("seed0-n8-4-*")
+    (data_root,) = (stream_cache_dir / "synth-domain").glob("seed0-n8-4-px48")
     for row_index, row in enumerate(ROWS):
         for task_index, task in enumerate(TASKS):
             meta, records = prediction_records(seq_lora_run.run_dir / "predictions" / row / f"{task}.jsonl")
@@ -301,12 +301,13 @@ def test_report_rebuilds_results_from_predictions(seq_lora_run: Experiment, tmp_
     # scores are recomputed from predictions and answers, not copied: fix one wrong answer by hand
     path = run_dir / "predictions" / "5_fin" / "rs.jsonl"
     meta, records = prediction_records(path)
+    step = 100.0 / len(records)
     index = next((i for i, record in enumerate(records) if record["score"] == 0), None)
     if index is None:  # all right: break one instead
-        index, delta = 0, -25.0
+        delta = -step
         records[0]["prediction"] = "definitely not " + records[0]["answer"]
     else:
-        delta = 25.0
+        delta = step
         records[index]["prediction"] = records[index]["answer"]
     lines = [json.dumps({"meta": meta})] + [json.dumps(record) for record in records]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

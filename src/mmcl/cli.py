@@ -54,7 +54,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     from mmcl.report.render import format_table, write_report
-    from mmcl.runner import collect_results
+    from mmcl.results import collect_results
     from mmcl.utils import atomic_write_text
 
     run_dir = Path(args.run_dir)
@@ -63,6 +63,15 @@ def command_report(args: argparse.Namespace) -> int:
     report = write_report(run_dir, results)
     print(format_table(results))
     print(f"\nreport: {report}")
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from mmcl.report.compare import write_comparison
+
+    text, csv_path, png_path = write_comparison([Path(d) for d in args.run_dirs], Path(args.out))
+    print(text)
+    print(f"\ntable: {csv_path}\nplot: {png_path}")
     return 0
 
 
@@ -155,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild results.json and the report from stored predictions")
     report.add_argument("run_dir")
     report.set_defaults(handler=command_report)
+
+    compare = commands.add_parser("compare", help="compare runs of the same stream: metrics table, CSV and plot")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (same stream and tasks)")
+    compare.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    compare.set_defaults(handler=command_compare)
 
     data = commands.add_parser("data", help="data tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -16,8 +16,35 @@ import yaml
 
 from mmcl.benchmarks.stream import StreamConfig
 from mmcl.errors import ConfigError
-from mmcl.methods.base import LoraSettings
-from mmcl.training.sft import TrainingConfig
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape (Hu et al. 2021): W x + (alpha / rank) B A x on every targeted linear layer."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | None = None  # regex over module names; None = the backbone's default (language model + projector)
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings for one stage (one task) of supervised fine-tuning."""
+
+    epochs: float = 3.0  # passes over the task's training data
+    max_steps: int = -1  # if > 0, overrides epochs
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 2e-3  # LoRA on the tiny model; use ~2e-4 for 7B LoRA, 2e-5 for full FT
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    progress_bar: bool = True
+    bf16: bool = False
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -15,19 +15,12 @@ from safetensors.torch import load_file, save_file
 from mmcl.benchmarks.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl.errors import ConfigError, DataError, RunDirError
-from mmcl.evaluation.evaluator import predict_task, prediction_seconds, score_prediction_file
-from mmcl.evaluation.metrics import compute_all
+from mmcl.evaluation.evaluator import predict_task
 from mmcl.methods import METHODS, Method
-from mmcl.utils import atomic_write_text, git_commit, package_versions
+from mmcl.results import BASE_LABEL, collect_results, stage_name
+from mmcl.utils import atomic_write_text
 
 Log = Callable[[str], None]
-BASE_LABEL = "base"
-
-
-def stage_name(index: int, label: str) -> str:
-    return f"{index}_{label}"
-
-
 def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
     """Create the run dir, or reuse it only if it was made by the same config."""
     run_dir = config.run_dir
@@ -204,62 +197,3 @@ class ContinualRun:
         results["last_session_seconds"] = round(time.perf_counter() - started, 3)
         atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=1))
         return results
-
-
-def collect_results(run_dir: Path) -> dict[str, Any]:
-    """Everything ``results.json`` holds, computed from the run dir alone (no model needed)."""
-    plan_file = run_dir / "run.json"
-    if not plan_file.is_file():
-        raise RunDirError(f"{run_dir}: not a run directory (no run.json)")
-    plan = json.loads(plan_file.read_text(encoding="utf-8"))
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    tasks = [task["name"] for task in plan["tasks"]]
-    row_labels = [BASE_LABEL, *plan["stages"]]
-    matrix: list[list[float | None]] = []
-    eval_seconds = 0.0
-    for row_index, label in enumerate(row_labels):
-        row: list[float | None] = []
-        for task in tasks:
-            path = run_dir / "predictions" / stage_name(row_index, label) / f"{task}.jsonl"
-            if path.exists():
-                row.append(round(score_prediction_file(path), 4))
-                eval_seconds += prediction_seconds(path)
-            else:
-                row.append(None)
-        matrix.append(row)
-    stage_seconds, trainable = {}, None
-    for index, label in enumerate(plan["stages"], start=1):
-        info_file = run_dir / "stages" / stage_name(index, label) / "stage.json"
-        if info_file.exists():
-            info = json.loads(info_file.read_text(encoding="utf-8"))
-            stage_seconds[label] = info["seconds"]
-            trainable = info["trainable_parameters"]
-    if plan["joint"]:
-        final = [value for value in matrix[-1] if value is not None]
-        metrics = {"ACC": sum(final) / len(final) if final else None}
-        reference_rows = {"joint": matrix[-1]}
-    else:
-        metrics = compute_all(matrix)
-        reference_rows = {}
-    return {
-        "name": plan["name"],
-        "method": plan["method"],
-        "stream": plan["stream"],
-        "backbone": plan["backbone"],
-        "seed": plan["seed"],
-        "tasks": tasks,
-        "task_descriptions": {task["name"]: task["description"] for task in plan["tasks"]},
-        "scorers": {task["name"]: task["scorer"] for task in plan["tasks"]},
-        "row_labels": row_labels,
-        "matrix": matrix,
-        "metrics": metrics,
-        "reference_rows": reference_rows,
-        "complete": all(stage_seconds.get(label) is not None for label in plan["stages"]),
-        "stage_seconds": stage_seconds,
-        "train_seconds": round(sum(stage_seconds.values()), 3),
-        "eval_seconds": round(eval_seconds, 3),
-        "trainable_parameters": trainable,
-        "config_hash": config.get("fingerprint"),
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-    }

@@ -18,7 +18,8 @@ from mmcl.backbones.backbone import Backbone
 from mmcl.backbones.tiny import TinyLlavaSpec, build_model, build_processor, train_tokenizer
 from mmcl.data.readers import read_samples
 from mmcl.data.sample import Sample
-from mmcl.training.sft import TrainingConfig, train_on_samples
+from mmcl.config import TrainingConfig
+from mmcl.training.sft import train_on_samples
 
 
 @dataclass

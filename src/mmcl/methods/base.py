@@ -17,17 +17,8 @@ import torch
 
 from mmcl.backbones.backbone import Backbone
 from mmcl.benchmarks.stream import Task
+from mmcl.config import LoraSettings
 from mmcl.data.sample import Sample
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapter shape (Hu et al. 2021): W x + (alpha / rank) B A x on every targeted linear layer."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str | None = None  # regex over module names; None = the backbone's default (language model + projector)
 
 
 @dataclass

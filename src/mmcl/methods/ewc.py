@@ -208,7 +208,11 @@ class Ewc(SequentialLora):
                         raise RunDirError(f"EWC state: saved tensor {key!r} matches no parameter of the model")
                     pair = slots.setdefault(int(slot), ({}, {}))
                     pair[position][name] = value.to(device=params[name].device, dtype=torch.float32)
-        self.consolidated = [slots[slot] for slot in sorted(slots)]
+        order = {name: position for position, name in enumerate(params)}  # the model's order: sums as before saving
+        self.consolidated = [
+            tuple(dict(sorted(part.items(), key=lambda item: order[item[0]])) for part in slots[slot])
+            for slot in sorted(slots)
+        ]
         expected = self._expected_slots()
         if len(self.consolidated) != expected or any(set(f) != set(a) for f, a in self.consolidated):
             raise RunDirError(f"EWC state: {len(self.consolidated)} Fisher/anchor pairs saved, {expected} expected")

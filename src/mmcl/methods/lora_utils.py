@@ -27,7 +27,7 @@ def add_lora(backbone: Backbone, settings: LoraSettings, seed: int, adapter_name
 
 def adapter_tensors(backbone: Backbone, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     state = get_peft_model_state_dict(backbone.model, adapter_name=adapter_name)
-    return {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
 def load_adapter_tensors(backbone: Backbone, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from mmcl.errors import RunDirError
 from mmcl.report.render import (
@@ -63,6 +66,12 @@ _IGNORED_CONFIG_KEYS = frozenset(
 
 JOINT_METHOD = "joint"
 
+# Longest config difference spelled out in a group label, e.g. "seq-lora [lora.rank=16]".
+_MAX_DIFF_KEYS = 2
+_MAX_DIFF_CHARS = 48
+_MAX_LEGEND_CHARS = 60
+_MAX_BAR_LABELS = 24  # more bars than this: no value labels on them
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -101,8 +110,6 @@ def _read_config(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -134,13 +141,13 @@ def load_run(run_dir: Path | str) -> dict[str, Any]:
     if results is None:
         if not has_plan:
             raise RunDirError(f"{run_dir}: not a run directory (no run.json or results.json)")
-        from mmcl.runner import collect_results
+        from mmcl.results import collect_results
 
         try:
             results = collect_results(run_dir)
         except RunDirError:
             raise
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, yaml.YAMLError) as exc:
             raise RunDirError(f"{run_dir}: unreadable run ({type(exc).__name__}: {_one_line(exc)})") from exc
     if not isinstance(results, dict) or not isinstance(results.get("tasks"), list) or not isinstance(
         results.get("matrix"), list
@@ -228,10 +235,14 @@ def _groups(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
             keys = sorted({k for flat in flats for k in flat})
             differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
             mine = _variant(members[0])
-            if differing:
-                label += " [" + ", ".join(f"{k}={_short(mine.get(k))}" for k in differing) + "]"
-            else:
-                label += f" [#{siblings.index(key) + 1}]"
+            diff = ", ".join(f"{k}={_short(mine.get(k))}" for k in differing)
+            if differing and len(differing) <= _MAX_DIFF_KEYS and len(diff) <= _MAX_DIFF_CHARS:
+                label += f" [{diff}]"
+            else:  # too many differences to spell out: name the group by its (first) run dir
+                dirs = [str(keyed[k][0].get("run_dir") or f"#{i + 1}") for i, k in enumerate(siblings)]
+                name = _unique_suffixes(dirs)[siblings.index(key)]
+                more = f" and {len(members) - 1} more" if len(members) > 1 else ""
+                label += f" ({name}{more})"
         out.append((label, members))
     return out
 
@@ -287,8 +298,7 @@ def _field_values(run: Run) -> dict[str, float | None]:
     metrics = run.get("metrics")
     metrics = metrics if isinstance(metrics, Mapping) else {}
     values: dict[str, float | None] = {k: _num(metrics.get(k)) for k in METRIC_ORDER}
-    params = _num(run.get("trainable_parameters"))
-    values["trainable_parameters"] = params
+    values["trainable_parameters"] = _num(run.get("trainable_parameters"))
     values["stored_bytes_per_task"] = _num(run.get("stored_bytes_per_task"))
     values["train_seconds"] = _train_seconds(run)
     values["eval_seconds"] = _num(run.get("eval_seconds"))
@@ -532,6 +542,10 @@ def _columnwise(series: Sequence[Sequence[float | None]]) -> tuple[list[float], 
     return means, stds
 
 
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_LEGEND_CHARS else text[: _MAX_LEGEND_CHARS - 3] + "..."
+
+
 def _comparison_png(runs: Sequence[Run]) -> bytes:
     import numpy as np
 
@@ -553,16 +567,21 @@ def _comparison_png(runs: Sequence[Run]) -> bytes:
         means, stds = _columnwise(final)
         offsets = x[:width] - 0.4 + slot * (g + 0.5)
         n = len(members)
-        bars_ax.bar(
+        # Error bars (std over seeds) clipped to the 0..100 range of an accuracy.
+        yerr = [[min(s, m) for m, s in zip(means, stds)], [min(s, 100.0 - m) for m, s in zip(means, stds)]]
+        container = bars_ax.bar(
             offsets,
             means,
             width=slot * 0.92,
             color=colors[g],
-            label=f"{label} (n={n})" if n > 1 else label,
-            yerr=stds if n > 1 else None,
+            label=_clip(f"{label} (n={n})" if n > 1 else label),
+            yerr=yerr if n > 1 else None,
             capsize=2 if n > 1 else 0,
             error_kw={"elinewidth": 0.8},
         )
+        if len(groups) * width <= _MAX_BAR_LABELS:  # values on the bars (a 0 bar is otherwise invisible)
+            texts = ["" if math.isnan(m) else f"{m:.0f}" for m in means]
+            bars_ax.bar_label(container, texts, fontsize=7, padding=1)
     bars_ax.set_xticks(x[:width], tasks, rotation=30 if width > 6 else 0, ha="right" if width > 6 else "center")
     bars_ax.set_ylim(0, 105)
     bars_ax.set_ylabel("accuracy (%)")
@@ -584,12 +603,12 @@ def _comparison_png(runs: Sequence[Run]) -> bytes:
                     color=colors[g],
                     linestyle="--",
                     linewidth=1.8,
-                    label=f"{label}: final avg (reference)",
+                    label=_clip(f"{label}: final avg (reference)"),
                 )
             continue
         curves = [_seen_average_curve(run, width) for run in members if not _is_joint(run)]
         means, stds = _columnwise(curves)
-        curve_ax.plot(stages, means, marker="o", markersize=4, linewidth=1.8, color=colors[g], label=label)
+        curve_ax.plot(stages, means, marker="o", markersize=4, linewidth=1.8, color=colors[g], label=_clip(label))
         if n > 1:
             lower = [max(m - s, 0.0) for m, s in zip(means, stds)]
             upper = [min(m + s, 100.0) for m, s in zip(means, stds)]
@@ -601,7 +620,7 @@ def _comparison_png(runs: Sequence[Run]) -> bytes:
     curve_ax.set_ylabel("avg accuracy on seen tasks (%)")
     curve_ax.set_title("Average accuracy over seen tasks", fontsize=11)
     curve_ax.grid(True, alpha=0.3)
-    curve_ax.legend(loc="lower left", fontsize=8, framealpha=0.85)
+    curve_ax.legend(loc="best", fontsize=8, framealpha=0.85)
 
     handles, labels = bars_ax.get_legend_handles_labels()
     if handles:

@@ -3,7 +3,6 @@ continual-learning method's extra loss term."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -12,28 +11,10 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from mmcl.backbones.backbone import Backbone
+from mmcl.config import TrainingConfig
 from mmcl.data.sample import Sample
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], Optional[torch.Tensor]]
-
-
-@dataclass
-class TrainingConfig:
-    """Optimisation settings for one stage (one task) of supervised fine-tuning."""
-
-    epochs: float = 3.0  # passes over the task's training data
-    max_steps: int = -1  # if > 0, overrides epochs
-    batch_size: int = 16
-    grad_accum: int = 1
-    learning_rate: float = 2e-3  # LoRA on the tiny model; use ~2e-4 for 7B LoRA, 2e-5 for full FT
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    progress_bar: bool = True
-    bf16: bool = False
-    activation_checkpointing: bool = False
 
 
 class SampleDataset(Dataset):
@@ -62,6 +43,10 @@ class ContinualTrainer(Trainer):
         if self.extra_loss is not None:
             extra = self.extra_loss(model, inputs, outputs)
             if extra is not None:
+                if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                    # the CE is then summed over the accumulated batch and not divided by the
+                    # accumulation steps; scale the per-micro-batch term to match
+                    extra = extra / self.current_gradient_accumulation_steps
                 loss = loss + extra
         return (loss, outputs) if return_outputs else loss
 
