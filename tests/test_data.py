@@ -251,11 +251,6 @@ def test_task_problems_lists_every_bad_record(bad_data: Path) -> None:
         assert all("\n" not in problem for problem in problems)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: Task.problems() stops at the first malformed record of a file (read_samples raises) and "
-    "then skips the image checks of that file's good records",
-)
 def test_task_problems_lists_every_bad_record_of_one_file(tmp_path: Path) -> None:
     folder = good_task(tmp_path / "t")
     records = [
@@ -270,11 +265,6 @@ def test_task_problems_lists_every_bad_record_of_one_file(tmp_path: Path) -> Non
     assert [p for p in problems if "record 2: image not found" in p]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: Task.problems(max_problems) is not honoured: the `continue` after an unreadable file skips the "
-    "limit check, and the check runs only once per file, not per problem",
-)
 def test_problems_stop_after_max_problems(bad_data: Path) -> None:
     assert len(task_of(bad_data / "a_json").problems(max_problems=1)) == 1
 
@@ -411,12 +401,6 @@ def test_load_backbone_from_a_local_directory(backbone: Backbone, tiny_model_dir
     assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="src bug: load_backbone catches only OSError; a local folder without model files raises ValueError "
-    "from AutoProcessor, so the CLI prints a traceback instead of a one-line error",
-)
 def test_load_backbone_from_a_folder_without_a_model_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(MmclError, match="cannot load"):
         load_backbone(str(tmp_path))

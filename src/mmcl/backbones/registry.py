@@ -65,7 +65,7 @@ def load_backbone(name: str, dtype: str = "float32", device: str = "auto", max_l
     try:
         processor = AutoProcessor.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MmclError(f"backbone {name}: cannot load from {source!r} ({first_line})") from None
     if device == "auto":

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmcl.data.images import check_image
-from mmcl.data.readers import read_samples
+from mmcl.data.readers import load_records, parse_test_record, parse_train_record, read_samples
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, DataError
 
@@ -53,17 +53,22 @@ class Task:
         found: list[str] = []
         for split, path in (("train", self.train_file), ("test", self.test_file)):
             try:
-                samples = read_samples(path, self.name, self.image_root, split=split)
+                records = load_records(path)
             except DataError as exc:
                 found.append(str(exc))
                 continue
-            for index, sample in enumerate(samples):
-                for image in sample.images:
-                    problem = check_image(image, f"{path}: record {index}")
-                    if problem:
-                        found.append(problem)
-            if max_problems is not None and len(found) >= max_problems:
-                break
+            parse = parse_train_record if split == "train" else parse_test_record
+            root = self.image_root if self.image_root is not None else path.parent
+            for index, record in enumerate(records):
+                where = f"{path}: record {index}"
+                try:
+                    sample = parse(record, self.name, root, where)
+                except DataError as exc:
+                    found.append(str(exc))
+                    continue
+                found.extend(p for p in (check_image(image, where) for image in sample.images) if p)
+                if max_problems is not None and len(found) >= max_problems:
+                    return found[:max_problems]
         return found
 
 

@@ -3,6 +3,8 @@ continual-learning method's extra loss term."""
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -60,6 +62,8 @@ def train_on_samples(
     extra_loss: ExtraLoss | None = None,
 ) -> dict[str, float]:
     """Train ``backbone.model`` in place on ``samples``; returns the Trainer's final metrics."""
+    steps_per_epoch = math.ceil(len(samples) / (config.batch_size * config.grad_accum))
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
     arguments = TrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
@@ -68,7 +72,7 @@ def train_on_samples(
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=int(config.warmup_ratio * total_steps),  # rounded down: a 1-step stage still trains
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,

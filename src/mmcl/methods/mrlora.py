@@ -1,0 +1,428 @@
+"""``mrlora``: MR-LoRA, expert LoRAs with an MLLM-based router (Zhao et al., 2025, "MLLM-CL: Continual
+Learning for Multimodal Large Language Models", arXiv:2506.05453).
+
+Training, per task t (1-based):
+
+* an **expert** LoRA, trained fresh from the base model on task t alone (exactly as ``experts``, whose
+  adapter handling is inherited: the experts of both methods are the same given the same seed);
+* a small **routing set**: ``router_samples_per_task`` samples of task t's training set, drawn with a
+  seed-determined generator and kept (as ids) in the method state;
+* from t = 2 on, the **router** LoRA (adapter ``router``, on the base model, experts switched off) is
+  trained further on the routing set of all tasks seen so far. Its prompt lists the experts as
+  option letters with their tasks' one-line descriptions, then the user's question (images kept),
+  and asks for the letter only; the target is the letter of the sample's own expert.
+
+Two-stage inference (no task identity is used): (1) one forward pass of base + router over the
+router prompts of the whole batch; at the last prompt position the logits of the letter tokens of
+the existing experts are compared (constrained choice, no text parsing); (2) the batch is split by
+chosen expert and each group is answered by one batched ``generate`` call with its expert active.
+The cost is about one extra prompt forward pass per batch, not one generation per expert. With a
+single expert there is nothing to route; with none (forward-transfer evaluation before the first
+task is learned) the base model answers.
+
+Routing statistics are recorded for every evaluated sample (its true task is ``sample.task``, used
+for statistics only): per stage and task, how many samples went to each expert (the confusion
+matrix), the router accuracy on seen tasks, and, if ``oracle_scores`` is on, the task score with
+oracle routing (each sample answered by its own task's expert; an extra generation is only needed
+for the misrouted samples) next to the score with the router. See :meth:`MrLora.routing_report`.
+
+PEFT set-up: the experts ``expert_<task>`` and the router are named adapters of one ``PeftModel``;
+``set_adapter`` picks the single active (and trainable) one.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mmcl.benchmarks.stream import Task
+from mmcl.config import LoraSettings, TrainingConfig
+from mmcl.data.sample import Sample
+from mmcl.errors import ConfigError, MmclError
+from mmcl.methods.base import register_method
+from mmcl.methods.experts import SEPARATOR, TaskExperts, adapter_name
+from mmcl.methods.lora_utils import adapter_tensors, load_adapter_tensors, lora_config
+from mmcl.results import BASE_LABEL, stage_name
+
+ROUTER = "router"
+BASE_ROUTE = "base"  # the route of samples answered by the base model (no expert yet)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+ROUTER_INIT_SEED_OFFSET = 7919  # the router adapter's init seed is seed + this (experts use seed + task index)
+ROUTER_TRAIN_SEED_OFFSET = 1000  # router training after task index i uses seed + this + i
+
+
+@dataclass
+class MrLoraConfig:
+    """Router settings. The experts use the run's ``lora`` and ``training`` settings (paper: one LoRA per
+    task, r=128, alpha=256, 1 epoch at lr 2e-5 on LLaVA-1.5-7B)."""
+
+    router_samples_per_task: int = 20  # routing-set size per task (paper: 20 per task)
+    router_rank: int | None = None  # router LoRA rank; None = the experts' rank (paper: 128, same as the experts)
+    router_alpha: float | None = None  # router LoRA alpha; None = the experts' alpha (paper: 256, same as the experts)
+    # Paper: 40 epochs at lr 5e-6 (a quarter of the experts' 2e-5), batch 32, continued from stage to stage.
+    # Ours for the tiny models: 40 epochs (as the paper) at lr 1e-3 (the paper's 1:4 ratio would give
+    # 5e-4 next to the tiny experts' 2e-3; twice that converges within the epochs on the tiny set), batch 8
+    # (about 3-13 steps per epoch on 2-5 x 20 samples).
+    router_epochs: float = 40.0
+    router_learning_rate: float = 1e-3
+    router_batch_size: int = 8
+    oracle_scores: bool = True  # also score oracle routing in the report (extra generation for misrouted samples only)
+
+    def __post_init__(self) -> None:
+        if self.router_samples_per_task < 1:
+            raise ConfigError(
+                f"method.options.router_samples_per_task: must be >= 1, got {self.router_samples_per_task}"
+            )
+        for key in ("router_rank", "router_batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"method.options.{key}: must be >= 1, got {value}")
+        for key in ("router_alpha", "router_epochs", "router_learning_rate"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"method.options.{key}: must be > 0, got {value}")
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+def one_line(description: str, fallback: str) -> str:
+    """The first non-empty line of a task description (the task name if there is none)."""
+    for line in description.splitlines():
+        if line.strip():
+            return line.strip()
+    return fallback
+
+
+def router_prompt(sample: Sample, descriptions: Sequence[str], answer: str = "") -> Sample:
+    """The router's view of ``sample``: the experts as option letters with one-line descriptions, the
+    user's question (its ``<image>`` placeholders and images kept), and a request for the letter only.
+    ``answer`` is the training target (the expert's letter); earlier turns are dropped."""
+    if len(descriptions) > len(LETTERS):
+        raise MmclError(f"mrlora: at most {len(LETTERS)} experts can be routed, got {len(descriptions)}")
+    options = "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, descriptions))
+    text = (
+        "Which expert should answer the question below?\n"
+        f"{options}\n"
+        f"Question: {sample.prompt}\n"
+        "Answer with the expert's letter only."
+    )
+    return replace(sample, prompt=text, answer=answer, history=())
+
+
+def choose_experts(letter_logits: torch.Tensor) -> torch.Tensor:
+    """Index of the chosen expert per row of ``letter_logits`` (batch, experts): the argmax (first on ties)."""
+    if letter_logits.ndim != 2 or letter_logits.shape[1] == 0:
+        raise ValueError(f"expected (batch, experts) letter logits, got shape {tuple(letter_logits.shape)}")
+    return letter_logits.argmax(dim=1)
+
+
+def group_by_expert(choices: Sequence[int] | torch.Tensor) -> dict[int, list[int]]:
+    """Positions of the batch per chosen expert (experts in increasing order, positions in batch order)."""
+    values = choices.tolist() if isinstance(choices, torch.Tensor) else list(choices)
+    groups: dict[int, list[int]] = {}
+    for position, expert in enumerate(values):
+        groups.setdefault(int(expert), []).append(position)
+    return dict(sorted(groups.items()))
+
+
+def generate_grouped(
+    samples: Sequence[Sample],
+    choices: Sequence[int] | torch.Tensor,
+    run_expert: Callable[[int, list[Sample]], list[str]],
+) -> list[str]:
+    """Answers for ``samples`` where sample i is answered by expert ``choices[i]``: ``run_expert`` is called
+    once per chosen expert with that expert's samples, and the answers are put back in batch order."""
+    answers: list[str | None] = [None] * len(samples)
+    for expert, positions in group_by_expert(choices).items():
+        outputs = run_expert(expert, [samples[p] for p in positions])
+        if len(outputs) != len(positions):
+            raise RuntimeError(f"expert {expert}: {len(outputs)} answers for {len(positions)} samples")
+        for position, output in zip(positions, outputs):
+            answers[position] = output
+    return [answer if answer is not None else "" for answer in answers]
+
+
+def letter_token_ids(backbone, count: int) -> list[int]:
+    """Token id the router must emit first for each of the first ``count`` letters.
+
+    Read from the training encoding of a text-only router answer (the first label token), so it is the
+    very token the router is trained to produce right after the generation prompt, whatever the
+    tokenizer does with spaces or merges."""
+    ids = []
+    for letter in LETTERS[:count]:
+        probe = Sample(id=f"letter-{letter}", task=ROUTER, images=(), prompt="Which expert?", answer=letter)
+        labels = backbone.encode_for_training(probe)["labels"]
+        targets = (labels != -100).nonzero()
+        if targets.numel() == 0:
+            raise MmclError(f"backbone {backbone.name}: the answer {letter!r} encodes to no target token")
+        ids.append(int(labels[targets[0, 0]]))
+    if len(set(ids)) != len(ids):
+        raise MmclError(f"backbone {backbone.name}: option letters share first tokens ({ids}); cannot route by letter")
+    return ids
+
+
+def summarize_stage(raw: dict[str, Any]) -> dict[str, Any]:
+    """The readable report of one stage from its raw counters (see :meth:`MrLora.routing_report`)."""
+    experts: list[str] = raw["experts"]
+    columns = experts or [BASE_ROUTE]
+    tasks_out: dict[str, Any] = {}
+    rows, counts = [], []
+    seen_total = seen_correct = 0
+    for task_name, entry in raw["tasks"].items():
+        n = entry["n"]
+        routed = {column: entry["routed"].get(column, 0) for column in columns}
+        seen = task_name in experts
+        correct = routed.get(task_name, 0) if seen else None
+        if seen:
+            seen_total += n
+            seen_correct += correct
+        tasks_out[task_name] = {
+            "n": n,
+            "routed": routed,
+            "router_accuracy": 100.0 * correct / n if seen and n else None,
+            "score": 100.0 * entry["score_sum"] / entry["score_n"] if entry["score_n"] else None,
+            "oracle_score": 100.0 * entry["oracle_sum"] / entry["oracle_n"] if entry["oracle_n"] else None,
+        }
+        rows.append(task_name)
+        counts.append([routed[column] for column in columns])
+    return {
+        "experts": experts,
+        "router_accuracy": 100.0 * seen_correct / seen_total if seen_total else None,
+        "tasks": tasks_out,
+        "confusion": {"rows": rows, "columns": columns, "counts": counts},
+    }
+
+
+# -- the method -----------------------------------------------------------------------------------
+@register_method
+class MrLora(TaskExperts):
+    name = "mrlora"
+    description = "MR-LoRA: a fresh LoRA expert per task and a LoRA router (an MLLM prompt) that picks the expert"
+    config_class = MrLoraConfig
+
+    def __init__(self, config: MrLoraConfig, lora, seed: int):
+        super().__init__(config, lora, seed)
+        self.routing_set: dict[str, list[str]] = {}  # task name -> training-sample ids, in task order
+        self.router_experts = 0  # number of experts (letters) the router was last trained on; 0 = none
+        self.routing: dict[str, dict[str, Any]] = {}  # stage key -> raw routing counters
+        self.last_routes: list[str] = []  # the route (expert task name or "base") of each sample of the last batch
+        self._letter_ids: list[int] | None = None
+
+    # -- set-up and training ---------------------------------------------------------------------
+    def setup(self, backbone, tasks) -> None:
+        if len(tasks) > len(LETTERS):
+            raise ConfigError(f"method mrlora: at most {len(LETTERS)} tasks can be routed, the stream has {len(tasks)}")
+        super().setup(backbone, tasks)
+        self._letter_ids = None
+
+    @property
+    def expert_tasks(self) -> list[Task]:
+        """The tasks with a trained expert, in letter order (A = first task)."""
+        by_adapter = {adapter_name(task): task for task in self.tasks}
+        return [by_adapter[name] for name in self.trained]
+
+    def descriptions(self) -> list[str]:
+        return [one_line(task.description, task.name) for task in self.expert_tasks]
+
+    def _router_settings(self) -> LoraSettings:
+        return replace(
+            self.lora,
+            rank=self.config.router_rank or self.lora.rank,
+            alpha=self.config.router_alpha or self.lora.alpha,
+        )
+
+    def _ensure_router(self) -> None:
+        model = self.backbone.model
+        if ROUTER not in model.peft_config:
+            torch.manual_seed(self.seed + ROUTER_INIT_SEED_OFFSET)
+            model.add_adapter(ROUTER, lora_config(self._router_settings(), self.backbone))
+
+    def pick_routing_ids(self, task: Task) -> list[str]:
+        """``router_samples_per_task`` training-sample ids of ``task`` (all if fewer), fixed by the seed."""
+        ids = [sample.id for sample in task.train_samples]
+        rng = random.Random(f"mrlora-routing-{self.seed}-{task.name}")
+        return rng.sample(ids, min(self.config.router_samples_per_task, len(ids)))
+
+    def router_training_samples(self) -> list[Sample]:
+        """The routing set of every task with an expert, as router prompts with their expert's letter."""
+        descriptions = self.descriptions()
+        samples = []
+        for letter, task in zip(LETTERS, self.expert_tasks):
+            by_id = {sample.id: sample for sample in task.train_samples}
+            for sample_id in self.routing_set.get(task.name, []):
+                if sample_id not in by_id:
+                    raise MmclError(f"mrlora: routing-set sample {sample_id!r} is not in task {task.name}'s training set")
+                samples.append(router_prompt(by_id[sample_id], descriptions, answer=letter))
+        return samples
+
+    def train_router(self, task_index: int) -> dict[str, float]:
+        """Continue training the router on the routing set of all tasks so far (base + router LoRA only)."""
+        from mmcl.training.sft import train_on_samples
+
+        self._ensure_router()
+        model = self.backbone.model
+        model.set_adapter(ROUTER)  # the router is the only active adapter, and the only trainable one
+        settings = TrainingConfig(
+            epochs=self.config.router_epochs,
+            batch_size=self.config.router_batch_size,
+            learning_rate=self.config.router_learning_rate,
+            progress_bar=False,
+            logging_steps=10**6,
+        )
+        with tempfile.TemporaryDirectory(prefix="mmcl-router-") as work:
+            metrics = train_on_samples(
+                self.backbone,
+                self.router_training_samples(),
+                settings,
+                Path(work),
+                seed=self.seed + ROUTER_TRAIN_SEED_OFFSET + task_index,
+            )
+        self.router_experts = len(self.trained)
+        return metrics
+
+    def after_task(self, task_index: int, task: Task) -> None:
+        super().after_task(task_index, task)
+        self.routing_set[task.name] = self.pick_routing_ids(task)
+        if len(self.trained) >= 2:
+            self.train_router(task_index)
+        self.backbone.model.set_adapter(adapter_name(task))
+
+    def trainable_parameters(self) -> int:
+        """Parameters trained in the last stage: the newest expert, plus the router from task 2 on."""
+        model = self.backbone.model
+        names = [self.trained[-1]] if self.trained else [model.active_adapter]
+        if self.router_experts >= 2:
+            names.append(ROUTER)
+        return sum(p.numel() for n, p in model.named_parameters() if any(f".{name}." in n for name in names))
+
+    # -- inference -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def route(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Expert index (0 = first task's expert) chosen by the router for each sample."""
+        count = len(self.trained)
+        if count <= 1 or self.router_experts < 2:
+            if count > 1:
+                raise MmclError(f"mrlora: {count} experts but no trained router (state incomplete?)")
+            return torch.zeros(len(samples), dtype=torch.long)
+        if self._letter_ids is None or len(self._letter_ids) < count:
+            self._letter_ids = letter_token_ids(self.backbone, max(count, len(self.tasks)))
+        descriptions = self.descriptions()
+        model = self.backbone.model
+        model.set_adapter(ROUTER, inference_mode=True)
+        batch = self.backbone.prompt_batch([router_prompt(sample, descriptions) for sample in samples])
+        was_training = model.training
+        model.eval()
+        logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+        if was_training:
+            model.train()
+        letter_ids = torch.tensor(self._letter_ids[:count], device=logits.device)
+        return choose_experts(logits.float().index_select(1, letter_ids)).cpu()
+
+    def _run_expert(self, expert: int, samples: list[Sample], max_new_tokens: int) -> list[str]:
+        self.backbone.model.set_adapter(self.trained[expert], inference_mode=True)
+        return self.backbone.generate(samples, max_new_tokens)
+
+    def generate(self, samples: Sequence[Sample], task: Task, max_new_tokens: int) -> list[str]:
+        del task  # routing never looks at the task identity
+        samples = list(samples)
+        model = self.backbone.model
+        if not self.trained:
+            with model.disable_adapter():
+                answers = self.backbone.generate(samples, max_new_tokens)
+            self.last_routes = [BASE_ROUTE] * len(samples)
+        else:
+            choices = self.route(samples)
+            answers = generate_grouped(samples, choices, lambda e, group: self._run_expert(e, group, max_new_tokens))
+            self.last_routes = [self.expert_tasks[int(c)].name for c in choices]
+        self._record(samples, answers, max_new_tokens)
+        return answers
+
+    # -- routing statistics ----------------------------------------------------------------------
+    def stage_key(self) -> str:
+        """The label of the current stage as the runner names it (``<k>_<task>``; ``0_base`` before any)."""
+        if not self.trained:
+            return stage_name(0, BASE_LABEL)
+        return stage_name(len(self.trained), self.expert_tasks[-1].name)
+
+    def _record(self, samples: list[Sample], answers: list[str], max_new_tokens: int) -> None:
+        from mmcl.evaluation.scorers import get_scorer
+
+        tasks = {task.name: task for task in self.tasks}
+        experts = [task.name for task in self.expert_tasks]
+        stage = self.routing.setdefault(self.stage_key(), {"experts": experts, "tasks": {}})
+        oracle_answers = dict(enumerate(answers))
+        if self.config.oracle_scores and experts:
+            wrong = [i for i, s in enumerate(samples) if s.task in experts and self.last_routes[i] != s.task]
+            if wrong:
+                own = [experts.index(samples[i].task) for i in wrong]
+                fixed = generate_grouped(
+                    [samples[i] for i in wrong], own, lambda e, group: self._run_expert(e, group, max_new_tokens)
+                )
+                oracle_answers.update(zip(wrong, fixed))
+        for index, (sample, answer) in enumerate(zip(samples, answers)):
+            entry = stage["tasks"].setdefault(
+                sample.task, {"n": 0, "routed": {}, "score_sum": 0.0, "score_n": 0, "oracle_sum": 0.0, "oracle_n": 0}
+            )
+            entry["n"] += 1
+            route = self.last_routes[index]
+            entry["routed"][route] = entry["routed"].get(route, 0) + 1
+            if sample.task not in tasks:
+                continue
+            scorer = get_scorer(tasks[sample.task].scorer)
+            entry["score_sum"] += scorer(answer, sample.answer)
+            entry["score_n"] += 1
+            if self.config.oracle_scores and sample.task in experts:
+                entry["oracle_sum"] += scorer(oracle_answers[index], sample.answer)
+                entry["oracle_n"] += 1
+
+    def routing_report(self) -> dict[str, Any]:
+        """Per stage (keyed like the run's stage dirs, e.g. ``3_ad``): the experts in letter order, the
+        router accuracy over the seen tasks' test samples, and per evaluated task the sample count, the
+        routes taken (``routed``: expert task -> count), the router accuracy (None for tasks without an
+        expert yet), the task score with the router (``score``) and with oracle routing
+        (``oracle_score``; None when off or for unseen tasks), plus the confusion matrix (rows = true
+        tasks in evaluation order, columns = experts in letter order). Scores are percentages."""
+        return {"stages": {key: summarize_stage(raw) for key, raw in self.routing.items()}}
+
+    def evaluation_summary(self) -> dict[str, Any]:
+        """The routing report (for a runner hook called after each stage's evaluations)."""
+        return self.routing_report()
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().state_tensors()
+        if self.router_experts:
+            prefix = f"{ROUTER}{SEPARATOR}"
+            tensors.update({f"{prefix}{key}": value for key, value in adapter_tensors(self.backbone, ROUTER).items()})
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state_tensors(tensors)
+        if self.router_experts:
+            self._ensure_router()
+            prefix = f"{ROUTER}{SEPARATOR}"
+            own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+            if not own:
+                raise MmclError("mrlora: the saved state has no router weights but the router was trained")
+            load_adapter_tensors(self.backbone, own, ROUTER)
+        if self.trained:
+            self.backbone.model.set_adapter(self.trained[-1])
+
+    def state_json(self) -> dict[str, Any]:
+        return {
+            **super().state_json(),
+            "routing_set": self.routing_set,
+            "router_experts": self.router_experts,
+            "routing": self.routing,
+            "routing_report": self.routing_report(),
+        }
+
+    def load_state_json(self, state: dict[str, Any]) -> None:
+        super().load_state_json(state)
+        self.routing_set = {name: list(ids) for name, ids in state.get("routing_set", {}).items()}
+        self.router_experts = int(state.get("router_experts", 0))
+        self.routing = dict(state.get("routing", {}))

@@ -1,0 +1,259 @@
+"""MR-LoRA: the pure routing parts by hand, the router training and two-stage inference on the tiny
+model, the routing report, a state round trip, and one end-to-end run through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmcl.methods.mrlora  # noqa: F401  (registers "mrlora")
+from mmcl.data.sample import Sample
+from mmcl.methods.base import LoraSettings
+from mmcl.methods.lora_utils import adapter_tensors
+from mmcl.methods.mrlora import (
+    MrLora,
+    MrLoraConfig,
+    choose_experts,
+    generate_grouped,
+    group_by_expert,
+    letter_token_ids,
+    router_prompt,
+    summarize_stage,
+)
+
+
+def sample(index: int, task: str = "t", prompt: str = "<image>\nHow many bars?") -> Sample:
+    return Sample(id=f"s{index}", task=task, images=(Path(f"img{index}.png"),), prompt=prompt, answer=str(index))
+
+
+# -- pure parts ----------------------------------------------------------------------------------
+def test_choose_experts_is_the_argmax_of_letter_scores():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [5.0, 4.9, 0.0], [-3.0, -2.0, -1.0], [1.0, 1.0, 0.5]])
+    assert choose_experts(logits).tolist() == [1, 0, 2, 0]  # a tie goes to the first letter
+    assert choose_experts(torch.tensor([[7.0]])).tolist() == [0]
+    with pytest.raises(ValueError):
+        choose_experts(torch.zeros(3))
+
+
+def test_grouping_gives_the_same_answers_as_routing_sample_by_sample():
+    samples = [sample(i) for i in range(7)]
+    choices = torch.tensor([2, 0, 2, 1, 0, 2, 1])
+    calls: list[tuple[int, list[str]]] = []
+
+    def run_expert(expert: int, group: list[Sample]) -> list[str]:
+        calls.append((expert, [s.id for s in group]))
+        return [f"expert{expert}:{s.id}" for s in group]
+
+    grouped = generate_grouped(samples, choices, run_expert)
+    one_by_one = [run_expert(int(c), [s])[0] for s, c in zip(samples, choices)]
+    assert grouped == one_by_one
+    batch_calls = calls[:3]
+    assert sorted(expert for expert, _ in batch_calls) == [0, 1, 2]  # each chosen expert runs once per batch
+    assert dict(batch_calls) == {0: ["s1", "s4"], 1: ["s3", "s6"], 2: ["s0", "s2", "s5"]}
+    assert group_by_expert([1, 1, 0]) == {0: [2], 1: [0, 1]}
+    assert group_by_expert(torch.tensor([3])) == {3: [0]}
+
+
+def test_router_prompt_lists_letters_and_descriptions_and_keeps_the_image():
+    original = sample(0, task="fin", prompt="<image>\nHow many bars are in the chart?")
+    original = Sample(**{**original.__dict__, "history": (("hi", "hello"),)})
+    routed = router_prompt(original, ["Remote sensing maps", "Medical scans", "Finance charts"], answer="C")
+    assert "A. Remote sensing maps" in routed.prompt
+    assert "B. Medical scans" in routed.prompt and "C. Finance charts" in routed.prompt
+    assert routed.prompt.count("<image>") == 1 and "How many bars are in the chart?" in routed.prompt
+    assert routed.prompt.index("C. Finance") < routed.prompt.index("How many bars")
+    assert "letter" in routed.prompt.splitlines()[-1]
+    assert routed.images == original.images and routed.id == original.id and routed.task == "fin"
+    assert routed.answer == "C" and routed.history == ()
+    assert router_prompt(original, ["x"]).answer == ""
+
+
+def test_config_defaults_and_checks():
+    from mmcl.errors import ConfigError
+
+    config = MrLoraConfig()
+    assert config.router_samples_per_task == 20 and config.router_rank is None
+    with pytest.raises(ConfigError, match="router_samples_per_task"):
+        MrLoraConfig(router_samples_per_task=0)
+    with pytest.raises(ConfigError, match="router_learning_rate"):
+        MrLoraConfig(router_learning_rate=0.0)
+
+
+def test_summary_of_hand_made_counts():
+    raw = {
+        "experts": ["a", "b"],
+        "tasks": {
+            "a": {"n": 4, "routed": {"a": 3, "b": 1}, "score_sum": 2.0, "score_n": 4, "oracle_sum": 3.0, "oracle_n": 4},
+            "b": {"n": 2, "routed": {"b": 2}, "score_sum": 1.0, "score_n": 2, "oracle_sum": 1.0, "oracle_n": 2},
+            "c": {"n": 2, "routed": {"a": 2}, "score_sum": 0.0, "score_n": 2, "oracle_sum": 0.0, "oracle_n": 0},
+        },
+    }
+    summary = summarize_stage(raw)
+    assert summary["router_accuracy"] == pytest.approx(100.0 * 5 / 6)  # unseen task c does not count
+    assert summary["tasks"]["a"]["router_accuracy"] == 75.0 and summary["tasks"]["c"]["router_accuracy"] is None
+    assert summary["tasks"]["a"]["score"] == 50.0 and summary["tasks"]["a"]["oracle_score"] == 75.0
+    assert summary["tasks"]["c"]["oracle_score"] is None
+    assert summary["confusion"] == {"rows": ["a", "b", "c"], "columns": ["a", "b"], "counts": [[3, 1], [0, 2], [2, 0]]}
+
+
+# -- on the tiny model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tasks(stream_cache_dir: Path):
+    from mmcl.benchmarks.stream import StreamConfig, build_stream
+
+    options = {"train_per_task": 8, "test_per_task": 4}
+    config = StreamConfig(name="synth-domain", options=options, cache_dir=str(stream_cache_dir))
+    return build_stream(config, Path.cwd())
+
+
+ROUTER_OPTIONS = {"router_samples_per_task": 6, "router_epochs": 4.0, "router_learning_rate": 1e-2, "router_batch_size": 6}
+
+
+def new_method(model_dir: Path, tasks) -> MrLora:
+    from mmcl.backbones.registry import load_backbone
+
+    method = MrLora(MrLoraConfig(**ROUTER_OPTIONS), LoraSettings(rank=4, alpha=8.0), seed=0)
+    method.setup(load_backbone(str(model_dir), device="cpu"), tasks)
+    return method
+
+
+def fit(method: MrLora, index: int, tasks, work: Path) -> None:
+    from mmcl.training.sft import TrainingConfig, train_on_samples
+
+    settings = TrainingConfig(max_steps=2, batch_size=4, learning_rate=3e-2, warmup_ratio=0.0, progress_bar=False)
+    method.before_task(index, tasks[index])
+    samples = method.train_data(index, tasks[index], tasks[index].train_samples)
+    train_on_samples(method.backbone, samples, settings, work / f"trainer{index}", seed=index)
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tiny_model_dir: Path, tasks, tmp_path_factory):
+    work = tmp_path_factory.mktemp("mrlora")
+    method = new_method(tiny_model_dir, tasks)
+    record = {"base": method.generate(tasks[1].test_samples, tasks[1], 4)}
+    with method.backbone.model.disable_adapter():
+        record["plain_base"] = method.backbone.generate(tasks[1].test_samples, 4)
+    fit(method, 0, tasks, work)
+    method.after_task(0, tasks[0])
+    record["router_after_1"] = "router" in method.backbone.model.peft_config
+    record["one_expert"] = method.generate(tasks[0].test_samples, tasks[0], 4)
+    record["one_expert_routes"] = list(method.last_routes)
+    fit(method, 1, tasks, work)
+    record["expert0_before_router"] = adapter_tensors(method.backbone, "expert_rs")
+    record["expert1_before_router"] = adapter_tensors(method.backbone, "expert_med")
+    method.after_task(1, tasks[1])
+    return method, record
+
+
+def test_router_trains_on_base_plus_router_only(two_tasks, tasks):
+    method, record = two_tasks
+    model = method.backbone.model
+    assert not record["router_after_1"]  # no router with a single expert
+    assert method.trained == ["expert_rs", "expert_med"] and method.router_experts == 2
+    assert "router" in model.peft_config
+    for name, key in (("expert_rs", "expert0_before_router"), ("expert_med", "expert1_before_router")):
+        for tensor_name, value in record[key].items():
+            torch.testing.assert_close(adapter_tensors(method.backbone, name)[tensor_name], value, rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for k, v in adapter_tensors(method.backbone, "router").items() if "lora_B" in k)
+    # the routing set: seed-determined ids of each task's training set, at most k per task
+    assert list(method.routing_set) == ["rs", "med"]
+    for task in tasks[:2]:
+        ids = method.routing_set[task.name]
+        assert len(ids) == 6 and len(set(ids)) == 6
+        assert set(ids) <= {s.id for s in task.train_samples}
+        assert ids == method.pick_routing_ids(task)
+    prompts = method.router_training_samples()
+    assert [p.answer for p in prompts] == ["A"] * 6 + ["B"] * 6
+    assert "A. Remote sensing" in prompts[0].prompt and "B. Medical" in prompts[0].prompt
+    ids = letter_token_ids(method.backbone, 5)
+    assert len(set(ids)) == 5
+    assert method.trainable_parameters() > sum(p.numel() for n, p in model.named_parameters() if ".expert_med." in n)
+
+
+def test_inference_before_and_with_one_expert(two_tasks, tasks):
+    _, record = two_tasks
+    assert record["base"] == record["plain_base"]  # no expert yet: the base model answers
+    assert record["one_expert_routes"] == ["rs"] * len(tasks[0].test_samples)
+    assert len(record["one_expert"]) == len(tasks[0].test_samples)
+
+
+def test_two_stage_inference_ignores_the_task_argument(two_tasks, tasks):
+    method, _ = two_tasks
+    mixed = [tasks[0].test_samples[0], tasks[1].test_samples[0], tasks[0].test_samples[1], tasks[1].test_samples[1]]
+    choices = method.route(mixed).tolist()
+    answers = method.generate(mixed, tasks[0], 4)
+    routes = list(method.last_routes)
+    assert routes == [["rs", "med"][c] for c in choices]
+    assert method.generate(mixed, tasks[1], 4) == answers  # the task identity plays no part
+    assert method.last_routes == routes
+    # each answer is the chosen expert's own answer
+    for item, choice, answer in zip(mixed, choices, answers):
+        method.backbone.model.set_adapter(method.trained[choice])
+        assert method.backbone.generate([item], 4) == [answer]
+
+
+def test_routing_report(two_tasks, tasks):
+    method, _ = two_tasks
+    method.routing.pop("2_med", None)
+    for task in tasks[:3]:  # two seen tasks and one forward-transfer evaluation
+        method.generate(task.test_samples, task, 4)
+    report = method.routing_report()
+    json.dumps(report)
+    stage = report["stages"]["2_med"]
+    assert stage["experts"] == ["rs", "med"]
+    confusion = stage["confusion"]
+    assert confusion["rows"] == ["rs", "med", "ad"] and confusion["columns"] == ["rs", "med"]
+    assert [sum(row) for row in confusion["counts"]] == [4, 4, 4]
+    correct = confusion["counts"][0][0] + confusion["counts"][1][1]
+    assert stage["router_accuracy"] == pytest.approx(100.0 * correct / 8)
+    assert stage["tasks"]["ad"]["router_accuracy"] is None and stage["tasks"]["ad"]["oracle_score"] is None
+    for name in ("rs", "med"):
+        entry = stage["tasks"][name]
+        assert entry["n"] == 4 and 0.0 <= entry["score"] <= 100.0 and 0.0 <= entry["oracle_score"] <= 100.0
+    assert report["stages"]["1_rs"]["experts"] == ["rs"]
+    assert report["stages"]["1_rs"]["router_accuracy"] == 100.0
+    assert "0_base" in report["stages"]
+
+
+def test_state_round_trip(two_tasks, tiny_model_dir: Path, tasks, tmp_path: Path):
+    method, _ = two_tasks
+    save_file(method.state_tensors(), str(tmp_path / "state.safetensors"))
+    (tmp_path / "state.json").write_text(json.dumps(method.state_json()))
+    keys = load_file(str(tmp_path / "state.safetensors"))
+    assert {k.split("::")[0] for k in keys} == {"expert_rs", "expert_med", "router"}
+
+    fresh = new_method(tiny_model_dir, tasks)
+    fresh.load_state_json(json.loads((tmp_path / "state.json").read_text()))
+    fresh.load_state_tensors(load_file(str(tmp_path / "state.safetensors")))
+    assert fresh.trained == method.trained and fresh.routing_set == method.routing_set
+    assert fresh.router_experts == 2 and fresh.routing_report() == method.routing_report()
+    mixed = [*tasks[0].test_samples[:2], *tasks[1].test_samples[:2]]
+    assert fresh.route(mixed).tolist() == method.route(mixed).tolist()
+    assert fresh.generate(mixed, tasks[0], 4) == method.generate(mixed, tasks[0], 4)
+    assert fresh.router_training_samples() == method.router_training_samples()
+
+
+def test_cli_run_mrlora(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path):
+    from conftest import make_stream_config, write_config
+    from mmcl.cli import main
+
+    method = {"name": "mrlora", "options": {"router_samples_per_task": 2, "router_epochs": 1.0, "router_batch_size": 4}}
+    config = make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / "run", method=method)
+    config["stream"]["options"] = {"train_per_task": 4, "test_per_task": 2}
+    config["training"] = {"max_steps": 1, "batch_size": 4, "progress_bar": False}
+    config["evaluation"] = {"batch_size": 8, "forward_transfer": False, "evaluate_base": False, "max_new_tokens": 4}
+    path = write_config(tmp_path / "mrlora.yaml", config)
+    assert main(["run", str(path), "--method", "mrlora"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["method"] == "mrlora" and results["complete"]
+    stages = sorted((tmp_path / "run" / "stages").iterdir())
+    assert len(stages) == 5
+    state = json.loads((stages[-1] / "state.json").read_text())
+    assert state["router_experts"] == 5 and len(state["routing_set"]) == 5
+    # the state of stage k holds the routing report of the evaluations of stages before k
+    assert sorted(state["routing_report"]["stages"]) == ["1_rs", "2_med", "3_ad", "4_sci"]
+    assert main(["run", str(path), "--method", "mrlora"]) == 0  # resumes: everything is done
