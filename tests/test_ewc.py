@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 import mmcl.methods.ewc  # noqa: F401  (registers "ewc")
 from conftest import make_stream_config, write_config
 from mmcl.benchmarks.stream import StreamConfig, build_stream
+from mmcl.config import LoraSettings
 from mmcl.errors import ConfigError, RunDirError
-from mmcl.methods.base import METHODS, LoraSettings
+from mmcl.methods.base import METHODS
 from mmcl.methods.ewc import Ewc, EwcConfig, ewc_penalty, online_fisher
 
 STREAM_OPTIONS = {"train_per_task": 8, "test_per_task": 4}  # as in make_stream_config: the cache is shared
@@ -45,7 +46,8 @@ def test_penalty_quadratic_in_displacement_linear_in_lambda():
     for scale in (0.5, 2.0, 3.0):
         moved = ewc_penalty({"w": anchor["w"] + scale * direction}, [(fisher, anchor)], 1.0).item()
         assert moved == pytest.approx(scale**2 * base, rel=1e-5)
-    assert ewc_penalty({"w": anchor["w"] + direction}, [(fisher, anchor)], 250.0).item() == pytest.approx(250 * base, rel=1e-5)
+    weighted = ewc_penalty({"w": anchor["w"] + direction}, [(fisher, anchor)], 250.0).item()
+    assert weighted == pytest.approx(250 * base, rel=1e-5)
 
 
 def test_penalty_is_differentiable_and_pulls_towards_anchor():
@@ -107,7 +109,8 @@ def _train(method: Ewc, index: int, tasks, work: Path) -> None:
     config = TrainingConfig(max_steps=3, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, progress_bar=False)
     task = tasks[index]
     method.before_task(index, task)
-    train_on_samples(method.backbone, task.train_samples, config, work / f"t{index}", seed=index, extra_loss=method.extra_loss)
+    backbone = method.backbone
+    train_on_samples(backbone, task.train_samples, config, work / f"t{index}", seed=index, extra_loss=method.extra_loss)
     method.after_task(index, task)
 
 
@@ -167,12 +170,14 @@ def test_state_round_trip_per_task(trained, tiny_model_dir, tmp_path):
     method, tasks = trained
     fresh = _round_trip(method, tiny_model_dir, tasks, tmp_path)
     assert fresh.tasks_done == method.tasks_done and fresh.penalty_log == method.penalty_log
-    old_params, new_params = dict(method.backbone.model.named_parameters()), dict(fresh.backbone.model.named_parameters())
+    old_params = dict(method.backbone.model.named_parameters())
+    new_params = dict(fresh.backbone.model.named_parameters())
     for name, p in old_params.items():
         if p.requires_grad:
             assert torch.equal(p, new_params[name]), name
     displaced = _displaced(method)
-    assert torch.equal(ewc_penalty(displaced, fresh.consolidated, 3.0), ewc_penalty(displaced, method.consolidated, 3.0))
+    penalties = [ewc_penalty(displaced, m.consolidated, 3.0) for m in (method, fresh)]
+    assert torch.equal(*penalties)
     assert torch.equal(fresh.extra_loss(None, {}, None), method.extra_loss(None, {}, None))
 
 
@@ -189,7 +194,8 @@ def test_online_mode_and_its_round_trip(tiny_model_dir, stream_cache_dir, tmp_pa
         assert torch.allclose(value, 0.5 * fisher_first[name] + fisher_second[name])
     fresh = _round_trip(method, tiny_model_dir, tasks, tmp_path)
     displaced = _displaced(method)
-    assert torch.equal(ewc_penalty(displaced, fresh.consolidated, 2.0), ewc_penalty(displaced, method.consolidated, 2.0))
+    penalties = [ewc_penalty(displaced, m.consolidated, 2.0) for m in (method, fresh)]
+    assert torch.equal(*penalties)
     with pytest.raises(RunDirError, match="mode"):
         _method(tiny_model_dir, tasks, mode="per_task").load_state_json(method.state_json())
 

@@ -452,6 +452,16 @@ def _draw_pretrain(
     return img
 
 
+def object_index_mask(facts: dict[str, Any], size: int) -> Image.Image:
+    """A greyscale ("L") image of a pretraining scene: pixel value k > 0 where object k-1 of
+    ``facts["objects"]`` is drawn (later objects on top), 0 on the background."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    for index, obj in enumerate(facts["objects"], start=1):
+        _draw_shape(draw, obj["shape"], tuple(obj["box"]), index)  # type: ignore[arg-type]
+    return mask
+
+
 def _propose(rng: random.Random, objects: list[dict[str, Any]], background: str, size: int) -> tuple[str, str]:
     """A question about the scene (a template kind drawn uniformly, filled with a present object) and its answer."""
     kinds: dict[str, list[tuple[str, str]]] = {"count": [("How many shapes are there?", str(len(objects)))]}
