@@ -39,7 +39,7 @@ class PretrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     image_size: int = 48
-    vision_epochs: float = 4.0  # stage 1: dense patch supervision of the CLIP tower
+    vision_epochs: float = 3.0  # stage 1: dense patch supervision of the CLIP tower
     vision_batch_size: int = 128
     vision_learning_rate: float = 2e-3
 
