@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run every continual-learning method on one stream with the given seeds, then compare them.
+#   bash scripts/compare_methods.sh [SEED ...]            (default seed: 0)
+# Environment: METHODS (space-separated, default below), CONFIG (an experiment YAML, default none),
+# OUT (parent dir of the runs, default runs/sweep). Finished runs are skipped, so it resumes too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MMCL="${MMCL:-.venv/bin/mmcl}"
+METHODS="${METHODS:-seq-lora seq-full replay ewc lwf olora moelora experts mrlora joint}"
+OUT="${OUT:-runs/sweep}"
+SEEDS=("${@:-0}")
+runs=()
+for seed in "${SEEDS[@]}"; do
+  for method in $METHODS; do
+    dir="$OUT/$method-s$seed"
+    "$MMCL" run ${CONFIG:+"$CONFIG"} --method "$method" --seed "$seed" --name "$method-s$seed" --out "$dir" \
+      --set training.progress_bar=false
+    runs+=("$dir")
+  done
+done
+"$MMCL" compare "${runs[@]}" --out "$OUT/compare"
