@@ -18,9 +18,11 @@ from mmcl.methods.mrlora import (
     MrLora,
     MrLoraConfig,
     choose_experts,
+    common_prefix_length,
     generate_grouped,
     group_by_expert,
     letter_token_ids,
+    raw_stage,
     router_prompt,
     summarize_stage,
 )
@@ -72,6 +74,17 @@ def test_router_prompt_lists_letters_and_descriptions_and_keeps_the_image():
     assert router_prompt(original, ["x"]).answer == ""
 
 
+def test_common_prefix_of_a_left_padded_batch():
+    pad, image = 0, 9
+    ids = torch.tensor([[5, 6, 7, 9, 9, 3, 4], [pad, pad, 5, 6, 7, 9, 2], [pad, 5, 6, 7, 8, 1, 1]])
+    mask = (ids != pad).long()
+    assert common_prefix_length(ids, mask, image) == 3  # 5 6 7, then the rows differ
+    assert common_prefix_length(ids[:2], mask[:2], image) == 3  # cut before the image token
+    assert common_prefix_length(ids[:2], mask[:2], None) == 4
+    same = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    assert common_prefix_length(same, torch.ones_like(same), None) == 2  # every row keeps a token
+
+
 def test_config_defaults_and_checks():
     from mmcl.errors import ConfigError
 
@@ -98,6 +111,9 @@ def test_summary_of_hand_made_counts():
     assert summary["tasks"]["a"]["score"] == 50.0 and summary["tasks"]["a"]["oracle_score"] == 75.0
     assert summary["tasks"]["c"]["oracle_score"] is None
     assert summary["confusion"] == {"rows": ["a", "b", "c"], "columns": ["a", "b"], "counts": [[3, 1], [0, 2], [2, 0]]}
+    back = raw_stage(summary)
+    assert back["tasks"]["a"] == raw["tasks"]["a"] and back["tasks"]["c"]["routed"] == {"a": 2, "b": 0}
+    assert summarize_stage(back) == summary
 
 
 # -- on the tiny model ---------------------------------------------------------------------------
@@ -110,7 +126,12 @@ def tasks(stream_cache_dir: Path):
     return build_stream(config, Path.cwd())
 
 
-ROUTER_OPTIONS = {"router_samples_per_task": 6, "router_epochs": 4.0, "router_learning_rate": 1e-2, "router_batch_size": 6}
+ROUTER_OPTIONS = {
+    "router_samples_per_task": 6,
+    "router_epochs": 4.0,
+    "router_learning_rate": 1e-2,
+    "router_batch_size": 6,
+}
 
 
 def new_method(model_dir: Path, tasks) -> MrLora:
@@ -196,6 +217,19 @@ def test_two_stage_inference_ignores_the_task_argument(two_tasks, tasks):
         assert method.backbone.generate([item], 4) == [answer]
 
 
+def test_shared_prefix_routing_pass_equals_the_plain_one(two_tasks, tasks):
+    method, _ = two_tasks
+    descriptions = method.descriptions()
+    prompts = [router_prompt(s, descriptions) for t in tasks for s in t.test_samples[:2]]  # of different lengths
+    method.backbone.model.set_adapter("router", inference_mode=True)
+    method.backbone.model.eval()
+    shared = method.next_token_logits(prompts)
+    plain = method.next_token_logits(prompts, share_prefix=False)
+    torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-4)
+    method.route(prompts[:3])
+    assert method._prefix_sharing is True  # the one-off check on this backbone passed
+
+
 def test_routing_report(two_tasks, tasks):
     method, _ = two_tasks
     method.routing.pop("2_med", None)
@@ -214,6 +248,7 @@ def test_routing_report(two_tasks, tasks):
     for name in ("rs", "med"):
         entry = stage["tasks"][name]
         assert entry["n"] == 4 and 0.0 <= entry["score"] <= 100.0 and 0.0 <= entry["oracle_score"] <= 100.0
+    assert [r["experts"] for r in report["router_training"]] == [2] and report["router_training"][0]["samples"] == 12
     assert report["stages"]["1_rs"]["experts"] == ["rs"]
     assert report["stages"]["1_rs"]["router_accuracy"] == 100.0
     assert "0_base" in report["stages"]
@@ -235,6 +270,14 @@ def test_state_round_trip(two_tasks, tiny_model_dir: Path, tasks, tmp_path: Path
     assert fresh.route(mixed).tolist() == method.route(mixed).tolist()
     assert fresh.generate(mixed, tasks[0], 4) == method.generate(mixed, tasks[0], 4)
     assert fresh.router_training_samples() == method.router_training_samples()
+
+    # a resumed run takes back the routing counts of evaluations stored before the crash
+    fresh.routing = {}
+    fresh.generate(tasks[2].test_samples, tasks[2], 4)
+    fresh.load_evaluation_summary(method.evaluation_summary())
+    stage = fresh.routing_report()["stages"]["2_med"]
+    assert set(stage["tasks"]) == {"rs", "med", "ad"}
+    assert stage["tasks"]["rs"] == method.routing_report()["stages"]["2_med"]["tasks"]["rs"]
 
 
 def test_cli_run_mrlora(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path):

@@ -130,7 +130,7 @@ def test_answers_are_balanced(task: str) -> None:
     assert sorted(by_qtype) == sorted(SYNTH_DOMAIN_TASKS[TASKS.index(task)].question_types)
     for qtype, counts in by_qtype.items():
         assert sum(counts.values()) == 48
-        tolerance = 4 if task == "sci" else 1  # sci balances (value, letter) pairs, letters within a pass
+        tolerance = 1
         assert max(counts.values()) - min(counts.values()) <= tolerance, (qtype, counts)
 
 

@@ -4,7 +4,7 @@ Learning for Multimodal Large Language Models", arXiv:2506.05453).
 Training, per task t (1-based):
 
 * an **expert** LoRA, trained fresh from the base model on task t alone (exactly as ``experts``, whose
-  adapter handling is inherited: the experts of both methods are the same given the same seed);
+  adapter handling is inherited: same initialisation and training as the experts of ``experts``);
 * a small **routing set**: ``router_samples_per_task`` samples of task t's training set, drawn with a
   seed-determined generator and kept (as ids) in the method state;
 * from t = 2 on, the **router** LoRA (adapter ``router``, on the base model, experts switched off) is
@@ -16,9 +16,12 @@ Two-stage inference (no task identity is used): (1) one forward pass of base + r
 router prompts of the whole batch; at the last prompt position the logits of the letter tokens of
 the existing experts are compared (constrained choice, no text parsing); (2) the batch is split by
 chosen expert and each group is answered by one batched ``generate`` call with its expert active.
-The cost is about one extra prompt forward pass per batch, not one generation per expert. With a
-single expert there is nothing to route; with none (forward-transfer evaluation before the first
-task is learned) the base model answers.
+The cost is about one extra prompt forward pass per batch, not one generation per expert; the
+instruction and expert list, which every router prompt of a batch starts with, are run once per batch
+and shared through the key/value cache, so long expert descriptions cost next to nothing at test
+time. With a single expert there is nothing to route; with none (an evaluation before the first task
+is learned) the base model answers. Test samples of tasks not learned yet (forward-transfer
+evaluations) are routed to one of the existing experts, as a deployed MR-LoRA model would do.
 
 Routing statistics are recorded for every evaluated sample (its true task is ``sample.task``, used
 for statistics only): per stage and task, how many samples went to each expert (the confusion
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,6 +58,7 @@ BASE_ROUTE = "base"  # the route of samples answered by the base model (no exper
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ROUTER_INIT_SEED_OFFSET = 7919  # the router adapter's init seed is seed + this (experts use seed + task index)
 ROUTER_TRAIN_SEED_OFFSET = 1000  # router training after task index i uses seed + this + i
+DESCRIPTION_MODES = ("line", "title", "name")
 
 
 @dataclass
@@ -71,6 +76,10 @@ class MrLoraConfig:
     router_epochs: float = 40.0
     router_learning_rate: float = 1e-3
     router_batch_size: int = 8
+    # How each expert is described in the router prompt: "line" = the first line of the task's description,
+    # "title" = its part before the first colon ("Remote sensing: count buildings ..." -> "Remote sensing"),
+    # "name" = the task's name. Shorter descriptions make router training and routing cheaper.
+    router_description: str = "line"
     oracle_scores: bool = True  # also score oracle routing in the report (extra generation for misrouted samples only)
 
     def __post_init__(self) -> None:
@@ -82,6 +91,11 @@ class MrLoraConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"method.options.{key}: must be >= 1, got {value}")
+        if self.router_description not in DESCRIPTION_MODES:
+            raise ConfigError(
+                f"method.options.router_description: expected one of {', '.join(DESCRIPTION_MODES)}, "
+                f"got {self.router_description!r}"
+            )
         for key in ("router_alpha", "router_epochs", "router_learning_rate"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -89,12 +103,15 @@ class MrLoraConfig:
 
 
 # -- pure parts -----------------------------------------------------------------------------------
-def one_line(description: str, fallback: str) -> str:
-    """The first non-empty line of a task description (the task name if there is none)."""
-    for line in description.splitlines():
-        if line.strip():
-            return line.strip()
-    return fallback
+def describe(task: Task, mode: str = "line") -> str:
+    """How the router prompt names ``task``'s expert (see ``MrLoraConfig.router_description``); the task's
+    name when its description is empty."""
+    if mode == "name":
+        return task.name
+    line = next((line.strip() for line in task.description.splitlines() if line.strip()), "")
+    if mode == "title":
+        line = line.split(":", 1)[0].strip()
+    return line or task.name
 
 
 def router_prompt(sample: Sample, descriptions: Sequence[str], answer: str = "") -> Sample:
@@ -108,7 +125,7 @@ def router_prompt(sample: Sample, descriptions: Sequence[str], answer: str = "")
         "Which expert should answer the question below?\n"
         f"{options}\n"
         f"Question: {sample.prompt}\n"
-        "Answer with the expert's letter only."
+        "Answer with the letter only."
     )
     return replace(sample, prompt=text, answer=answer, history=())
 
@@ -146,6 +163,23 @@ def generate_grouped(
     return [answer if answer is not None else "" for answer in answers]
 
 
+def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, stop_token: int | None) -> int:
+    """Length of the token prefix shared by every row of a left-padded batch, cut before the first
+    ``stop_token`` (an image token: its embedding depends on the row's image)."""
+    pads = (attention_mask == 0).sum(dim=1).tolist()
+    rows = [input_ids[i, pad:] for i, pad in enumerate(pads)]
+    limit = min(row.shape[0] for row in rows)
+    reference = rows[0][:limit]
+    same = torch.ones(limit, dtype=torch.bool, device=input_ids.device)
+    for row in rows[1:]:
+        same &= row[:limit] == reference
+    if stop_token is not None:
+        same &= reference != stop_token
+    differs = (~same).nonzero()
+    length = int(differs[0, 0]) if differs.numel() else limit
+    return min(length, limit - 1)  # keep at least one token of every row for the second pass
+
+
 def letter_token_ids(backbone, count: int) -> list[int]:
     """Token id the router must emit first for each of the first ``count`` letters.
 
@@ -165,8 +199,16 @@ def letter_token_ids(backbone, count: int) -> list[int]:
     return ids
 
 
+RAW_KEYS = ("n", "routed", "score_sum", "score_n", "oracle_sum", "oracle_n")
+
+
+def new_entry() -> dict[str, Any]:
+    return {"n": 0, "routed": {}, "score_sum": 0.0, "score_n": 0, "oracle_sum": 0.0, "oracle_n": 0}
+
+
 def summarize_stage(raw: dict[str, Any]) -> dict[str, Any]:
-    """The readable report of one stage from its raw counters (see :meth:`MrLora.routing_report`)."""
+    """The readable report of one stage from its raw counters (see :meth:`MrLora.routing_report`); the
+    counters stay in it, so :func:`raw_stage` recovers them."""
     experts: list[str] = raw["experts"]
     columns = experts or [BASE_ROUTE]
     tasks_out: dict[str, Any] = {}
@@ -181,7 +223,7 @@ def summarize_stage(raw: dict[str, Any]) -> dict[str, Any]:
             seen_total += n
             seen_correct += correct
         tasks_out[task_name] = {
-            "n": n,
+            **entry,
             "routed": routed,
             "router_accuracy": 100.0 * correct / n if seen and n else None,
             "score": 100.0 * entry["score_sum"] / entry["score_n"] if entry["score_n"] else None,
@@ -197,6 +239,12 @@ def summarize_stage(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def raw_stage(summary: dict[str, Any]) -> dict[str, Any]:
+    """The raw counters of one stage back from its :func:`summarize_stage` report."""
+    tasks = {name: {key: entry[key] for key in RAW_KEYS} for name, entry in summary["tasks"].items()}
+    return {"experts": list(summary["experts"]), "tasks": tasks}
+
+
 # -- the method -----------------------------------------------------------------------------------
 @register_method
 class MrLora(TaskExperts):
@@ -209,8 +257,10 @@ class MrLora(TaskExperts):
         self.routing_set: dict[str, list[str]] = {}  # task name -> training-sample ids, in task order
         self.router_experts = 0  # number of experts (letters) the router was last trained on; 0 = none
         self.routing: dict[str, dict[str, Any]] = {}  # stage key -> raw routing counters
+        self.router_training: list[dict[str, Any]] = []  # one record per router training (size, loss, seconds)
         self.last_routes: list[str] = []  # the route (expert task name or "base") of each sample of the last batch
         self._letter_ids: list[int] | None = None
+        self._prefix_sharing: bool | None = None  # None until checked on this backbone (see route)
 
     # -- set-up and training ---------------------------------------------------------------------
     def setup(self, backbone, tasks) -> None:
@@ -218,6 +268,7 @@ class MrLora(TaskExperts):
             raise ConfigError(f"method mrlora: at most {len(LETTERS)} tasks can be routed, the stream has {len(tasks)}")
         super().setup(backbone, tasks)
         self._letter_ids = None
+        self._prefix_sharing = None
 
     @property
     def expert_tasks(self) -> list[Task]:
@@ -226,7 +277,7 @@ class MrLora(TaskExperts):
         return [by_adapter[name] for name in self.trained]
 
     def descriptions(self) -> list[str]:
-        return [one_line(task.description, task.name) for task in self.expert_tasks]
+        return [describe(task, self.config.router_description) for task in self.expert_tasks]
 
     def _router_settings(self) -> LoraSettings:
         return replace(
@@ -255,7 +306,9 @@ class MrLora(TaskExperts):
             by_id = {sample.id: sample for sample in task.train_samples}
             for sample_id in self.routing_set.get(task.name, []):
                 if sample_id not in by_id:
-                    raise MmclError(f"mrlora: routing-set sample {sample_id!r} is not in task {task.name}'s training set")
+                    raise MmclError(
+                        f"mrlora: routing-set sample {sample_id!r} is not in task {task.name}'s training set"
+                    )
                 samples.append(router_prompt(by_id[sample_id], descriptions, answer=letter))
         return samples
 
@@ -273,15 +326,21 @@ class MrLora(TaskExperts):
             progress_bar=False,
             logging_steps=10**6,
         )
+        samples = self.router_training_samples()
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="mmcl-router-") as work:
             metrics = train_on_samples(
-                self.backbone,
-                self.router_training_samples(),
-                settings,
-                Path(work),
-                seed=self.seed + ROUTER_TRAIN_SEED_OFFSET + task_index,
+                self.backbone, samples, settings, Path(work), seed=self.seed + ROUTER_TRAIN_SEED_OFFSET + task_index
             )
         self.router_experts = len(self.trained)
+        self.router_training.append(
+            {
+                "experts": self.router_experts,
+                "samples": len(samples),
+                "train_loss": metrics.get("train_loss"),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
         return metrics
 
     def after_task(self, task_index: int, task: Task) -> None:
@@ -313,14 +372,66 @@ class MrLora(TaskExperts):
         descriptions = self.descriptions()
         model = self.backbone.model
         model.set_adapter(ROUTER, inference_mode=True)
-        batch = self.backbone.prompt_batch([router_prompt(sample, descriptions) for sample in samples])
         was_training = model.training
         model.eval()
-        logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+        prompts = [router_prompt(sample, descriptions) for sample in samples]
+        if self._prefix_sharing is None and len(prompts) > 1:
+            # check once that the shared-prefix pass reproduces the plain one on this backbone (models
+            # with their own position scheme, e.g. Qwen2-VL's M-RoPE, may not); if not, never use it
+            shared, plain = self.next_token_logits(prompts), self.next_token_logits(prompts, share_prefix=False)
+            self._prefix_sharing = bool(torch.allclose(shared, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())))
+            logits = plain
+        else:
+            logits = self.next_token_logits(prompts, share_prefix=bool(self._prefix_sharing))
         if was_training:
             model.train()
         letter_ids = torch.tensor(self._letter_ids[:count], device=logits.device)
         return choose_experts(logits.float().index_select(1, letter_ids)).cpu()
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompts: Sequence[Sample], share_prefix: bool = True) -> torch.Tensor:
+        """Logits (batch, vocab) of the first answer token of each prompt, with the active adapter(s).
+
+        Router prompts of one batch start with the same tokens (instruction and expert list). With
+        ``share_prefix`` that common prefix (up to the first image token) is run once, its key/value
+        cache repeated over the batch, and only each prompt's own rest is run on top of it: the
+        routing pass then costs about one forward pass over the questions, however long the expert
+        descriptions are. Position ids continue the prefix without gaps, so the result equals a plain
+        forward pass over each full prompt (up to float rounding)."""
+        model = self.backbone.model
+        batch = self.backbone.prompt_batch(prompts)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        image_token = getattr(self.backbone.model.config, "image_token_id", None)
+        prefix = common_prefix_length(ids, mask, image_token) if share_prefix else 0
+        if prefix < 2 or ids.shape[0] < 2:
+            return model(**batch, logits_to_keep=1).logits[:, -1, :]
+        width = ids.shape[1]
+        pads = (mask == 0).sum(dim=1)  # left padding: row i's tokens are columns pads[i]..width-1
+        start = int(pads.min()) + prefix  # the suffix window: columns start..width-1
+        first = int(pads[0])
+        cached = model(
+            input_ids=ids[:1, first : first + prefix],
+            attention_mask=mask[:1, first : first + prefix],
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+        cached.batch_repeat_interleave(ids.shape[0])
+        columns = torch.arange(start, width, device=ids.device)
+        own = columns[None, :] >= (pads + prefix)[:, None]  # the window's columns that are the row's own suffix
+        window = ids[:, start:]
+        suffix_ids = torch.where(own, window, torch.full_like(window, self.backbone.tokenizer.pad_token_id))
+        suffix_mask = own.to(mask.dtype)
+        positions = (prefix + suffix_mask.cumsum(dim=1) - 1).clamp(min=prefix)
+        extra = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")}
+        return model(
+            input_ids=suffix_ids,
+            attention_mask=torch.cat([torch.ones_like(mask[:, :prefix]), suffix_mask], dim=1),
+            position_ids=positions,
+            past_key_values=cached,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        ).logits[:, -1, :]
 
     def _run_expert(self, expert: int, samples: list[Sample], max_new_tokens: int) -> list[str]:
         self.backbone.model.set_adapter(self.trained[expert], inference_mode=True)
@@ -364,9 +475,7 @@ class MrLora(TaskExperts):
                 )
                 oracle_answers.update(zip(wrong, fixed))
         for index, (sample, answer) in enumerate(zip(samples, answers)):
-            entry = stage["tasks"].setdefault(
-                sample.task, {"n": 0, "routed": {}, "score_sum": 0.0, "score_n": 0, "oracle_sum": 0.0, "oracle_n": 0}
-            )
+            entry = stage["tasks"].setdefault(sample.task, new_entry())
             entry["n"] += 1
             route = self.last_routes[index]
             entry["routed"][route] = entry["routed"].get(route, 0) + 1
@@ -385,12 +494,31 @@ class MrLora(TaskExperts):
         routes taken (``routed``: expert task -> count), the router accuracy (None for tasks without an
         expert yet), the task score with the router (``score``) and with oracle routing
         (``oracle_score``; None when off or for unseen tasks), plus the confusion matrix (rows = true
-        tasks in evaluation order, columns = experts in letter order). Scores are percentages."""
-        return {"stages": {key: summarize_stage(raw) for key, raw in self.routing.items()}}
+        tasks in evaluation order, columns = experts in letter order). Scores are percentages.
+        ``router_training`` lists each router training (experts, routing-set size, loss, seconds)."""
+        return {
+            "stages": {key: summarize_stage(raw) for key, raw in self.routing.items()},
+            "router_training": list(self.router_training),
+        }
 
+    def load_routing_report(self, report: dict[str, Any]) -> None:
+        """Take back the counters of a report written earlier (a resumed run's evaluations of a stage
+        add to them). Tasks already counted in this process are kept as they are."""
+        for key, summary in report.get("stages", {}).items():
+            stage = self.routing.setdefault(key, {"experts": list(summary["experts"]), "tasks": {}})
+            for name, entry in raw_stage(summary)["tasks"].items():
+                stage["tasks"].setdefault(name, entry)
+        if len(report.get("router_training", [])) > len(self.router_training):
+            self.router_training = list(report["router_training"])
+
+    # hooks for the runner: a method-specific summary of the evaluations, stored next to the predictions
     def evaluation_summary(self) -> dict[str, Any]:
-        """The routing report (for a runner hook called after each stage's evaluations)."""
+        """The routing report, to be stored by the runner after each evaluation."""
         return self.routing_report()
+
+    def load_evaluation_summary(self, summary: dict[str, Any]) -> None:
+        """Restore what :meth:`evaluation_summary` returned (when a run is resumed)."""
+        self.load_routing_report(summary)
 
     # -- state -----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -417,7 +545,6 @@ class MrLora(TaskExperts):
             **super().state_json(),
             "routing_set": self.routing_set,
             "router_experts": self.router_experts,
-            "routing": self.routing,
             "routing_report": self.routing_report(),
         }
 
@@ -425,4 +552,5 @@ class MrLora(TaskExperts):
         super().load_state_json(state)
         self.routing_set = {name: list(ids) for name, ids in state.get("routing_set", {}).items()}
         self.router_experts = int(state.get("router_experts", 0))
-        self.routing = dict(state.get("routing", {}))
+        self.routing, self.router_training = {}, []
+        self.load_routing_report(state.get("routing_report", {}))
