@@ -32,11 +32,11 @@ class LoraSettings:
 class TrainingConfig:
     """Optimisation settings for one stage (one task) of supervised fine-tuning."""
 
-    epochs: float = 3.0  # passes over the task's training data
+    epochs: float = 4.0  # passes over the task's training data
     max_steps: int = -1  # if > 0, overrides epochs
-    batch_size: int = 16
+    batch_size: int = 8
     grad_accum: int = 1
-    learning_rate: float = 2e-3  # LoRA on the tiny model; use ~2e-4 for 7B LoRA, 2e-5 for full FT
+    learning_rate: float = 3e-3  # LoRA on the tiny model (calibrated); use ~2e-4 for 7B LoRA, 2e-5 for full FT
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
