@@ -2,7 +2,7 @@
 ratio to plain batched generation with one LoRA adapter active, on the same synth-domain test samples.
 
 Usage: python benchmarks/mrlora_inference_cost.py [--samples-per-task 100] [--batch-size 64]
-                                                  [--router-description line|title|name] [--backbone tiny-llava]
+                                                  [--router-description title|line|name] [--backbone tiny-llava]
 
 The method gets an expert for each of the five synth-domain tasks and a router, all freshly
 initialised (no training: the cost of a pass does not depend on the weights). Each task's test
@@ -29,7 +29,7 @@ from mmcl.benchmarks.registry import SYNTH_DOMAIN_DEFAULTS
 from mmcl.benchmarks.stream import StreamConfig, build_stream
 from mmcl.config import LoraSettings
 from mmcl.methods.experts import adapter_name
-from mmcl.methods.mrlora import ROUTER, MrLora, MrLoraConfig, router_prompt
+from mmcl.methods.mrlora import DESCRIPTION_MODES, ROUTER, MrLora, MrLoraConfig, router_prompt
 
 
 def batches(samples, size):
@@ -40,7 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples-per-task", type=int, default=SYNTH_DOMAIN_DEFAULTS["test_per_task"])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--router-description", default="line", choices=["line", "title", "name"])
+    parser.add_argument("--router-description", default=MrLoraConfig.router_description, choices=DESCRIPTION_MODES)
     parser.add_argument("--backbone", default="tiny-llava", help="preset or model directory (default: tiny-llava)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--raw-router", action="store_true", help="keep the untrained router's choices")

@@ -299,4 +299,9 @@ def test_cli_run_mrlora(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: 
     assert state["router_experts"] == 5 and len(state["routing_set"]) == 5
     # the state of stage k holds the routing report of the evaluations of stages before k
     assert sorted(state["routing_report"]["stages"]) == ["1_rs", "2_med", "3_ad", "4_sci"]
+    # the runner stores the routing report of every evaluated stage and the report shows it
+    routing = results["method_summary"]["stages"]
+    assert sorted(routing) == ["1_rs", "2_med", "3_ad", "4_sci", "5_fin"]
+    assert sum(map(sum, routing["5_fin"]["confusion"]["counts"])) == 5 * 2
+    assert "MR-LoRA routing" in (tmp_path / "run" / "report.html").read_text()
     assert main(["run", str(path), "--method", "mrlora"]) == 0  # resumes: everything is done

@@ -16,6 +16,7 @@ from mmcl.evaluation.metrics import compute_all
 from mmcl.utils import git_commit, package_versions
 
 BASE_LABEL = "base"
+METHOD_SUMMARY = "method_summary.json"  # method-specific evaluation facts (e.g. MR-LoRA routing)
 
 
 def stage_name(index: int, label: str) -> str:
@@ -57,6 +58,8 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     else:
         metrics = compute_all(matrix)
         reference_rows = {}
+    summary_file = run_dir / METHOD_SUMMARY
+    method_summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.exists() else {}
     return {
         "name": plan["name"],
         "method": plan["method"],
@@ -78,4 +81,6 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
         "config_hash": config.get("fingerprint"),
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "method_summary": method_summary.get("summary"),
+        "extra_sections": method_summary.get("sections", []),
     }

@@ -17,7 +17,7 @@ from mmcl.config import ExperimentConfig, from_dict
 from mmcl.errors import ConfigError, DataError, RunDirError
 from mmcl.evaluation.evaluator import predict_task
 from mmcl.methods import METHODS, Method
-from mmcl.results import BASE_LABEL, collect_results, stage_name
+from mmcl.results import BASE_LABEL, METHOD_SUMMARY, collect_results, stage_name
 from mmcl.utils import atomic_write_text
 
 Log = Callable[[str], None]
@@ -120,6 +120,9 @@ class ContinualRun:
         self.method.load_state_json(json.loads((stage_dir / "state.json").read_text(encoding="utf-8")))
         weights = stage_dir / "state.safetensors"
         self.method.load_state_tensors(load_file(str(weights)) if weights.exists() else {})
+        summary_file = self.run_dir / METHOD_SUMMARY
+        if summary_file.exists():
+            self.method.load_evaluation_summary(json.loads(summary_file.read_text(encoding="utf-8"))["summary"])
         self.loaded_stage = index
 
     def train_stage(self, index: int) -> None:
@@ -181,6 +184,14 @@ class ContinualRun:
                 generate = lambda batch, tokens, task=task: self.method.generate(batch, task, tokens)  # noqa: E731
             score = predict_task(generate, samples, task.scorer, max_new_tokens, evaluation.batch_size, out_file)
             self.log(f"  eval [{row_label}] {task.name}: {score:.1f}")
+            if row_index > 0:
+                self.save_method_summary()
+
+    def save_method_summary(self) -> None:
+        summary = self.method.evaluation_summary()
+        if summary is not None:
+            stored = {"summary": summary, "sections": self.method.report_sections()}
+            atomic_write_text(self.run_dir / METHOD_SUMMARY, json.dumps(stored, indent=1))
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Continual-learning methods, one per file, registered by name on import."""
 
-from mmcl.methods import ewc, experts, joint, lwf, moelora, olora, replay, seq_full, seq_lora  # noqa: F401  (registration side effects)
+from mmcl.methods import ewc, experts, joint, lwf, moelora, mrlora, olora, replay, seq_full, seq_lora  # noqa: F401  (registration side effects)
 from mmcl.config import LoraSettings
 from mmcl.methods.base import METHODS, Method, register_method
 

@@ -66,6 +66,18 @@ class Method(ABC):
         assert self.backbone is not None
         return self.backbone.generate(samples, max_new_tokens)
 
+    # -- evaluation summary (stored by the runner in method_summary.json after each evaluation) --
+    def evaluation_summary(self) -> dict[str, Any] | None:
+        """Method-specific facts about the evaluations so far (e.g. routing statistics), or None."""
+        return None
+
+    def load_evaluation_summary(self, summary: dict[str, Any]) -> None:
+        """Restore what ``evaluation_summary`` returned when a run is resumed."""
+
+    def report_sections(self) -> list[dict[str, str]]:
+        """Extra report sections ``{"title", "html"}`` rendered from the evaluation summary."""
+        return []
+
     # -- state -------------------------------------------------------------------------------
     def trainable_parameters(self) -> int:
         assert self.backbone is not None
