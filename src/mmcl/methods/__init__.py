@@ -1,6 +1,20 @@
 """Continual-learning methods, one per file, registered by name on import."""
 
-from mmcl.methods import ewc, experts, joint, lwf, moelora, mrlora, olora, replay, seq_full, seq_lora  # noqa: F401  (registration side effects)
+from mmcl.methods import (  # noqa: F401  (registration side effects)
+    asd,
+    ewc,
+    experts,
+    joint,
+    lwf,
+    moelora,
+    mrlora,
+    olora,
+    reglora,
+    replay,
+    sefe,
+    seq_full,
+    seq_lora,
+)
 from mmcl.config import LoraSettings
 from mmcl.methods.base import METHODS, Method, register_method
 

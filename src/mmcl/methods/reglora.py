@@ -1,0 +1,224 @@
+"""``reglora``: RegLoRA, the parameter half of SEFE (Chen et al., ICML 2025, "SEFE: Superficial and
+Essential Forgetting Eliminator for Multimodal Continual Instruction Tuning").
+
+Essential forgetting is the loss of knowledge itself. RegLoRA protects the few weight entries each
+task changed most:
+
+1. after task t, for every LoRA module with weights ``A`` (r x in) and ``B`` (out x r), the update
+   magnitude ``M = |B A|`` (unscaled, float32) is ranked and its top ``top_ratio`` (2%) entries
+   become *key positions*; they are united with the key positions of earlier tasks;
+2. the task's LoRA is merged into the base weights (``W += scaling * B A``) and a fresh LoRA
+   (``A`` re-drawn, ``B = 0``) is trained on the next task with the loss
+
+       CE + reg_lambda * mean_modules mean_{(i, j) in key positions} |(B A)_ij|
+
+   (``reg_lambda`` = 2.5e3 as in the paper; nothing on the first task, which has no key positions).
+
+The penalty never materialises ``B A``: ``(B A)_ij = sum_r B[i, r] A[r, j]``, so the rows of ``B``
+and the columns of ``A`` at the key positions are gathered and multiplied elementwise
+(``benchmarks/reglora_overhead.py`` measures the step-time overhead).
+
+Merging is done per LoRA layer in place (``base_layer.weight += scaling * B A``), so the PEFT
+wrapper in ``backbone.model`` stays the same object for the whole run; the layer's LoRA is then
+re-initialised from a seed that depends only on (seed, number of finished tasks).
+
+State: ``state_tensors`` holds every finished task's LoRA weights (``task<k>::<module>::A|B``) and the
+key positions (``positions::<module>``, flat int32 indices into the (out, in) weight). Storing the
+per-task LoRAs is more compact than storing the merged deltas (``r (in + out)`` per task instead of
+``in x out``, i.e. smaller for fewer than ``in out / (r (in + out))`` tasks: 256 for rank 8 on
+4096-wide layers) and lets a resumed run re-merge the same tensors in the same order, which
+rebuilds bit-identical base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmcl.benchmarks.stream import Task
+from mmcl.errors import ConfigError
+from mmcl.methods.base import register_method
+from mmcl.methods.seq_lora import SequentialLora
+
+ADAPTER = "default"
+SEP = "::"
+
+
+@dataclass
+class RegLoraConfig:
+    """RegLoRA options (defaults from the paper)."""
+
+    top_ratio: float = 0.02  # share of each module's |B A| entries kept as key positions per task
+    reg_lambda: float = 2.5e3  # weight of the penalty on the new LoRA's update at the key positions
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.top_ratio <= 1.0:
+            raise ConfigError(f"method.options.top_ratio: expected a share in [0, 1], got {self.top_ratio}")
+        if self.reg_lambda < 0:
+            raise ConfigError(f"method.options.reg_lambda: must be >= 0, got {self.reg_lambda}")
+
+
+# -- pure functions ------------------------------------------------------------------------------
+def key_positions(B: torch.Tensor, A: torch.Tensor, top_ratio: float) -> torch.Tensor:
+    """Flat indices (sorted, int64) of the ``round(top_ratio * out * in)`` largest entries of ``|B A|``
+    (at least one when ``top_ratio > 0``), computed unscaled in float32."""
+    magnitude = (B.detach().float() @ A.detach().float()).abs().flatten()
+    if top_ratio <= 0:
+        return torch.zeros(0, dtype=torch.long, device=magnitude.device)
+    k = min(magnitude.numel(), max(1, round(top_ratio * magnitude.numel())))
+    return torch.topk(magnitude, k, sorted=False).indices.sort().values
+
+
+def reglora_penalty(B: torch.Tensor, A: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Mean of ``|(B A)_ij|`` over the flat ``positions`` of the (out, in) product, without forming ``B A``:
+    rows of ``B`` and columns of ``A`` are gathered and their products summed over the rank."""
+    if positions.numel() == 0:
+        return B.new_zeros((), dtype=torch.float32)
+    in_features = A.shape[1]
+    return gathered_penalty(B, A, positions // in_features, positions % in_features)
+
+
+def gathered_penalty(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``mean_k |(B A)[rows[k], cols[k]]|`` from the gathered rows of ``B`` and columns of ``A`` (float32)."""
+    # index_select (backward: index_add) is markedly cheaper on CPU than advanced indexing
+    values = (B.float().index_select(0, rows) * A.float().index_select(1, cols).T).sum(-1)
+    return values.abs().mean()
+
+
+def merge_lora(layer: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, sign: float = 1.0) -> None:
+    """``base.weight += sign * scaling * B A`` for a PEFT LoRA ``layer`` (computed in float32)."""
+    base = layer.get_base_layer()
+    delta = (B.float() @ A.float()) * (layer.scaling[ADAPTER] * sign)
+    if getattr(layer, "fan_in_fan_out", False):
+        delta = delta.T
+    with torch.no_grad():
+        base.weight.add_(delta.to(device=base.weight.device, dtype=base.weight.dtype))
+
+
+@register_method
+class RegLora(SequentialLora):
+    name = "reglora"
+    description = "RegLoRA (SEFE): merge each task's LoRA, penalise the new LoRA at earlier tasks' key positions"
+    config_class = RegLoraConfig
+
+    def __init__(self, config: RegLoraConfig, lora, seed: int):
+        super().__init__(config, lora, seed)
+        self.positions: dict[str, torch.Tensor] = {}  # module name -> sorted flat key positions (int64)
+        self.merged: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []  # per finished task: name -> (A, B)
+        self._layers: dict[str, torch.nn.Module] = {}
+        self._gather: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, cols) on the weights' device
+
+    # -- PEFT bookkeeping ----------------------------------------------------------------------
+    def setup(self, backbone, tasks) -> None:
+        super().setup(backbone, tasks)
+        from peft.tuners.lora import LoraLayer
+
+        self._layers = {}
+        for module_name, module in backbone.model.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                if module.lora_A[ADAPTER].weight.dim() != 2:
+                    raise ConfigError(f"reglora: LoRA module {module_name} is not a linear layer")
+                self._layers[module_name] = module
+        self.positions, self.merged, self._gather = {}, [], {}
+
+    def _weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+
+    def _fresh_lora(self) -> None:
+        """Re-draw every LoRA (A Kaiming-uniform, B = 0) from a seed fixed by the number of finished tasks."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1009 + len(self.merged))
+            for layer in self._layers.values():
+                layer.reset_lora_parameters(ADAPTER, True)
+
+    def _refresh_gather(self) -> None:
+        self._gather = {}
+        for name, positions in self.positions.items():
+            if positions.numel() == 0:
+                continue
+            weight = self._layers[name].lora_A[ADAPTER].weight
+            positions = positions.to(weight.device)
+            self._gather[name] = (positions // weight.shape[1], positions % weight.shape[1])
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def after_task(self, task_index: int, task: Task) -> None:
+        finished: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, layer in self._layers.items():
+            A, B = self._weights(layer)
+            new = key_positions(B, A, self.config.top_ratio).cpu()
+            old = self.positions.get(name)
+            self.positions[name] = new if old is None else torch.unique(torch.cat([old, new]))
+            finished[name] = (A.detach().to("cpu", copy=True), B.detach().to("cpu", copy=True))
+            merge_lora(layer, A.detach(), B.detach())
+        self.merged.append(finished)
+        self._fresh_lora()
+        self._refresh_gather()
+
+    def penalty(self) -> torch.Tensor | None:
+        """reg_lambda * mean over modules of the mean |(B A)_ij| at their key positions (None on the first task)."""
+        if not self._gather or self.config.reg_lambda == 0:
+            return None
+        terms = []
+        for name, (rows, cols) in self._gather.items():
+            A, B = self._weights(self._layers[name])
+            terms.append(gathered_penalty(B, A, rows, cols))
+        return self.config.reg_lambda * torch.stack(terms).mean()
+
+    def extra_loss(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> torch.Tensor | None:
+        return self.penalty()
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for index, task_lora in enumerate(self.merged):
+            for name, (A, B) in task_lora.items():
+                tensors[f"task{index}{SEP}{name}{SEP}A"] = A.contiguous()
+                tensors[f"task{index}{SEP}{name}{SEP}B"] = B.contiguous()
+        for name, positions in self.positions.items():
+            tensors[f"positions{SEP}{name}"] = positions.to(torch.int32).contiguous()
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        incoming: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        positions: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            head, _, rest = key.partition(SEP)
+            if head == "positions":
+                positions[rest] = value.to(torch.long)
+            elif head.startswith("task"):
+                index = int(head[4:])
+                name, _, which = rest.rpartition(SEP)
+                while len(incoming) <= index:
+                    incoming.append({})
+                A, B = incoming[index].get(name, (None, None))
+                incoming[index][name] = (value, B) if which == "A" else (A, value)
+            else:
+                raise RuntimeError(f"reglora: unexpected key {key!r} in saved state")
+        unknown = set(positions).union(*incoming) - set(self._layers) if incoming or positions else set()
+        if unknown:
+            raise RuntimeError(f"reglora: saved state names unknown LoRA modules: {sorted(unknown)[:3]}")
+        # keep the merges the model already holds when they are a prefix of the saved ones (exact),
+        # undo the others (in reverse order), then merge what is missing in order
+        keep = 0
+        while keep < min(len(self.merged), len(incoming)) and _same(self.merged[keep], incoming[keep]):
+            keep += 1
+        for task_lora in reversed(self.merged[keep:]):
+            for name, (A, B) in task_lora.items():
+                merge_lora(self._layers[name], A, B, sign=-1.0)
+        for task_lora in incoming[keep:]:
+            for name, (A, B) in task_lora.items():
+                merge_lora(self._layers[name], A, B)
+        self.merged = self.merged[:keep] + incoming[keep:]
+        self.positions = positions
+        self._fresh_lora()
+        self._refresh_gather()
+
+    def state_json(self) -> dict[str, Any]:
+        return {"finished_tasks": len(self.merged)}
+
+
+def _same(a: dict[str, tuple[torch.Tensor, torch.Tensor]], b: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)
+

@@ -1,0 +1,40 @@
+"""``sefe``: SEFE, the Superficial and Essential Forgetting Eliminator (Chen et al., ICML 2025).
+
+The composition of its two halves, each also selectable alone for ablations:
+
+* ASD (``mmcl.methods.asd``, method ``asd``): a share of every task's training samples rewritten
+  into other answer styles, against superficial forgetting (answer-style drift);
+* RegLoRA (``mmcl.methods.reglora``, method ``reglora``): each task's LoRA merged into the base
+  after the task, the next LoRA penalised at the earlier tasks' key positions, against essential
+  forgetting (lost knowledge).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from mmcl.benchmarks.stream import Task
+from mmcl.data.sample import Sample
+from mmcl.methods.asd import AsdConfig, asd_train_data
+from mmcl.methods.base import register_method
+from mmcl.methods.reglora import RegLora, RegLoraConfig
+
+
+@dataclass
+class SefeConfig(AsdConfig, RegLoraConfig):
+    """ASD options (``share``, ``asd_files``) and RegLoRA options (``top_ratio``, ``reg_lambda``)."""
+
+    def __post_init__(self) -> None:
+        AsdConfig.__post_init__(self)
+        RegLoraConfig.__post_init__(self)
+
+
+@register_method
+class Sefe(RegLora):
+    name = "sefe"
+    description = "SEFE: answer-style diversification of the data (ASD) + RegLoRA"
+    config_class = SefeConfig
+
+    def train_data(self, task_index: int, task: Task, samples: Sequence[Sample]) -> list[Sample]:
+        return asd_train_data(self.config, self.seed, task, samples)
