@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,6 @@ class Sample:
     answer: str
     history: tuple[tuple[str, str], ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
-
-    def with_task(self, task: str) -> "Sample":
-        return replace(self, task=task)
 
     def turns(self) -> list[tuple[str, str]]:
         """All (user, assistant) turns, the final one last."""
