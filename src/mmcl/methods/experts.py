@@ -15,10 +15,13 @@ import torch
 from mmcl.benchmarks.stream import Task
 from mmcl.data.sample import Sample
 from mmcl.methods.base import Method, register_method
-from mmcl.methods.lora_utils import adapter_tensors, add_lora, load_adapter_tensors, lora_config
-
-SEPARATOR = "::"
-
+from mmcl.methods.lora_utils import (
+    adapter_part,
+    add_lora,
+    load_adapter_tensors,
+    lora_config,
+    named_adapters_tensors,
+)
 
 def adapter_name(task: Task) -> str:
     return f"expert_{task.name}".replace(".", "_")
@@ -66,18 +69,12 @@ class TaskExperts(Method):
         return sum(p.numel() for n, p in model.named_parameters() if f".{active}." in n)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{name}{SEPARATOR}{key}": value
-            for name in self.trained
-            for key, value in adapter_tensors(self.backbone, name).items()
-        }
+        return named_adapters_tensors(self.backbone, self.trained)
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for index, name in enumerate(self.trained):
             self._ensure_adapter(name, self.seed + index)
-            prefix = f"{name}{SEPARATOR}"
-            own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-            load_adapter_tensors(self.backbone, own, name)
+            load_adapter_tensors(self.backbone, adapter_part(tensors, name), name)
 
     def state_json(self) -> dict[str, Any]:
         return {"trained": self.trained}

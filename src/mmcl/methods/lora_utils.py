@@ -30,6 +30,27 @@ def adapter_tensors(backbone: Backbone, adapter_name: str = "default") -> dict[s
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
+ADAPTER_SEPARATOR = "::"  # saved key = "<adapter name>::<PEFT state key>" when a state holds several adapters
+
+
+def named_adapters_tensors(backbone: Backbone, names: list[str]) -> dict[str, torch.Tensor]:
+    """The weights of several named adapters in one flat, safetensors-ready dict."""
+    return {
+        f"{name}{ADAPTER_SEPARATOR}{key}": value
+        for name in names
+        for key, value in adapter_tensors(backbone, name).items()
+    }
+
+
+def adapter_part(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The weights of adapter ``name`` out of a :func:`named_adapters_tensors` dict; error if absent."""
+    prefix = f"{name}{ADAPTER_SEPARATOR}"
+    own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+    if not own:
+        raise RuntimeError(f"saved state has no weights for adapter {name!r}")
+    return own
+
+
 def load_adapter_tensors(backbone: Backbone, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     result = set_peft_model_state_dict(backbone.model, tensors, adapter_name=adapter_name)
     unexpected = getattr(result, "unexpected_keys", None)

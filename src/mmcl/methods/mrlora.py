@@ -50,8 +50,8 @@ from mmcl.config import LoraSettings, TrainingConfig
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, MmclError
 from mmcl.methods.base import register_method
-from mmcl.methods.experts import SEPARATOR, TaskExperts, adapter_name
-from mmcl.methods.lora_utils import adapter_tensors, load_adapter_tensors, lora_config
+from mmcl.methods.experts import TaskExperts, adapter_name
+from mmcl.methods.lora_utils import adapter_part, load_adapter_tensors, lora_config, named_adapters_tensors
 from mmcl.results import BASE_LABEL, stage_name
 
 ROUTER = "router"
@@ -553,19 +553,14 @@ class MrLora(TaskExperts):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = super().state_tensors()
         if self.router_experts:
-            prefix = f"{ROUTER}{SEPARATOR}"
-            tensors.update({f"{prefix}{key}": value for key, value in adapter_tensors(self.backbone, ROUTER).items()})
+            tensors.update(named_adapters_tensors(self.backbone, [ROUTER]))
         return tensors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         super().load_state_tensors(tensors)
         if self.router_experts:
             self._ensure_router()
-            prefix = f"{ROUTER}{SEPARATOR}"
-            own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-            if not own:
-                raise MmclError("mrlora: the saved state has no router weights but the router was trained")
-            load_adapter_tensors(self.backbone, own, ROUTER)
+            load_adapter_tensors(self.backbone, adapter_part(tensors, ROUTER), ROUTER)
         if self.trained:
             self.backbone.model.set_adapter(self.trained[-1])
 

@@ -31,9 +31,14 @@ import torch
 from mmcl.benchmarks.stream import Task
 from mmcl.errors import ConfigError
 from mmcl.methods.base import Method, register_method
-from mmcl.methods.lora_utils import adapter_tensors, add_lora, load_adapter_tensors, lora_config
+from mmcl.methods.lora_utils import (
+    adapter_part,
+    add_lora,
+    load_adapter_tensors,
+    lora_config,
+    named_adapters_tensors,
+)
 
-SEPARATOR = "::"
 PREFIX = "olora_"
 
 
@@ -169,20 +174,12 @@ class OLora(Method):
         return sum(p.numel() for n, p in self.backbone.model.named_parameters() if f".{name}." in n)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{name}{SEPARATOR}{key}": value
-            for name in self.adapters
-            for key, value in adapter_tensors(self.backbone, name).items()
-        }
+        return named_adapters_tensors(self.backbone, self.adapters)
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for index, name in enumerate(self.adapters):
             self._ensure_adapter(name, self.seed + index)
-            prefix = f"{name}{SEPARATOR}"
-            own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-            if not own:
-                raise RuntimeError(f"olora: saved state has no weights for adapter {name}")
-            load_adapter_tensors(self.backbone, own, name)
+            load_adapter_tensors(self.backbone, adapter_part(tensors, name), name)
         if self.adapters:
             self._activate(self.adapters, trainable=None)
 
