@@ -114,3 +114,32 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def tasks(stream_cache_dir: Path):
+    """The synth-domain tasks of ``make_stream_config`` (same sizes, so the generated cache is shared)."""
+    from mmcl.benchmarks.stream import StreamConfig, build_stream
+
+    options = {"train_per_task": 8, "test_per_task": 4}
+    config = StreamConfig(name="synth-domain", options=options, cache_dir=str(stream_cache_dir))
+    return build_stream(config, Path.cwd())
+
+
+def set_up_on_tiny(method, model_dir: Path, tasks):
+    """``method`` set up on a freshly loaded copy of the tiny model (CPU)."""
+    from mmcl.backbones.registry import load_backbone
+
+    method.setup(load_backbone(str(model_dir), device="cpu"), tasks)
+    return method
+
+
+def eval_logits(backbone, samples):
+    """Logits of the model in eval mode on the training encodings of ``samples`` (labels dropped)."""
+    import torch
+
+    batch = backbone.collate([backbone.encode_for_training(s) for s in samples])
+    batch.pop("labels")
+    backbone.model.eval()
+    with torch.no_grad():
+        return backbone.model(**batch).logits

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import eval_logits, set_up_on_tiny
 import mmcl.methods.moelora  # noqa: F401  (registers "moelora")
 from mmcl.errors import ConfigError
 from mmcl.methods.base import METHODS, LoraSettings
@@ -102,30 +103,12 @@ def test_wrap_uses_fullmatch_on_linear_layers_only():
 
 
 # -- on the tiny model ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tasks(stream_cache_dir: Path):
-    from mmcl.benchmarks.stream import StreamConfig, build_stream
-
-    options = {"train_per_task": 8, "test_per_task": 4}  # as in make_stream_config: the cache is shared
-    config = StreamConfig(name="synth-domain", options=options, cache_dir=str(stream_cache_dir))
-    return build_stream(config, Path.cwd())
-
-
 def new_method(model_dir: Path, tasks, experts: int = 2) -> MoeLora:
-    from mmcl.backbones.registry import load_backbone
-
-    method = MoeLora(MoeLoraConfig(experts=experts), LoraSettings(rank=4, alpha=8.0), seed=0)
-    method.setup(load_backbone(str(model_dir), device="cpu"), tasks)
-    return method
+    return set_up_on_tiny(MoeLora(MoeLoraConfig(experts=experts), LoraSettings(rank=4, alpha=8.0), seed=0), model_dir, tasks)
 
 
 def logits(method: MoeLora, tasks) -> torch.Tensor:
-    backbone = method.backbone
-    batch = backbone.collate([backbone.encode_for_training(s) for s in tasks[0].test_samples[:2]])
-    batch.pop("labels")
-    backbone.model.eval()
-    with torch.no_grad():
-        return backbone.model(**batch).logits
+    return eval_logits(method.backbone, tasks[0].test_samples[:2])
 
 
 def test_setup_on_tiny_model_trains_only_moe_parameters(tiny_model_dir: Path, tasks):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import set_up_on_tiny
 import mmcl.methods.mrlora  # noqa: F401  (registers "mrlora")
 from mmcl.data.sample import Sample
 from mmcl.methods.base import LoraSettings
@@ -117,15 +118,6 @@ def test_summary_of_hand_made_counts():
 
 
 # -- on the tiny model ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tasks(stream_cache_dir: Path):
-    from mmcl.benchmarks.stream import StreamConfig, build_stream
-
-    options = {"train_per_task": 8, "test_per_task": 4}
-    config = StreamConfig(name="synth-domain", options=options, cache_dir=str(stream_cache_dir))
-    return build_stream(config, Path.cwd())
-
-
 ROUTER_OPTIONS = {
     "router_samples_per_task": 6,
     "router_epochs": 4.0,
@@ -135,11 +127,7 @@ ROUTER_OPTIONS = {
 
 
 def new_method(model_dir: Path, tasks) -> MrLora:
-    from mmcl.backbones.registry import load_backbone
-
-    method = MrLora(MrLoraConfig(**ROUTER_OPTIONS), LoraSettings(rank=4, alpha=8.0), seed=0)
-    method.setup(load_backbone(str(model_dir), device="cpu"), tasks)
-    return method
+    return set_up_on_tiny(MrLora(MrLoraConfig(**ROUTER_OPTIONS), LoraSettings(rank=4, alpha=8.0), seed=0), model_dir, tasks)
 
 
 def fit(method: MrLora, index: int, tasks, work: Path) -> None:

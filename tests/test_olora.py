@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import eval_logits, set_up_on_tiny
 import mmcl.methods.olora  # noqa: F401  (registers "olora")
 from mmcl.methods.base import LoraSettings
 from mmcl.methods.lora_utils import adapter_tensors
@@ -64,21 +65,8 @@ def test_config_rejects_negative_weights():
 
 
 # -- on the tiny model ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tasks(stream_cache_dir: Path):
-    from mmcl.benchmarks.stream import StreamConfig, build_stream
-
-    options = {"train_per_task": 8, "test_per_task": 4}
-    config = StreamConfig(name="synth-domain", options=options, cache_dir=str(stream_cache_dir))
-    return build_stream(config, Path.cwd())
-
-
 def new_method(model_dir: Path, tasks, **options) -> OLora:
-    from mmcl.backbones.registry import load_backbone
-
-    method = OLora(OLoraConfig(**options), LoraSettings(rank=4, alpha=8.0), seed=0)
-    method.setup(load_backbone(str(model_dir), device="cpu"), tasks)
-    return method
+    return set_up_on_tiny(OLora(OLoraConfig(**options), LoraSettings(rank=4, alpha=8.0), seed=0), model_dir, tasks)
 
 
 def fit(method: OLora, index: int, tasks, work: Path) -> None:
@@ -92,12 +80,7 @@ def fit(method: OLora, index: int, tasks, work: Path) -> None:
 
 
 def logits(method: OLora, tasks) -> torch.Tensor:
-    backbone = method.backbone
-    batch = backbone.collate([backbone.encode_for_training(s) for s in tasks[0].test_samples[:2]])
-    batch.pop("labels")
-    backbone.model.eval()
-    with torch.no_grad():
-        return backbone.model(**batch).logits
+    return eval_logits(method.backbone, tasks[0].test_samples[:2])
 
 
 def trainable_names(method: OLora) -> list[str]:
