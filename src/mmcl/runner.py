@@ -134,8 +134,6 @@ class ContinualRun:
         if index > 1:
             self.ensure_stage_loaded(index - 1)
         self.ensure_backbone()
-        from mmcl.training.sft import train_on_samples
-
         started = time.perf_counter()
         samples = []
         for task in stage_tasks:
@@ -143,14 +141,7 @@ class ContinualRun:
             self.method.before_task(position, task)
             samples.extend(self.method.train_data(position, task, task.train_samples))
         self.log(f"stage {index}/{len(self.stages)} [{label}]: training on {len(samples)} samples")
-        metrics = train_on_samples(
-            self.backbone,
-            samples,
-            self.config.training,
-            work_dir / "trainer",
-            seed=self.config.seed + index,
-            extra_loss=self.method.extra_loss,
-        )
+        metrics = self.method.train(samples, self.config.training, work_dir / "trainer", seed=self.config.seed + index)
         for task in stage_tasks:
             self.method.after_task(self.tasks.index(task), task)
         seconds = time.perf_counter() - started

@@ -28,6 +28,15 @@ class Sample:
     history: tuple[tuple[str, str], ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def reference(self) -> str | list[str]:
+        """What a prediction is scored against: ``metadata["answers"]`` when the record lists several
+        accepted answers (VQA's ten human answers), else ``answer``."""
+        answers = self.metadata.get("answers")
+        if isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers):
+            return answers
+        return self.answer
+
     def turns(self) -> list[tuple[str, str]]:
         """All (user, assistant) turns, the final one last."""
         return [*self.history, (self.prompt, self.answer)]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mmcl.data.sample import Sample
-from mmcl.evaluation.scorers import get_scorer
+from mmcl.evaluation.scorers import get_scorer, score_one
 from mmcl.utils import atomic_write_text
 
 Generate = Callable[[Sequence[Sample], int], list[str]]
@@ -23,14 +23,14 @@ def predict_task(
     out_file: Path,
 ) -> float:
     """Generate answers for ``samples`` in batches, write ``out_file`` atomically, return the score (percent)."""
-    scorer = get_scorer(scorer_name)
+    get_scorer(scorer_name)  # unknown names fail before any generation
     started = time.perf_counter()
     lines = []
     for begin in range(0, len(samples), batch_size):
         batch = samples[begin : begin + batch_size]
         for sample, prediction in zip(batch, generate(batch, max_new_tokens)):
-            score = scorer(prediction, sample.answer)
-            record = {"id": sample.id, "prediction": prediction, "answer": sample.answer, "score": score}
+            score = score_one(scorer_name, prediction, sample.reference)
+            record = {"id": sample.id, "prediction": prediction, "answer": sample.reference, "score": score}
             lines.append(json.dumps(record, ensure_ascii=False))
     header = {"scorer": scorer_name, "n": len(lines), "seconds": round(time.perf_counter() - started, 3)}
     atomic_write_text(out_file, json.dumps({"meta": header}) + "\n" + "\n".join(lines) + ("\n" if lines else ""))
@@ -41,11 +41,10 @@ def score_prediction_file(path: Path) -> float:
     """Mean score (percent) of a predictions file, recomputed from its predictions and answers."""
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     meta = records[0]["meta"]
-    scorer = get_scorer(meta["scorer"])
     items = records[1:]
     if not items:
         return 0.0
-    return 100.0 * sum(scorer(item["prediction"], item["answer"]) for item in items) / len(items)
+    return 100.0 * sum(score_one(meta["scorer"], item["prediction"], item["answer"]) for item in items) / len(items)
 
 
 def prediction_seconds(path: Path) -> float:

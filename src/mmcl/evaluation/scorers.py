@@ -1,7 +1,10 @@
 """Per-task answer scorers, looked up by name.
 
 A scorer maps ``(prediction, reference)`` to a score in [0, 1]. Register more with
-:func:`register_scorer` or by adding to :data:`SCORERS`.
+:func:`register_scorer` or by adding to :data:`SCORERS`. A sample may carry several references
+(``Sample.reference`` is then a list, e.g. the ten human answers of VQA): scorers registered with
+``multi_reference=True`` receive the whole list, the others are applied to each reference and the
+best score counts (:func:`score_one`).
 """
 
 from __future__ import annotations
@@ -132,11 +135,27 @@ SCORERS: dict[str, Scorer] = {
 }
 
 
-def register_scorer(name: str, scorer: Scorer, *, overwrite: bool = False) -> None:
-    """Add ``scorer`` to :data:`SCORERS` under ``name``."""
+MULTI_REFERENCE: set[str] = set()  # scorers that take the list of all references themselves
+
+
+def register_scorer(name: str, scorer: Scorer, *, overwrite: bool = False, multi_reference: bool = False) -> None:
+    """Add ``scorer`` to :data:`SCORERS` under ``name``; ``multi_reference``: it receives a list of references."""
     if name in SCORERS and not overwrite:
         raise ValueError(f"scorer {name!r} is already registered")
     SCORERS[name] = scorer
+    MULTI_REFERENCE.discard(name)
+    if multi_reference:
+        MULTI_REFERENCE.add(name)
+
+
+def score_one(scorer_name: str, prediction: str, reference: str | Sequence[str]) -> float:
+    """Score of one prediction against one reference or a list of references (see the module doc)."""
+    scorer = get_scorer(scorer_name)
+    if isinstance(reference, str):
+        return scorer(prediction, [reference] if scorer_name in MULTI_REFERENCE else reference)
+    if scorer_name in MULTI_REFERENCE:
+        return scorer(prediction, list(reference))
+    return max((scorer(prediction, item) for item in reference), default=0.0)
 
 
 def get_scorer(name: str) -> Scorer:
@@ -147,11 +166,11 @@ def get_scorer(name: str) -> Scorer:
         raise KeyError(f"unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}") from None
 
 
-def score_predictions(scorer_name: str, predictions: Sequence[str], references: Sequence[str]) -> float:
+def score_predictions(scorer_name: str, predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """Mean score of the named scorer over the pairs, in percent (0.0 for no pairs)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    scorer = get_scorer(scorer_name)
+    get_scorer(scorer_name)
     if not predictions:
         return 0.0
-    return 100.0 * sum(scorer(p, r) for p, r in zip(predictions, references)) / len(predictions)
+    return 100.0 * sum(score_one(scorer_name, p, r) for p, r in zip(predictions, references)) / len(predictions)

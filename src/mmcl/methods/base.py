@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 
 from mmcl.backbones.backbone import Backbone
 from mmcl.benchmarks.stream import Task
-from mmcl.config import LoraSettings
+from mmcl.config import LoraSettings, TrainingConfig
 from mmcl.data.sample import Sample
 
 
@@ -57,6 +58,16 @@ class Method(ABC):
     def extra_loss(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> torch.Tensor | None:
         """A term added to the token cross-entropy during training, or None."""
         return None
+
+    def train(self, samples: Sequence[Sample], config: TrainingConfig, work_dir: Path, seed: int) -> dict[str, Any]:
+        """Train the model on one stage's ``samples`` (after ``train_data``); returns metrics for stage.json.
+
+        Default: supervised fine-tuning with :meth:`extra_loss` added. Methods that learn from
+        rewards (GRPO, EvoLMM) override this; ``work_dir`` is scratch space removed afterwards."""
+        from mmcl.training.sft import train_on_samples
+
+        assert self.backbone is not None
+        return train_on_samples(self.backbone, samples, config, work_dir, seed=seed, extra_loss=self.extra_loss)
 
     def after_task(self, task_index: int, task: Task) -> None:
         """Called after training on ``task`` (statistics, experts, routers)."""

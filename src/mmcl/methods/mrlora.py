@@ -464,7 +464,7 @@ class MrLora(TaskExperts):
         return stage_name(len(self.trained), self.expert_tasks[-1].name)
 
     def _record(self, samples: list[Sample], answers: list[str], max_new_tokens: int) -> None:
-        from mmcl.evaluation.scorers import get_scorer
+        from mmcl.evaluation.scorers import score_one
 
         tasks = {task.name: task for task in self.tasks}
         experts = [task.name for task in self.expert_tasks]
@@ -485,11 +485,11 @@ class MrLora(TaskExperts):
             entry["routed"][route] = entry["routed"].get(route, 0) + 1
             if sample.task not in tasks:
                 continue
-            scorer = get_scorer(tasks[sample.task].scorer)
-            entry["score_sum"] += scorer(answer, sample.answer)
+            scorer_name = tasks[sample.task].scorer
+            entry["score_sum"] += score_one(scorer_name, answer, sample.reference)
             entry["score_n"] += 1
             if self.config.oracle_scores and sample.task in experts:
-                entry["oracle_sum"] += scorer(oracle_answers[index], sample.answer)
+                entry["oracle_sum"] += score_one(scorer_name, oracle_answers[index], sample.reference)
                 entry["oracle_n"] += 1
 
     def routing_report(self) -> dict[str, Any]:
