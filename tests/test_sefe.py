@@ -14,7 +14,8 @@ import mmcl.methods.asd  # noqa: F401  (registers "asd")
 import mmcl.methods.reglora  # noqa: F401  (registers "reglora")
 import mmcl.methods.sefe  # noqa: F401  (registers "sefe")
 from mmcl.data.sample import Sample
-from mmcl.methods.asd import LETTERS, AsdConfig, diversify, parse
+from mmcl.data.answer_styles import LETTERS, parse
+from mmcl.methods.asd import AsdConfig, diversify
 from mmcl.methods.reglora import RegLoraConfig, key_positions, reglora_penalty
 from mmcl.methods.sefe import SefeConfig
 from tests.conftest import make_stream_config, write_config
