@@ -52,9 +52,11 @@ class BackboneConfig:
     """Which model to continue training: a preset name (``mmcl list``), a hub id or a local directory."""
 
     name: str = "tiny-llava"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the preset's dtype on a GPU, else float32)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     max_length: int = 512  # longest tokenised training conversation accepted
+    load_in_4bit: bool = False  # NF4 language model via bitsandbytes (QLoRA); needs CUDA and bitsandbytes
+    processor_options: dict[str, Any] = field(default_factory=dict)  # AutoProcessor kwargs, e.g. max_pixels
 
 
 @dataclass
@@ -74,6 +76,9 @@ class EvaluationConfig:
     forward_transfer: bool = True  # after task t also evaluate tasks t+1..T (needed for FWT; costs T(T-1)/2 evals)
     evaluate_base: bool = True  # row 0: the backbone before any training
     limit: int | None = None  # evaluate at most this many test samples per task (quick looks)
+    general: str = "auto"  # general-ability set after every stage: auto | none | a test file (mmcl.evaluation.general)
+    general_scorer: str = "exact_match"  # scorer of a general test file named by path
+    superficial: bool = False  # also ask seen tasks in another answer format; score format and content apart
 
 
 @dataclass

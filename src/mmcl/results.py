@@ -13,6 +13,7 @@ import yaml
 from mmcl.errors import RunDirError
 from mmcl.evaluation.evaluator import prediction_seconds, score_prediction_file
 from mmcl.evaluation.metrics import compute_all
+from mmcl.evaluation.superficial import judged_rates, summarize
 from mmcl.utils import git_commit, package_versions
 
 BASE_LABEL = "base"
@@ -21,6 +22,40 @@ METHOD_SUMMARY = "method_summary.json"  # method-specific evaluation facts (e.g.
 
 def stage_name(index: int, label: str) -> str:
     return f"{index}_{label}"
+
+
+def general_file(run_dir: Path, row_label: str) -> Path:
+    """Predictions on the general-ability set after the stage ``row_label``."""
+    return run_dir / "general" / f"{row_label}.jsonl"
+
+
+def judged_file(run_dir: Path, row_label: str, task: str) -> Path:
+    """Format/content judgements of a task's original and probe answers after the stage ``row_label``."""
+    return run_dir / "superficial" / row_label / f"{task}.jsonl"
+
+
+def _general_results(run_dir: Path, row_labels: list[str]) -> dict[str, Any] | None:
+    files = [general_file(run_dir, stage_name(i, label)) for i, label in enumerate(row_labels)]
+    if not any(file.exists() for file in files):
+        return None
+    scores = [round(score_prediction_file(file), 4) if file.exists() else None for file in files]
+    base, last = scores[0], next((v for v in reversed(scores) if v is not None), None)
+    drop = round(base - last, 4) if base is not None and last is not None and len(scores) > 1 else None
+    return {"scores": scores, "drop": drop}
+
+
+def _superficial_results(run_dir: Path, row_labels: list[str], tasks: list[str], matrix: list) -> dict[str, Any] | None:
+    rates = [
+        [judged_rates(f) if (f := judged_file(run_dir, stage_name(i, label), task)).exists() else None for task in tasks]
+        for i, label in enumerate(row_labels)
+    ]
+    if not any(cell for row in rates for cell in row):
+        return None
+    tables = {
+        key: [[round(cell[key], 4) if cell else None for cell in row] for row in rates]
+        for key in ("format", "content", "probe_format", "probe_content")
+    }
+    return {**tables, "summary": summarize(matrix, rates)}
 
 
 def collect_results(run_dir: Path) -> dict[str, Any]:
@@ -58,6 +93,10 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     else:
         metrics = compute_all(matrix)
         reference_rows = {}
+    general = _general_results(run_dir, row_labels)
+    if general is not None and general["drop"] is not None:
+        metrics["general_drop"] = general["drop"]
+    superficial = _superficial_results(run_dir, row_labels, tasks, matrix)
     summary_file = run_dir / METHOD_SUMMARY
     method_summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.exists() else {}
     return {
@@ -73,6 +112,8 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
         "matrix": matrix,
         "metrics": metrics,
         "reference_rows": reference_rows,
+        "general": general,
+        "superficial": superficial,
         "complete": all(stage_seconds.get(label) is not None for label in plan["stages"]),
         "stage_seconds": stage_seconds,
         "train_seconds": round(sum(stage_seconds.values()), 3),

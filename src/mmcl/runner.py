@@ -15,9 +15,11 @@ from safetensors.torch import load_file, save_file
 from mmcl.benchmarks.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl.errors import ConfigError, DataError, RunDirError
-from mmcl.evaluation.evaluator import predict_task
+from mmcl.evaluation.evaluator import predict_task, read_predictions
+from mmcl.evaluation.general import general_task
+from mmcl.evaluation.superficial import make_probes, probe_tokens, write_judged
 from mmcl.methods import METHODS, Method
-from mmcl.results import BASE_LABEL, METHOD_SUMMARY, collect_results, stage_name
+from mmcl.results import BASE_LABEL, METHOD_SUMMARY, collect_results, general_file, judged_file, stage_name
 from mmcl.utils import atomic_write_text
 
 Log = Callable[[str], None]
@@ -40,9 +42,10 @@ def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
     return run_dir
 
 
-def check_tasks(tasks: list[Task]) -> None:
+def check_tasks(tasks: list[Task], test_only: list[Task] = ()) -> None:
     """Refuse to start on bad data: the first problem, with file and record, and how many more there are."""
     problems = [problem for task in tasks for problem in task.problems()]
+    problems += [problem for task in test_only for problem in task.problems(splits=("test",))]
     if problems:
         more = f" (and {len(problems) - 1} more; see `mmcl data check`)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
@@ -87,7 +90,8 @@ class ContinualRun:
         self.config = config
         self.log = log
         self.tasks = build_stream(config.stream, base_dir)
-        check_tasks(self.tasks)
+        self.general = general_task(config.evaluation, config.backbone, config.stream, base_dir)
+        check_tasks(self.tasks, test_only=[self.general] if self.general else [])
         self.method = create_method(config)
         self.stages = plan_stages(self.method, self.tasks)
         self.run_dir = claim_run_dir(config, overwrite)
@@ -109,7 +113,14 @@ class ContinualRun:
 
             settings = self.config.backbone
             self.log(f"loading backbone {settings.name}")
-            self.backbone = load_backbone(settings.name, settings.dtype, settings.device, settings.max_length)
+            self.backbone = load_backbone(
+                settings.name,
+                settings.dtype,
+                settings.device,
+                settings.max_length,
+                load_in_4bit=settings.load_in_4bit,
+                processor_options=settings.processor_options,
+            )
             self.method.setup(self.backbone, self.tasks)
 
     def ensure_stage_loaded(self, index: int) -> None:
@@ -161,22 +172,56 @@ class ContinualRun:
         self.log(f"stage {index} [{label}] done in {seconds:.1f}s, loss {metrics.get('train_loss', float('nan')):.3f}")
 
     def evaluate_row(self, row_index: int, row_label: str, tasks: list[Task]) -> None:
-        evaluation = self.config.evaluation
+        """Row ``row_index`` of the matrix for ``tasks``, then the general set and, if on, the probes of
+        the tasks seen so far; each file is written once and skipped when it exists."""
         for task in tasks:
-            out_file = self.prediction_file(row_label, task)
-            if out_file.exists():
-                continue
-            self.ensure_stage_loaded(row_index)
-            samples = task.test_samples[: evaluation.limit] if evaluation.limit else task.test_samples
-            max_new_tokens = evaluation.max_new_tokens or task.max_new_tokens
-            if row_index == 0:
-                generate = self.backbone.generate
-            else:
-                generate = lambda batch, tokens, task=task: self.method.generate(batch, task, tokens)  # noqa: E731
-            score = predict_task(generate, samples, task.scorer, max_new_tokens, evaluation.batch_size, out_file)
-            self.log(f"  eval [{row_label}] {task.name}: {score:.1f}")
-            if row_index > 0:
-                self.save_method_summary()
+            self.evaluate_file(row_index, task, self.test_samples(task), self.prediction_file(row_label, task))
+        if self.general is not None:
+            file = general_file(self.run_dir, row_label)
+            self.evaluate_file(row_index, self.general, self.test_samples(self.general), file)
+        if self.config.evaluation.superficial and row_index > 0:
+            for task in self.tasks[: self.seen_tasks(row_index)]:
+                self.evaluate_probes(row_index, row_label, task)
+
+    def test_samples(self, task: Task) -> list:
+        limit = self.config.evaluation.limit
+        return task.test_samples[:limit] if limit else task.test_samples
+
+    def seen_tasks(self, row_index: int) -> int:
+        """How many tasks of the stream the model has been trained on after stage ``row_index``."""
+        return len(self.tasks) if self.method.trains_jointly else row_index
+
+    def generator(self, row_index: int, task: Task):
+        if row_index == 0:
+            return self.backbone.generate
+        return lambda batch, tokens: self.method.generate(batch, task, tokens)
+
+    def evaluate_file(self, row_index: int, task: Task, samples: list, out_file: Path) -> None:
+        if out_file.exists():
+            return
+        self.ensure_stage_loaded(row_index)
+        evaluation = self.config.evaluation
+        max_new_tokens = evaluation.max_new_tokens or task.max_new_tokens
+        generate = self.generator(row_index, task)
+        score = predict_task(generate, samples, task.scorer, max_new_tokens, evaluation.batch_size, out_file)
+        self.log(f"  eval [{out_file.parent.name}] {task.name}: {score:.1f}")
+        if row_index > 0:
+            self.save_method_summary()
+
+    def evaluate_probes(self, row_index: int, row_label: str, task: Task) -> None:
+        """The seen task's questions asked in another answer style; format and content judged apart."""
+        out_file = judged_file(self.run_dir, row_label, task.name)
+        if out_file.exists():
+            return
+        self.ensure_stage_loaded(row_index)
+        samples = self.test_samples(task)
+        probes = make_probes(samples, task.name)
+        generate = self.generator(row_index, task)
+        tokens, size = probe_tokens(probes), self.config.evaluation.batch_size
+        answers = [a for begin in range(0, len(probes), size) for a in generate(probes[begin : begin + size], tokens)]
+        originals = read_predictions(self.prediction_file(row_label, task))
+        write_judged(out_file, samples, probes, originals, answers)
+        self.log(f"  probe [{row_label}] {task.name}: judged {len(probes)} answers in another format")
 
     def save_method_summary(self) -> None:
         summary = self.method.evaluation_summary()
@@ -193,7 +238,7 @@ class ContinualRun:
                 self.train_stage(index)
             else:
                 self.log(f"stage {index}/{len(self.stages)} [{self.stages[index - 1][0]}]: done earlier, skipped")
-            seen = index if not (self.config.evaluation.forward_transfer or self.method.trains_jointly) else len(self.tasks)
+            seen = len(self.tasks) if self.config.evaluation.forward_transfer else self.seen_tasks(index)
             self.evaluate_row(index, stage_name(index, self.stages[index - 1][0]), self.tasks[:seen])
         results = collect_results(self.run_dir)
         results["last_session_seconds"] = round(time.perf_counter() - started, 3)

@@ -39,6 +39,9 @@ class Task:
     image_root: Path | None
     scorer: str
     max_new_tokens: int
+    # Named side files a published stream ships for methods that want them (MLLM-CL's replay and router
+    # samples), as (name, path) pairs; empty for most streams.
+    extra_files: tuple[tuple[str, Path], ...] = ()
 
     @cached_property
     def train_samples(self) -> list[Sample]:
@@ -48,10 +51,12 @@ class Task:
     def test_samples(self) -> list[Sample]:
         return read_samples(self.test_file, self.name, self.image_root, split="test")
 
-    def problems(self, max_problems: int | None = None) -> list[str]:
-        """Every bad record of both files: unreadable files, malformed records, missing or corrupt images."""
+    def problems(self, max_problems: int | None = None, splits: tuple[str, ...] = ("train", "test")) -> list[str]:
+        """Every bad record of the files of ``splits``: unreadable files, malformed records, missing or corrupt images."""
         found: list[str] = []
         for split, path in (("train", self.train_file), ("test", self.test_file)):
+            if split not in splits:
+                continue
             try:
                 records = load_records(path)
             except DataError as exc:

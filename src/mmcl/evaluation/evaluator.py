@@ -47,6 +47,12 @@ def score_prediction_file(path: Path) -> float:
     return 100.0 * sum(score_one(meta["scorer"], item["prediction"], item["answer"]) for item in items) / len(items)
 
 
+def read_predictions(path: Path) -> dict[str, str]:
+    """Sample id -> prediction of a predictions file."""
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    return {record["id"]: record["prediction"] for record in map(json.loads, filter(str.strip, lines))}
+
+
 def prediction_seconds(path: Path) -> float:
     first_line = path.read_text(encoding="utf-8").split("\n", 1)[0]
     return float(json.loads(first_line)["meta"].get("seconds", 0.0))

@@ -49,6 +49,10 @@ METRIC_EXPLANATIONS: dict[str, str] = {
         "Forward transfer (GEM): accuracy on a task just before learning it minus the base model's "
         "accuracy on it, averaged over tasks 2..T."
     ),
+    "general_drop": (
+        "General-ability drop: score on the general set (held-out questions outside the stream) of the "
+        "base model minus that after the last stage; positive = general ability lost."
+    ),
 }
 
 LEGEND = (
@@ -237,11 +241,52 @@ def format_table(results: Results) -> str:
     out.append(
         "  ".join(f"{k} {_fmt(v, signed=k in SIGNED_METRICS, null='n/a')}" for k, v in _metric_items(results))
     )
+    split = _forgetting_split(results)
+    if split is not None:
+        out.append(
+            f"forgetting on old tasks {_fmt(split['total'])} = essential {_fmt(split['essential'])}"
+            f" + superficial {_fmt(split['superficial'])} (points; see the report)"
+        )
     legend = LEGEND
     if ref_body:
         legend += " * = reference row (not part of the sequence)."
     out.append(legend)
     return "\n".join(out)
+
+
+def _forgetting_split(results: Results) -> Mapping[str, Any] | None:
+    superficial = results.get("superficial")
+    summary = superficial.get("summary") if isinstance(superficial, Mapping) else None
+    return summary.get("forgetting") if isinstance(summary, Mapping) else None
+
+
+def _superficial_html(results: Results) -> str:
+    """Format vs content of the answers to old tasks, after learning each and after the last stage."""
+    superficial = results.get("superficial")
+    summary = superficial.get("summary") if isinstance(superficial, Mapping) else None
+    if not isinstance(summary, Mapping):
+        return ""
+    columns = [("accuracy", "score"), ("format", "format ok"), ("content", "content ok"),
+               ("probe_format", "format ok"), ("probe_content", "content ok")]  # fmt: skip
+    head = "".join(f"<th>{_e(title)}</th>" for _, title in columns)
+    rows = ""
+    for key, label in (("after_learning", "right after learning the task"), ("final", "after the last stage")):
+        entry = summary.get(key) or {}
+        rows += f"<tr><td>{_e(label)}</td>" + "".join(_num_cell(entry.get(k)) for k, _ in columns) + "</tr>"
+    split = summary.get("forgetting") or {}
+    tasks = _tasks(results)
+    names = ", ".join(_e(tasks[j]) for j in summary.get("tasks", []) if j < len(tasks))
+    return (
+        f"<p>Old tasks ({names}), mean %. Own format: the task's test questions as trained. Other format: the same "
+        "questions asked in another answer style (open question as multiple choice, multiple choice as an open "
+        "question, yes/no question answered with a brief explanation). Format and content are judged "
+        "separately (rules in <code>mmcl.evaluation.superficial</code>).</p>"
+        '<table><tr><th></th><th colspan="3">own format</th><th colspan="2">other format</th></tr>'
+        f"<tr><th>when</th>{head}</tr>{rows}</table>"
+        f"<p>Forgetting {_e(_fmt(_num(split.get('total'))))} points = essential (content lost) "
+        f"{_e(_fmt(_num(split.get('essential'))))} + superficial (format drift) "
+        f"{_e(_fmt(_num(split.get('superficial'))))}.</p>"
+    )
 
 
 def write_matrix_csv(results: Results, path: Path | str) -> Path:
@@ -546,6 +591,9 @@ def _render_html(results: Results, heatmap_png: bytes, curves_png: bytes) -> str
         "<h2>Run</h2>",
         _facts_html(results),
     ]
+    superficial = _superficial_html(results)
+    if superficial:
+        parts += ["<h2>Superficial and essential forgetting</h2>", superficial]
     extra = results.get("extra_sections") or []
     if isinstance(extra, Sequence) and not isinstance(extra, str):
         for section in extra:

@@ -1,0 +1,128 @@
+"""The evaluations beside the accuracy matrix: the general-ability set and the superficial-forgetting
+probes (format and content judged apart), as pure functions and through ``mmcl run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import make_stream_config, write_config
+from mmcl.data.sample import Sample
+from mmcl.evaluation.superficial import content_ok, format_ok, judge, make_probes, original_info, summarize
+from test_runner import TRAINING, invoke, read_json
+
+MC_PROMPT = "<image>\nWhich shape?\nA. circle\nB. square\nC. cross\nD. star\nAnswer with the option's letter from the given choices directly."
+
+
+def sample(sample_id: str, prompt: str, answer: str, qtype: str) -> Sample:
+    return Sample(sample_id, "t", (), prompt, answer, metadata={"qtype": qtype})
+
+
+@pytest.mark.parametrize(
+    ("prediction", "style", "content", "expected"),
+    [
+        ("B", "mc", "", True),
+        ("(C) cross", "mc", "", True),
+        ("E", "mc", "", False),  # not an offered letter
+        ("square", "mc", "", False),
+        ("3", "short", "2", True),
+        ("no", "short", "2", False),  # a yes/no answer to a counting question has the wrong form
+        ("green", "short", "red", True),
+        ("7", "short", "red", False),
+        ("B", "short", "square", False),  # a bare option letter is not an open answer
+        ("yes, it is", "yesno", "", True),
+        ("2", "yesno", "", False),
+        ("no", "brief", "no", False),
+        ("No, the scan shows no bright lesion at all.", "brief", "no", True),
+    ],
+)
+def test_format_rules(prediction: str, style: str, content: str, expected: bool) -> None:
+    assert format_ok(prediction, style, "ABCD", content) is expected
+
+
+def test_content_is_judged_whatever_the_format() -> None:
+    options = {"A": "circle", "B": "square", "C": "cross", "D": "star"}
+    assert content_ok("B", "mc", "square", "B", options, options)
+    assert not content_ok("A", "mc", "square", "B", options, options)
+    assert content_ok("it is a square", "mc", "square", "B", options, options)  # right content, wrong form
+    assert content_ok("B", "short", "square", "square", {}, options)  # old-style letter naming the right option
+    assert not content_ok("A", "short", "square", "square", {}, options)
+    assert content_ok("There are three.", "short", "3", "3", {}, {})
+    assert not content_ok("13", "short", "3", "3", {}, {})
+    assert content_ok("No, nothing bright is there.", "brief", "no", "no", {}, {})
+    assert not content_ok("Yes, on the left.", "brief", "no", "no", {}, {})
+
+
+def test_probes_ask_another_style_with_the_same_content() -> None:
+    samples = [
+        sample("c1", "<image>\nHow many cars?", "2", "count"),
+        sample("c2", "<image>\nHow many cars?", "3", "count"),
+        sample("c3", "<image>\nHow many cars?", "1", "count"),
+        sample("c4", "<image>\nHow many cars?", "4", "count"),
+        sample("s1", "<image>\nWhich side?", "left", "side"),
+        sample("s2", "<image>\nWhich side?", "right", "side"),
+        sample("m1", MC_PROMPT, "C", "shape"),
+        sample("y1", "<image>\nIs there a lesion?", "yes", "lesion"),
+    ]
+    probes = {p.id: p for p in make_probes(samples, "t")}
+    assert [probes[i].metadata["probe"]["style"] for i in ("c1", "s1", "m1", "y1")] == ["mc", "yesno", "short", "brief"]
+    count = probes["c1"].metadata["probe"]
+    assert count["options"][count["answer"]] == "2" and len(count["options"]) == 4
+    assert judge(count["answer"], count) == (True, True)
+    assert probes["m1"].answer == "cross" and "letter" not in probes["m1"].prompt
+    assert probes["s1"].answer in ("yes", "no") and "Is the answer" in probes["s1"].prompt
+    assert probes == {p.id: p for p in make_probes(samples, "t")}  # deterministic
+    # the trained answer itself is right in form and content
+    for s in samples:
+        assert judge(s.answer, original_info(s)) == (True, True)
+
+
+def test_summary_splits_forgetting_into_essential_and_superficial() -> None:
+    def rates(fmt: float, content: float) -> dict[str, float]:
+        return {"format": fmt, "content": content, "probe_format": 0.0, "probe_content": 0.0}
+
+    matrix = [[0.0, 0.0], [80.0, 10.0], [20.0, 90.0]]
+    table = [[None, None], [rates(100, 80), None], [rates(40, 50), rates(100, 90)]]
+    summary = summarize(matrix, table)
+    assert summary is not None and summary["tasks"] == [0]
+    # accuracy fell 60 points; content only 30: the other 30 are answers with the right content in the wrong form
+    assert summary["forgetting"] == {"total": 60.0, "essential": 30.0, "superficial": 30.0}
+    assert summary["final"]["format"] == 40.0
+    assert summarize(matrix[:2], table[:2]) is None  # one stage: nothing is old yet
+
+
+def test_run_evaluates_general_set_and_probes(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> None:
+    from mmcl.benchmarks.stream import StreamConfig, build_stream
+
+    options = {"train_per_task": 8, "test_per_task": 4}
+    tasks = build_stream(StreamConfig(options=options, cache_dir=str(stream_cache_dir)), Path.cwd())
+    general_file = tasks[0].test_file  # any held-out test file works as a general set
+    stream = {"name": "synth-domain", "options": options, "cache_dir": str(stream_cache_dir)}
+    config = make_stream_config(
+        tiny_model_dir, stream_cache_dir, tmp_path / "run", training=dict(TRAINING),
+        stream={**stream}, evaluation={"batch_size": 8, "forward_transfer": False, "superficial": True,
+                                       "general": str(general_file)},
+    )  # fmt: skip
+    config["stream"]["options"] = options
+    result = invoke(["run", str(write_config(tmp_path / "c.yaml", config))])
+    assert result.code == 0, result.err
+    run_dir = tmp_path / "run"
+    results = read_json(run_dir / "results.json")
+    scores = results["general"]["scores"]
+    assert len(scores) == 6 and all(value is not None for value in scores)
+    assert results["metrics"]["general_drop"] == pytest.approx(scores[0] - scores[-1])
+    assert (run_dir / "general" / "3_ad.jsonl").is_file()
+    superficial = results["superficial"]
+    assert superficial["format"][0] == [None] * 5  # no probes for the base model
+    assert all(value is not None for value in superficial["content"][5])
+    assert superficial["content"][2][2:] == [None, None, None]  # unseen tasks are not probed
+    assert (run_dir / "superficial" / "5_fin" / "rs.jsonl").is_file()
+    split = superficial["summary"]["forgetting"]
+    assert split["total"] == pytest.approx(split["essential"] + split["superficial"])
+    assert "Superficial and essential forgetting" in (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "forgetting on old tasks" in result.out
+
+    bad = dict(config, evaluation={"general": str(tmp_path / "missing.json")}, output_dir=str(tmp_path / "r2"))
+    missing = invoke(["run", str(write_config(tmp_path / "bad.yaml", bad))])
+    assert missing.code == 2 and "evaluation.general: test file not found" in missing.err
