@@ -174,3 +174,6 @@ def score_predictions(scorer_name: str, predictions: Sequence[str], references: 
     if not predictions:
         return 0.0
     return 100.0 * sum(score_one(scorer_name, p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+from mmcl.evaluation import official  # noqa: E402,F401  (registers the published benchmark scorers)
