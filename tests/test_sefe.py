@@ -16,7 +16,7 @@ import mmcl.methods.sefe  # noqa: F401  (registers "sefe")
 from mmcl.data.sample import Sample
 from mmcl.data.answer_styles import LETTERS, parse
 from mmcl.methods.asd import AsdConfig, diversify
-from mmcl.methods.reglora import RegLoraConfig, key_positions, reglora_penalty
+from mmcl.methods.reglora import RegLoraConfig, key_index, key_positions, reglora_penalty, stacked_penalty
 from mmcl.methods.sefe import SefeConfig
 from tests.conftest import make_stream_config, write_config
 
@@ -56,6 +56,22 @@ def test_penalty_on_known_matrices():
     grads = torch.autograd.grad(gathered, (B, A))
     expected = torch.autograd.grad(materialised, (B, A))
     for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_stacked_penalty_is_the_mean_over_modules():
+    g = torch.Generator().manual_seed(2)
+    shapes = {"q": (20, 30), "up": (40, 20), "none": (10, 10), "down": (20, 40)}
+    Bs = {n: torch.randn(o, 4, generator=g, requires_grad=True) for n, (o, i) in shapes.items()}
+    As = {n: torch.randn(4, i, generator=g, requires_grad=True) for n, (o, i) in shapes.items()}
+    positions = {n: torch.randperm(o * i, generator=g)[: (o * i) // 7] for n, (o, i) in shapes.items()}
+    positions["none"] = torch.zeros(0, dtype=torch.long)  # modules without key positions do not count
+    index = key_index(positions, shapes)
+    assert index.names == ("q", "up", "down")
+    stacked = stacked_penalty([Bs[n] for n in index.names], [As[n] for n in index.names], index)
+    per_module = torch.stack([reglora_penalty(Bs[n], As[n], positions[n]) for n in index.names]).mean()
+    torch.testing.assert_close(stacked, per_module)
+    for got, want in zip(torch.autograd.grad(stacked, [Bs["up"], As["down"]]), torch.autograd.grad(per_module, [Bs["up"], As["down"]])):
         torch.testing.assert_close(got, want)
 
 

@@ -76,15 +76,50 @@ def reglora_penalty(B: torch.Tensor, A: torch.Tensor, positions: torch.Tensor) -
     rows of ``B`` and columns of ``A`` are gathered and their products summed over the rank."""
     if positions.numel() == 0:
         return B.new_zeros((), dtype=torch.float32)
-    in_features = A.shape[1]
-    return gathered_penalty(B, A, positions // in_features, positions % in_features)
-
-
-def gathered_penalty(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``mean_k |(B A)[rows[k], cols[k]]|`` from the gathered rows of ``B`` and columns of ``A`` (float32)."""
-    # index_select (backward: index_add) is markedly cheaper on CPU than advanced indexing
+    rows, cols = positions // A.shape[1], positions % A.shape[1]
     values = (B.float().index_select(0, rows) * A.float().index_select(1, cols).T).sum(-1)
     return values.abs().mean()
+
+
+@dataclass(frozen=True)
+class KeyIndex:
+    """Key positions of many modules as one gather: modules stacked (``B`` row blocks, ``A.T`` row
+    blocks) in a fixed order; ``row_counts`` = key positions per stacked ``B`` row (the positions are
+    sorted, so repeating each row that often lines the rows up), ``cols`` = stacked ``A.T`` row per
+    position, ``weights`` = 1 / (positions of its module * modules)."""
+
+    names: tuple[str, ...]
+    row_counts: torch.Tensor
+    cols: torch.Tensor
+    weights: torch.Tensor
+
+
+def key_index(positions: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> KeyIndex:
+    """The :class:`KeyIndex` of the modules with key positions; ``shapes`` = (out, in) per module."""
+    names = tuple(name for name, flat in positions.items() if flat.numel())
+    counts, cols, weights = [], [], []
+    col_offset = 0
+    for name in names:
+        out_features, in_features = shapes[name]
+        flat = positions[name].sort().values
+        counts.append(torch.bincount(flat // in_features, minlength=out_features))
+        cols.append(flat % in_features + col_offset)
+        weights.append(torch.full((flat.numel(),), 1.0 / (flat.numel() * len(names))))
+        col_offset += in_features
+    if not names:
+        empty = torch.zeros(0, dtype=torch.long)
+        return KeyIndex((), empty, empty, torch.zeros(0))
+    return KeyIndex(names, torch.cat(counts), torch.cat(cols), torch.cat(weights))
+
+
+def stacked_penalty(Bs: list[torch.Tensor], As: list[torch.Tensor], index: KeyIndex) -> torch.Tensor:
+    """Mean over modules of ``mean |(B A)_ij|`` at their key positions, as one gather over all modules
+    (same value as averaging :func:`reglora_penalty`; a few large ops instead of many small ones)."""
+    stacked_B = torch.cat([B.float() for B in Bs])
+    stacked_At = torch.cat([A.float().T for A in As])
+    rows = stacked_B.repeat_interleave(index.row_counts, dim=0, output_size=index.cols.numel())
+    values = (rows * stacked_At.index_select(0, index.cols)).sum(-1)
+    return (values.abs() * index.weights).sum()
 
 
 def merge_lora(layer: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, sign: float = 1.0) -> None:
@@ -108,7 +143,7 @@ class RegLora(SequentialLora):
         self.positions: dict[str, torch.Tensor] = {}  # module name -> sorted flat key positions (int64)
         self.merged: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []  # per finished task: name -> (A, B)
         self._layers: dict[str, torch.nn.Module] = {}
-        self._gather: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (rows, cols) on the weights' device
+        self._index: KeyIndex | None = None  # all modules' key positions as one gather, on the weights' device
 
     # -- PEFT bookkeeping ----------------------------------------------------------------------
     def setup(self, backbone, tasks) -> None:
@@ -121,7 +156,7 @@ class RegLora(SequentialLora):
                 if module.lora_A[ADAPTER].weight.dim() != 2:
                     raise ConfigError(f"reglora: LoRA module {module_name} is not a linear layer")
                 self._layers[module_name] = module
-        self.positions, self.merged, self._gather = {}, [], {}
+        self.positions, self.merged, self._index = {}, [], None
 
     def _weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
@@ -134,13 +169,16 @@ class RegLora(SequentialLora):
                 layer.reset_lora_parameters(ADAPTER, True)
 
     def _refresh_gather(self) -> None:
-        self._gather = {}
-        for name, positions in self.positions.items():
-            if positions.numel() == 0:
-                continue
-            weight = self._layers[name].lora_A[ADAPTER].weight
-            positions = positions.to(weight.device)
-            self._gather[name] = (positions // weight.shape[1], positions % weight.shape[1])
+        shapes = {}
+        for name, layer in self._layers.items():
+            A, B = self._weights(layer)
+            shapes[name] = (B.shape[0], A.shape[1])
+        index = key_index(self.positions, shapes)
+        if not index.names:
+            self._index = None
+            return
+        device = self._layers[index.names[0]].lora_A[ADAPTER].weight.device
+        self._index = KeyIndex(index.names, *(t.to(device) for t in (index.row_counts, index.cols, index.weights)))
 
     # -- hooks ---------------------------------------------------------------------------------
     def after_task(self, task_index: int, task: Task) -> None:
@@ -158,13 +196,10 @@ class RegLora(SequentialLora):
 
     def penalty(self) -> torch.Tensor | None:
         """reg_lambda * mean over modules of the mean |(B A)_ij| at their key positions (None on the first task)."""
-        if not self._gather or self.config.reg_lambda == 0:
+        if self._index is None or self.config.reg_lambda == 0:
             return None
-        terms = []
-        for name, (rows, cols) in self._gather.items():
-            A, B = self._weights(self._layers[name])
-            terms.append(gathered_penalty(B, A, rows, cols))
-        return self.config.reg_lambda * torch.stack(terms).mean()
+        weights = [self._weights(self._layers[name]) for name in self._index.names]
+        return self.config.reg_lambda * stacked_penalty([B for _, B in weights], [A for A, _ in weights], self._index)
 
     def extra_loss(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> torch.Tensor | None:
         return self.penalty()
