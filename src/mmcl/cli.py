@@ -21,7 +21,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
-    for assignment in args.set or []:
+    overrides.update(_set_assignments(args.set))
+    return overrides
+
+
+def _set_assignments(assignments: list[str] | None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for assignment in assignments or []:
         key, separator, raw = assignment.partition("=")
         if not separator or not key:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set training.epochs=2")
@@ -30,6 +36,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from mmcl import distributed
     from mmcl.config import load_config
     from mmcl.report.render import format_table, write_report
     from mmcl.runner import ContinualRun
@@ -37,6 +44,9 @@ def command_run(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else None
     config = load_config(config_path, _overrides(args))
     base_dir = config_path.parent if config_path else Path.cwd()
+    distributed.init_from_env()
+    if not distributed.is_main():  # under torchrun, process 0 alone reports
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
     run = ContinualRun(config, base_dir, overwrite=args.overwrite)
     print(f"run dir: {run.run_dir}  (method {config.method.name}, stream {config.stream.name}, backbone {config.backbone.name})")
     try:
@@ -45,6 +55,8 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; finished stages and evaluations are kept in {run.run_dir}. "
               "Run the same command again to continue.", file=sys.stderr)
         return 130
+    if not distributed.is_main():
+        return 0
     report = write_report(run.run_dir, results)
     print()
     print(format_table(results))
@@ -113,7 +125,10 @@ def command_data_check(args: argparse.Namespace) -> int:
         config = load_config(target)
         tasks = build_stream(config.stream, target.parent)
     else:
-        tasks = build_stream(StreamConfig(name=args.target), Path.cwd())
+        from mmcl.config import load_config
+
+        config = load_config(None, {"stream.name": args.target, **_set_assignments(args.set)})
+        tasks = build_stream(config.stream, Path.cwd())
     total = 0
     for task in tasks:
         problems = task.problems()
@@ -174,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     check = data_commands.add_parser("check", help="validate a stream's files and images")
     check.add_argument("target", help="stream name, a folder of <task>/{train,test}.json, or an experiment YAML")
+    check.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="stream setting for a stream name, e.g. stream.options.root=/data/CoIN")
     check.set_defaults(handler=command_data_check)
 
     pretrain = commands.add_parser("pretrain-tiny", help="rebuild the shipped tiny-llava weights (reproducible)")

@@ -56,7 +56,7 @@ class BackboneConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     max_length: int = 512  # longest tokenised training conversation accepted
     load_in_4bit: bool = False  # NF4 language model via bitsandbytes (QLoRA); needs CUDA and bitsandbytes
-    processor_options: dict[str, Any] = field(default_factory=dict)  # AutoProcessor kwargs, e.g. max_pixels
+    processor_options: dict[str, Any] = field(default_factory=dict)  # AutoProcessor kwargs, e.g. Qwen-VL size
 
 
 @dataclass

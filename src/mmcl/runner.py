@@ -1,5 +1,6 @@
 """The continual loop: one stage per task, each saved atomically; evaluations saved per (stage, task);
-re-running the same command skips what is done and continues where it stopped."""
+re-running the same command skips what is done and continues where it stopped. Under ``torchrun``
+every process walks the same loop; process 0 alone writes (see :mod:`mmcl.distributed`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from mmcl.benchmarks.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl.errors import ConfigError, DataError, RunDirError
-from mmcl.evaluation.evaluator import predict_task, read_predictions
+from mmcl import distributed
+from mmcl.evaluation.evaluator import generate_answers, read_predictions, write_predictions
 from mmcl.evaluation.general import general_task
 from mmcl.evaluation.superficial import make_probes, probe_tokens, write_judged
 from mmcl.methods import METHODS, Method
@@ -88,14 +90,23 @@ class ContinualRun:
 
     def __init__(self, config: ExperimentConfig, base_dir: Path, overwrite: bool = False, log: Log = print):
         self.config = config
-        self.log = log
+        self.log = log if distributed.is_main() else (lambda message: None)
         self.tasks = build_stream(config.stream, base_dir)
         self.general = general_task(config.evaluation, config.backbone, config.stream, base_dir)
         check_tasks(self.tasks, test_only=[self.general] if self.general else [])
         self.method = create_method(config)
         self.stages = plan_stages(self.method, self.tasks)
-        self.run_dir = claim_run_dir(config, overwrite)
-        write_plan(self.run_dir, config, self.method, self.tasks, self.stages)
+        self.run_dir = config.run_dir
+        refusal = None
+        if distributed.is_main():
+            try:
+                claim_run_dir(config, overwrite)
+                write_plan(self.run_dir, config, self.method, self.tasks, self.stages)
+            except RunDirError as exc:
+                refusal = str(exc)
+        refusal = distributed.agree(refusal)
+        if refusal is not None:
+            raise RunDirError(refusal)
         self.loaded_stage = 0  # the stage whose weights the model holds (0 = the backbone as loaded)
         self.backbone = None
 
@@ -140,8 +151,10 @@ class ContinualRun:
         label, stage_tasks = self.stages[index - 1]
         final_dir = self.stage_dir(index)
         work_dir = final_dir.with_name(f".tmp_{final_dir.name}")
-        shutil.rmtree(work_dir, ignore_errors=True)
-        work_dir.mkdir(parents=True)
+        if distributed.is_main():
+            shutil.rmtree(work_dir, ignore_errors=True)
+        distributed.barrier()
+        work_dir.mkdir(parents=True, exist_ok=True)
         if index > 1:
             self.ensure_stage_loaded(index - 1)
         self.ensure_backbone()
@@ -156,20 +169,25 @@ class ContinualRun:
         for task in stage_tasks:
             self.method.after_task(self.tasks.index(task), task)
         seconds = time.perf_counter() - started
+        self.loaded_stage = index
+        if distributed.is_main():
+            self.save_stage(work_dir, final_dir, label, len(samples), seconds, metrics)
+        distributed.barrier()
+        self.log(f"stage {index} [{label}] done in {seconds:.1f}s, loss {metrics.get('train_loss', float('nan')):.3f}")
+
+    def save_stage(self, work_dir: Path, final_dir: Path, label: str, n_samples: int, seconds: float, metrics: dict) -> None:
         shutil.rmtree(work_dir / "trainer", ignore_errors=True)
         save_file(self.method.state_tensors(), str(work_dir / "state.safetensors"))
         atomic_write_text(work_dir / "state.json", json.dumps(self.method.state_json()))
         info = {
             "label": label,
-            "train_samples": len(samples),
+            "train_samples": n_samples,
             "seconds": round(seconds, 3),
             "trainable_parameters": self.method.trainable_parameters(),
             "train_metrics": metrics,
         }
         atomic_write_text(work_dir / "stage.json", json.dumps(info, indent=1))
         work_dir.replace(final_dir)
-        self.loaded_stage = index
-        self.log(f"stage {index} [{label}] done in {seconds:.1f}s, loss {metrics.get('train_loss', float('nan')):.3f}")
 
     def evaluate_row(self, row_index: int, row_label: str, tasks: list[Task]) -> None:
         """Row ``row_index`` of the matrix for ``tasks``, then the general set and, if on, the probes of
@@ -196,32 +214,37 @@ class ContinualRun:
             return self.backbone.generate
         return lambda batch, tokens: self.method.generate(batch, task, tokens)
 
-    def evaluate_file(self, row_index: int, task: Task, samples: list, out_file: Path) -> None:
-        if out_file.exists():
-            return
+    def answers(self, row_index: int, task: Task, samples: list, max_new_tokens: int) -> list[str]:
+        """Answers of the model after stage ``row_index`` (sharded over processes, gathered on all)."""
         self.ensure_stage_loaded(row_index)
-        evaluation = self.config.evaluation
-        max_new_tokens = evaluation.max_new_tokens or task.max_new_tokens
-        generate = self.generator(row_index, task)
-        score = predict_task(generate, samples, task.scorer, max_new_tokens, evaluation.batch_size, out_file)
-        self.log(f"  eval [{out_file.parent.name}] {task.name}: {score:.1f}")
-        if row_index > 0:
-            self.save_method_summary()
+        part = generate_answers(
+            self.generator(row_index, task), distributed.shard(samples), max_new_tokens, self.config.evaluation.batch_size
+        )
+        return distributed.gather_shards(part, len(samples))
+
+    def evaluate_file(self, row_index: int, task: Task, samples: list, out_file: Path) -> None:
+        if distributed.agree(out_file.exists()):
+            return
+        started = time.perf_counter()
+        answers = self.answers(row_index, task, samples, self.config.evaluation.max_new_tokens or task.max_new_tokens)
+        if distributed.is_main():
+            score = write_predictions(out_file, samples, answers, task.scorer, time.perf_counter() - started)
+            self.log(f"  eval [{out_file.parent.name}] {task.name}: {score:.1f}")
+            if row_index > 0:
+                self.save_method_summary()
 
     def evaluate_probes(self, row_index: int, row_label: str, task: Task) -> None:
         """The seen task's questions asked in another answer style; format and content judged apart."""
         out_file = judged_file(self.run_dir, row_label, task.name)
-        if out_file.exists():
+        if distributed.agree(out_file.exists()):
             return
-        self.ensure_stage_loaded(row_index)
         samples = self.test_samples(task)
         probes = make_probes(samples, task.name)
-        generate = self.generator(row_index, task)
-        tokens, size = probe_tokens(probes), self.config.evaluation.batch_size
-        answers = [a for begin in range(0, len(probes), size) for a in generate(probes[begin : begin + size], tokens)]
-        originals = read_predictions(self.prediction_file(row_label, task))
-        write_judged(out_file, samples, probes, originals, answers)
-        self.log(f"  probe [{row_label}] {task.name}: judged {len(probes)} answers in another format")
+        answers = self.answers(row_index, task, probes, probe_tokens(probes))
+        if distributed.is_main():
+            originals = read_predictions(self.prediction_file(row_label, task))
+            write_judged(out_file, samples, probes, originals, answers)
+            self.log(f"  probe [{row_label}] {task.name}: judged {len(probes)} answers in another format")
 
     def save_method_summary(self) -> None:
         summary = self.method.evaluation_summary()
@@ -234,12 +257,15 @@ class ContinualRun:
         if self.config.evaluation.evaluate_base:
             self.evaluate_row(0, stage_name(0, BASE_LABEL), self.tasks)
         for index in range(1, len(self.stages) + 1):
-            if not self.stage_dir(index).exists():
+            if not distributed.agree(self.stage_dir(index).exists()):
                 self.train_stage(index)
             else:
                 self.log(f"stage {index}/{len(self.stages)} [{self.stages[index - 1][0]}]: done earlier, skipped")
             seen = len(self.tasks) if self.config.evaluation.forward_transfer else self.seen_tasks(index)
             self.evaluate_row(index, stage_name(index, self.stages[index - 1][0]), self.tasks[:seen])
+        distributed.barrier()
+        if not distributed.is_main():
+            return {}
         results = collect_results(self.run_dir)
         results["last_session_seconds"] = round(time.perf_counter() - started, 3)
         atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=1))

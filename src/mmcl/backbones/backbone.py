@@ -40,6 +40,27 @@ def build_messages(sample: Sample, include_final_answer: bool) -> list[dict[str,
     return messages
 
 
+def _is_token_aligned(value: torch.Tensor, input_ids: torch.Tensor) -> bool:
+    """A (1, sequence length) integer or boolean tensor: one value per token of the single encoded row."""
+    return (
+        value.dim() == 2
+        and tuple(value.shape) == (1, input_ids.shape[0])
+        and not torch.is_floating_point(value)
+    )
+
+
+def _concat_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along dim 0 after zero-padding every later dim to the largest size in the batch."""
+    sizes = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for tensor in tensors:
+        pads: list[int] = []
+        for dim in reversed(range(1, tensor.dim())):
+            pads += [0, sizes[dim - 1] - tensor.shape[dim]]
+        padded.append(torch.nn.functional.pad(tensor, pads) if any(pads) else tensor)
+    return torch.cat(padded, dim=0)
+
+
 @dataclass
 class Backbone:
     """``model`` is the HF model (possibly wrapped by PEFT); ``processor`` its multimodal processor."""
@@ -81,7 +102,8 @@ class Backbone:
             is_last = turn_end + 1 == len(messages)
             end = input_ids.shape[0] if is_last else self._tokenize(answer_text, images)["input_ids"].shape[1]
             labels[start:end] = input_ids[start:end]
-        features = {key: value[0] if key in ("input_ids", "attention_mask") else value for key, value in encoded.items()}
+        # per-token tensors (attention_mask, mm_token_type_ids, ...) lose their batch dimension like input_ids
+        features = {key: value[0] if _is_token_aligned(value, input_ids) else value for key, value in encoded.items()}
         features["labels"] = labels
         if input_ids.shape[0] > self.max_length:
             raise DataError(
@@ -90,16 +112,21 @@ class Backbone:
         return features
 
     def collate(self, features: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad token sequences; concatenate image tensors (``pixel_values`` etc.) along dim 0."""
-        pad_id = self.tokenizer.pad_token_id
+        """Right-pad per-token tensors (``input_ids``, ``labels``, ``attention_mask``, ``mm_token_type_ids``...);
+        concatenate every other tensor the processor returned (``pixel_values``, ``image_grid_thw``,
+        ``pixel_attention_mask``...) along dim 0, zero-padding trailing dims that differ (Idefics3 pads
+        missing image tiles with zeros, which the model drops)."""
+        fills = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
         width = max(f["input_ids"].shape[0] for f in features)
         batch: dict[str, torch.Tensor] = {}
-        for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
-            rows = [torch.nn.functional.pad(f[key], (0, width - f[key].shape[0]), value=fill) for f in features]
-            batch[key] = torch.stack(rows)
         for key in features[0]:
-            if key not in batch:
-                batch[key] = torch.cat([f[key] for f in features], dim=0)
+            tensors = [f[key] for f in features]
+            if tensors[0].dim() == 1:
+                fill = fills.get(key, 0)
+                rows = [torch.nn.functional.pad(t, (0, width - t.shape[0]), value=fill) for t in tensors]
+                batch[key] = torch.stack(rows)
+            else:
+                batch[key] = _concat_padded(tensors)
         return batch
 
     def prompt_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

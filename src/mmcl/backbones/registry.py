@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mmcl.backbones.backbone import Backbone
 from mmcl.errors import ConfigError, MmclError
 
 TINY_LLAVA_DIR = Path(__file__).parent / "tiny_llava"
 
-# Language-model linear layers of Llama-style decoders (transformers 5 module paths), plus the projector.
+# Regexes over transformers 5 module paths (PEFT full-matches them against ``named_modules()`` names).
+_DECODER_LINEARS = r"\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+# Language model of LLaVA, Qwen2-VL and Qwen2.5-VL: ``model.language_model.layers.N.{self_attn,mlp}.*``.
+# (Qwen2.5-VL's vision blocks also have ``mlp.gate_proj``: the ``language_model`` anchor keeps them out.)
+LANGUAGE_MODEL_LORA_TARGETS = r".*\.language_model" + _DECODER_LINEARS
+# Language model of Idefics3 / SmolVLM: ``model.text_model.layers.N.*`` (the SigLIP tower is ``vision_model``).
+TEXT_MODEL_LORA_TARGETS = r".*\.text_model" + _DECODER_LINEARS
+# Language-model linear layers of Llama-style decoders plus the LLaVA projector (tiny-llava's default).
 LLAMA_STYLE_LORA_TARGETS = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     r"|.*multi_modal_projector\.linear_[12]"
 )
+# Hub ids and directories that are not presets: the LLaVA default, or the language model of an Idefics3.
+DEFAULT_LORA_TARGETS = f"{LLAMA_STYLE_LORA_TARGETS}|{TEXT_MODEL_LORA_TARGETS}"
+
+# 4-bit loading quantises the language model only; vision towers, projectors and the output head stay as loaded.
+NOT_QUANTIZED_MODULES = ["lm_head", "visual", "vision_tower", "vision_model", "multi_modal_projector", "connector"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,9 @@ class BackbonePreset:
     description: str
     source: str  # hub id or local directory
     lora_targets: str
+    dtype: str = "float32"  # used when backbone.dtype is "auto" and a GPU is present
+    # AutoProcessor.from_pretrained kwargs; Qwen-VL "size" is in pixels: {"shortest_edge": min, "longest_edge": max}
+    processor_options: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS: dict[str, BackbonePreset] = {
@@ -38,7 +55,32 @@ PRESETS: dict[str, BackbonePreset] = {
             "llava-1.5-7b",
             "llava-hf/llava-1.5-7b-hf from the Hugging Face hub (needs a download and a GPU)",
             "llava-hf/llava-1.5-7b-hf",
-            LLAMA_STYLE_LORA_TARGETS,
+            LANGUAGE_MODEL_LORA_TARGETS,
+            dtype="bfloat16",
+        ),
+        BackbonePreset(
+            "qwen2-vl-2b",
+            "Qwen/Qwen2-VL-2B-Instruct from the Hugging Face hub (images capped at 512 visual tokens)",
+            "Qwen/Qwen2-VL-2B-Instruct",
+            LANGUAGE_MODEL_LORA_TARGETS,
+            dtype="bfloat16",
+            processor_options={"size": {"shortest_edge": 16 * 28 * 28, "longest_edge": 512 * 28 * 28}},
+        ),
+        BackbonePreset(
+            "qwen2.5-vl-3b",
+            "Qwen/Qwen2.5-VL-3B-Instruct from the Hugging Face hub (images capped at 512 visual tokens)",
+            "Qwen/Qwen2.5-VL-3B-Instruct",
+            LANGUAGE_MODEL_LORA_TARGETS,
+            dtype="bfloat16",
+            processor_options={"size": {"shortest_edge": 16 * 28 * 28, "longest_edge": 512 * 28 * 28}},
+        ),
+        BackbonePreset(
+            "smolvlm-256m",
+            "HuggingFaceTB/SmolVLM-256M-Instruct (Idefics3) from the Hugging Face hub (up to 3x3 tiles + global view)",
+            "HuggingFaceTB/SmolVLM-256M-Instruct",
+            TEXT_MODEL_LORA_TARGETS,
+            dtype="bfloat16",
+            processor_options={"size": {"longest_edge": 3 * 512}},
         ),
     ]
 }
@@ -48,29 +90,81 @@ def resolve_source(name: str) -> tuple[str, str]:
     """(source, default LoRA target regex) for a preset name, a local directory or a hub id."""
     if name in PRESETS:
         return PRESETS[name].source, PRESETS[name].lora_targets
-    return name, LLAMA_STYLE_LORA_TARGETS
+    return name, DEFAULT_LORA_TARGETS
 
 
-def load_backbone(name: str, dtype: str = "float32", device: str = "auto", max_length: int = 512) -> Backbone:
-    """Load model + processor through ``AutoModelForImageTextToText`` and ``AutoProcessor``."""
+def resolve_dtype(name: str, dtype: str, device: str):
+    """The torch dtype for ``dtype``; ``auto`` = the preset's dtype on a GPU, float32 otherwise."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if dtype == "auto":
+        on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        dtype = PRESETS[name].dtype if name in PRESETS and on_gpu else "float32"
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ConfigError(f"backbone.dtype: unknown dtype {dtype!r} (float32, bfloat16, float16 or auto)")
+    return torch_dtype
+
+
+def four_bit_config(compute_dtype):
+    """bitsandbytes NF4 with double quantisation (QLoRA, Dettmers et al. 2023) for the language model;
+    a one-line ConfigError when there is no CUDA device or no bitsandbytes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("backbone.load_in_4bit: 4-bit loading needs a CUDA GPU and none is visible")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("backbone.load_in_4bit: needs the bitsandbytes package (pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype,
+        llm_int8_skip_modules=NOT_QUANTIZED_MODULES,
+    )
+
+
+def load_backbone(
+    name: str,
+    dtype: str = "float32",
+    device: str = "auto",
+    max_length: int = 512,
+    load_in_4bit: bool = False,
+    processor_options: dict[str, Any] | None = None,
+) -> Backbone:
+    """Load model + processor through ``AutoModelForImageTextToText`` and ``AutoProcessor``.
+
+    ``processor_options`` (e.g. Qwen-VL ``max_pixels``) update the preset's; ``load_in_4bit`` loads the
+    language model in NF4 for LoRA training on small GPUs."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from mmcl.backbones.processors import load_processor
 
     source, lora_targets = resolve_source(name)
     if name == "tiny-llava" and not (TINY_LLAVA_DIR / "model.safetensors").is_file():
         raise MmclError(f"backbone tiny-llava: weights missing in {TINY_LLAVA_DIR}; build them with `mmcl pretrain-tiny`")
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ConfigError(f"backbone.dtype: unknown dtype {dtype!r}")
+    torch_dtype = resolve_dtype(name, dtype, device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_options: dict[str, Any] = {"dtype": torch_dtype}
+    if load_in_4bit:
+        model_options.update(quantization_config=four_bit_config(torch_dtype), device_map={"": device})
+    options = {**(PRESETS[name].processor_options if name in PRESETS else {}), **(processor_options or {})}
     try:
-        processor = AutoProcessor.from_pretrained(source)
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+        processor = load_processor(source, options)
+        model = AutoModelForImageTextToText.from_pretrained(source, **model_options)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MmclError(f"backbone {name}: cannot load from {source!r} ({first_line})") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(device)
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token

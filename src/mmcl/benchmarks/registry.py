@@ -47,3 +47,6 @@ register_stream(
         build=_synth_domain,
     )
 )
+
+# Readers for published benchmark layouts (each module registers its streams on import).
+from mmcl.benchmarks import climb, coin, mllm_cl  # noqa: E402,F401

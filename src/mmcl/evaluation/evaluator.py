@@ -14,25 +14,25 @@ from mmcl.utils import atomic_write_text
 Generate = Callable[[Sequence[Sample], int], list[str]]
 
 
-def predict_task(
-    generate: Generate,
-    samples: Sequence[Sample],
-    scorer_name: str,
-    max_new_tokens: int,
-    batch_size: int,
-    out_file: Path,
-) -> float:
-    """Generate answers for ``samples`` in batches, write ``out_file`` atomically, return the score (percent)."""
-    get_scorer(scorer_name)  # unknown names fail before any generation
-    started = time.perf_counter()
-    lines = []
+def generate_answers(generate: Generate, samples: Sequence[Sample], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Answers for ``samples``, generated in batches of ``batch_size``."""
+    answers: list[str] = []
     for begin in range(0, len(samples), batch_size):
-        batch = samples[begin : begin + batch_size]
-        for sample, prediction in zip(batch, generate(batch, max_new_tokens)):
-            score = score_one(scorer_name, prediction, sample.reference)
-            record = {"id": sample.id, "prediction": prediction, "answer": sample.reference, "score": score}
-            lines.append(json.dumps(record, ensure_ascii=False))
-    header = {"scorer": scorer_name, "n": len(lines), "seconds": round(time.perf_counter() - started, 3)}
+        answers.extend(generate(samples[begin : begin + batch_size], max_new_tokens))
+    return answers
+
+
+def write_predictions(
+    out_file: Path, samples: Sequence[Sample], answers: Sequence[str], scorer_name: str, seconds: float
+) -> float:
+    """Write ``out_file`` atomically (a header naming the scorer, then one record a sample); return the score."""
+    get_scorer(scorer_name)  # unknown names fail before anything is written
+    lines = []
+    for sample, prediction in zip(samples, answers, strict=True):
+        score = score_one(scorer_name, prediction, sample.reference)
+        record = {"id": sample.id, "prediction": prediction, "answer": sample.reference, "score": score}
+        lines.append(json.dumps(record, ensure_ascii=False))
+    header = {"scorer": scorer_name, "n": len(lines), "seconds": round(seconds, 3)}
     atomic_write_text(out_file, json.dumps({"meta": header}) + "\n" + "\n".join(lines) + ("\n" if lines else ""))
     return score_prediction_file(out_file)
 

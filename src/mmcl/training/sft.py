@@ -12,9 +12,11 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
+from mmcl import distributed
 from mmcl.backbones.backbone import Backbone
 from mmcl.config import TrainingConfig
 from mmcl.data.sample import Sample
+from mmcl.errors import ConfigError
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], Optional[torch.Tensor]]
 
@@ -61,14 +63,20 @@ def train_on_samples(
     seed: int,
     extra_loss: ExtraLoss | None = None,
 ) -> dict[str, float]:
-    """Train ``backbone.model`` in place on ``samples``; returns the Trainer's final metrics."""
+    """Train ``backbone.model`` in place on ``samples``; returns the Trainer's final metrics.
+
+    Under ``torchrun`` the Trainer runs DDP; ``config.batch_size`` stays the global batch (split over
+    the processes) so that a multi-process run takes the same optimisation steps as a single one."""
+    processes = distributed.world_size()
+    if config.batch_size % processes:
+        raise ConfigError(f"training.batch_size: {config.batch_size} does not split over {processes} processes")
     steps_per_epoch = math.ceil(len(samples) / (config.batch_size * config.grad_accum))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
     arguments = TrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=config.batch_size // processes,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,

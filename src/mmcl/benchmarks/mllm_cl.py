@@ -1,0 +1,206 @@
+"""``mllm-cl-domain`` and ``mllm-cl-ability``: the two streams of MLLM-CL (Zhao et al., 2025, "MLLM-CL:
+Continual Learning for Multimodal Large Language Models", arXiv:2506.05453) from its published layout.
+
+Domain stream (remote sensing, medical, autonomous driving, science, finance; train and test IID)::
+
+    <root>/{RS,Med,AD,Sci,Fin}/train.json, test.json, images/   image paths relative to the task folder
+    <root>/task5replay20_train.json, task5Router_train20.json, num5sample_images20/   (optional)
+
+Ability stream (OCR, math & logic, visual perception, GUI agent; test sets are separate, non-IID)::
+
+    <root>/{OCR,Math,VP,APP}/train.json, images/
+    <root>/{OCR,Math,VP,APP}_test/test.json, images/
+    <root>/replay20.json, Router_train20.json, sample_images20/   (optional)
+
+The replay and router sample files, when present, are handed to methods on every task as
+``Task.extra_files`` (names ``replay``, ``router_train``, ``sample_images``); their image paths are
+relative to the root. No built-in method reads them yet (``replay`` and ``mrlora`` draw their own
+samples from the training sets).
+
+Scorers, each the rule of MLLM-CL's evaluation script (``ETrain/Eval/LLaVA/CoIN/``):
+
+| task | scorer        | official script and rule                                                         |
+|------|---------------|----------------------------------------------------------------------------------|
+| RS   | contains      | eval_ai2d.py: lower-cased answer is a substring of the reply                      |
+| Med  | contains      | eval_pvqa.py: lower-cased answer is a substring of the reply                      |
+| AD   | contains      | eval_ai2d.py: lower-cased answer is a substring of the reply                      |
+| Sci  | exact_match   | eval_sci.py: reply == answer (lower-cased) for AI2D/TQA/VQA; MapQA: containment |
+| Fin  | exact_match   | eval_finvis.py: reply == answer (lower-cased); all items are choice or true/false |
+| OCR  | contains      | eval_ocr.py (OCRBench): any accepted answer is a substring of the reply           |
+| Math | math_answer   | eval_math.py (MathVista): a GPT judge extracts the answer; here a rule-based extractor |
+| VP   | contains      | eval_sat.py: answer in reply after removing spaces, dots and case                 |
+| APP  | exact_match   | none locally: replies go to an eval.ai server; here test.json must carry answers |
+
+Every script also counts a reply containing "Unanswerable" as wrong. ``contains`` matches whole
+words after normalisation, a little stricter than a raw substring. Test files are read in place when
+each record has one string ``answer``; files with lists of accepted answers (OCR) or MathVista fields
+(Math: ``answer_option`` for multiple choice) are converted once into the stream cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmcl.benchmarks.published import (
+    Record,
+    as_text,
+    cached_conversion,
+    image_folder_missing,
+    missing_files,
+    parse_options,
+    raise_if_missing,
+)
+from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
+from mmcl.data.readers import load_records
+from mmcl.errors import DataError
+
+
+APP_HINT = " (MLLM-CL scores APP on the eval.ai server; leave it out with stream.options.tasks)"
+
+
+@dataclass(frozen=True)
+class MllmClTask:
+    name: str
+    description: str
+    scorer: str
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class MllmClStream:
+    name: str
+    tasks: tuple[MllmClTask, ...]
+    separate_test_folders: bool  # ability: <Task>_test/test.json
+    side_files: tuple[tuple[str, str], ...]  # (name, path relative to root) of replay / router samples
+    description: str
+
+    @property
+    def layout(self) -> str:
+        if self.separate_test_folders:
+            return "<Task>/train.json and <Task>_test/test.json for " + ", ".join(t.name for t in self.tasks)
+        return "<Task>/{train,test}.json for " + ", ".join(t.name for t in self.tasks)
+
+
+DOMAIN = MllmClStream(
+    name="mllm-cl-domain",
+    tasks=(
+        MllmClTask("RS", "Remote sensing: questions about aerial and satellite images", "contains", 32),
+        MllmClTask("Med", "Medical: questions about pathology and radiology images", "contains", 32),
+        MllmClTask("AD", "Autonomous driving: questions about road scenes", "contains", 64),
+        MllmClTask("Sci", "Science: diagrams, maps and textbook figures", "exact_match", 32),
+        MllmClTask("Fin", "Finance: stock and financial charts", "exact_match", 16),
+    ),
+    separate_test_folders=False,
+    side_files=(
+        ("replay", "task5replay20_train.json"),
+        ("router_train", "task5Router_train20.json"),
+        ("sample_images", "num5sample_images20"),
+    ),
+    description="MLLM-CL domain continual learning (RS, Med, AD, Sci, Fin) from its published layout",
+)
+
+ABILITY = MllmClStream(
+    name="mllm-cl-ability",
+    tasks=(
+        MllmClTask("OCR", "OCR: reading text in images", "contains", 32),
+        MllmClTask("Math", "Math & logic: visual math problems", "math_answer", 64),
+        MllmClTask("VP", "Visual perception: counting, spatial relations, depth", "contains", 16),
+        MllmClTask("APP", "GUI agent: understanding app screenshots", "exact_match", 32),
+    ),
+    separate_test_folders=True,
+    side_files=(
+        ("replay", "replay20.json"),
+        ("router_train", "Router_train20.json"),
+        ("sample_images", "sample_images20"),
+    ),
+    description="MLLM-CL ability continual learning (OCR, Math, VP, APP; separate *_test sets), published layout",
+)
+
+
+def _test_folder(stream: MllmClStream, task: str) -> str:
+    return f"{task}_test" if stream.separate_test_folders else task
+
+
+def _normalized_test(task: str, records: list[Any], path: Path) -> list[Record] | None:
+    """Records in the ``{question_id, image, text, answer[, answers]}`` form, or ``None`` if they already are.
+
+    Converted records name their images by absolute path (the converted file lives in the cache, and
+    the task's training file resolves its own images against its own folder)."""
+    converted: list[Record] = []
+    changed = False
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object, found {type(record).__name__}")
+        out = dict(record)
+        if "question_id" not in out and "id" not in out:
+            raise DataError(f"{where}: missing field 'question_id'")
+        if "text" not in out and "conversations" not in out and isinstance(out.get("question"), str):
+            out["text"], changed = out["question"], True
+        raw = out.get("answer")
+        if task == "Math" and out.get("question_type") == "multi_choice" and as_text(out.get("answer_option")):
+            out["answer_text"], out["answer"], changed = raw, as_text(out["answer_option"]), True
+        elif isinstance(raw, list):
+            accepted = [str(a) for a in raw]
+            if not accepted:
+                raise DataError(f"{where}: empty 'answer' list")
+            out["answer"], out["answers"], changed = accepted[0], accepted, True
+        elif "conversations" not in out and as_text(raw) is None:
+            hint = APP_HINT if task == "APP" else ""
+            raise DataError(f"{where}: missing or non-string field 'answer'{hint}")
+        elif not isinstance(raw, str) and raw is not None:
+            out["answer"], changed = as_text(raw), True
+        for key in ("image", "images"):
+            if isinstance(out.get(key), str):
+                out[key] = str(path.parent / out[key])
+            elif isinstance(out.get(key), list):
+                out[key] = [str(path.parent / name) if isinstance(name, str) else name for name in out[key]]
+        converted.append(out)
+    return converted if changed else None
+
+
+def _builder(stream: MllmClStream):
+    def build(options: dict[str, Any], cache: Path) -> list[Task]:
+        root, selected, _ = parse_options(stream.name, options, [t.name for t in stream.tasks], {}, stream.layout)
+        missing = missing_files(root, [f"{name}/train.json" for name in selected])
+        missing += missing_files(root, [f"{_test_folder(stream, name)}/test.json" for name in selected])
+        tests: dict[str, list[Any]] = {}
+        for name in selected:
+            folder = _test_folder(stream, name)
+            path = root / folder / "test.json"
+            if path.is_file():
+                tests[name] = load_records(path)
+                missing += image_folder_missing(tests[name], root / folder, root, f"{folder}/test.json")
+        raise_if_missing(stream.name, root, missing)
+
+        extra_files = tuple((key, root / rel) for key, rel in stream.side_files if (root / rel).exists())
+        specs = {t.name: t for t in stream.tasks}
+        tasks = []
+        for name in selected:
+            folder = _test_folder(stream, name)
+            test_path = root / folder / "test.json"
+            converted = cached_conversion(
+                cache, stream.name, name, [test_path],
+                lambda name=name, test_path=test_path: _normalized_test(name, tests[name], test_path),
+            )
+            tasks.append(
+                Task(
+                    name=name,
+                    description=specs[name].description,
+                    train_file=root / name / "train.json",
+                    test_file=converted or test_path,
+                    image_root=None,  # each file's images are relative to its own folder
+                    scorer=specs[name].scorer,
+                    max_new_tokens=specs[name].max_new_tokens,
+                    extra_files=extra_files,
+                )
+            )
+        return tasks
+
+    return build
+
+
+for _stream in (DOMAIN, ABILITY):
+    register_stream(StreamSpec(name=_stream.name, description=_stream.description, build=_builder(_stream)))

@@ -1,0 +1,227 @@
+"""The hub backbones' architectures (Qwen2-VL, Qwen2.5-VL, SmolVLM/Idefics3) as tiny local models: each
+loads through the same path as a hub id, formats chats with its own template, masks labels to the answer,
+and goes through a full `mmcl run` (train + evaluate); LoRA presets target the language model only."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_stream_config, write_config
+from mmcl.backbones.backbone import IGNORE_INDEX
+from mmcl.backbones.registry import PRESETS, load_backbone, resolve_dtype
+from mmcl.backbones.tiny_archs import TINY_ARCHITECTURES, TinyArchSpec, build_tiny_arch
+from mmcl.errors import ConfigError
+from test_runner import invoke, prediction_records, read_json
+
+SPEC = TinyArchSpec()
+# architecture -> (hub preset, module prefix of its language model, end-of-turn token, generation prompt)
+ARCHITECTURES = {
+    "qwen2-vl": ("qwen2-vl-2b", "model.language_model.", "<|im_end|>", "<|im_start|>assistant\n"),
+    "qwen2.5-vl": ("qwen2.5-vl-3b", "model.language_model.", "<|im_end|>", "<|im_start|>assistant\n"),
+    "smolvlm": ("smolvlm-256m", "model.text_model.", "<end_of_utterance>", "<end_of_utterance>\nAssistant:"),
+}
+TASKS = ["med", "sci"]
+TRAINING = {"max_steps": 2, "batch_size": 2, "learning_rate": 0.01, "warmup_ratio": 0.0, "progress_bar": False}
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHITECTURES)
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def arch_dir(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model of ``arch`` saved with ``save_pretrained`` (random weights)."""
+    return build_tiny_arch(arch, tmp_path_factory.mktemp(f"tiny_{arch}"), spec=SPEC)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmcl.benchmarks.synth import write_synth_domain
+
+    return write_synth_domain(tmp_path_factory.mktemp("arch_data"), seed=0, train_per_task=4, test_per_task=2)
+
+
+def samples_of(data_root: Path, task: str):
+    from mmcl.data.readers import read_samples
+
+    return read_samples(data_root / task / "train.json", task)
+
+
+def test_presets_name_the_hub_checkpoints() -> None:
+    sources = {name: preset.source for name, preset in PRESETS.items()}
+    assert sources["qwen2-vl-2b"] == "Qwen/Qwen2-VL-2B-Instruct"
+    assert sources["qwen2.5-vl-3b"] == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert sources["smolvlm-256m"] == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    assert sources["llava-1.5-7b"] == "llava-hf/llava-1.5-7b-hf"
+    assert all(PRESETS[name].dtype == "bfloat16" for name in ("qwen2-vl-2b", "qwen2.5-vl-3b", "smolvlm-256m"))
+    # dtype "auto": the preset's dtype on a GPU, float32 on the CPU and for directories
+    assert resolve_dtype("qwen2-vl-2b", "auto", "cuda:0") == torch.bfloat16
+    assert resolve_dtype("qwen2-vl-2b", "auto", "cpu") == torch.float32
+    assert resolve_dtype("/some/dir", "auto", "cuda") == torch.float32
+    with pytest.raises(ConfigError, match="backbone.dtype"):
+        resolve_dtype("qwen2-vl-2b", "int8", "cpu")
+
+
+def test_lora_regex_matches_the_language_model_only(arch: str, arch_dir: Path) -> None:
+    preset, lm_prefix, _, _ = ARCHITECTURES[arch]
+    backbone = load_backbone(str(arch_dir), device="cpu")
+    linears = [name for name, module in backbone.model.named_modules() if isinstance(module, torch.nn.Linear)]
+    vision = [name for name in linears if not name.startswith(lm_prefix) and name != "lm_head"]
+    assert vision, "the tiny model has a vision tower and projector"
+    expected = [name for name in linears if name.startswith(lm_prefix)]
+    assert len(expected) == 7 * SPEC.text_layers  # q k v o gate up down per decoder layer
+    for regex in (PRESETS[preset].lora_targets, backbone.lora_targets):  # the preset's, and a local dir's default
+        matched = [name for name, _ in backbone.model.named_modules() if re.fullmatch(regex, name)]
+        assert matched == expected
+
+
+def test_labels_cover_only_the_answer(arch: str, arch_dir: Path, data_root: Path) -> None:
+    _, _, end_of_turn, generation_prompt = ARCHITECTURES[arch]
+    backbone = load_backbone(str(arch_dir), device="cpu")
+    for sample in samples_of(data_root, "sci")[:2] + samples_of(data_root, "med")[:1]:
+        features = backbone.encode_for_training(sample)
+        labels = features["labels"]
+        labelled = (labels != IGNORE_INDEX).nonzero().flatten()
+        start = int(labelled[0])
+        assert labelled.tolist() == list(range(start, labels.shape[0]))  # one span, to the end
+        assert torch.equal(labels[start:], features["input_ids"][start:])
+        text = backbone.tokenizer.decode(labels[start:])
+        assert text.strip() == f"{sample.answer}{end_of_turn}"
+        prompt = backbone.tokenizer.decode(features["input_ids"][:start])
+        assert prompt.endswith(generation_prompt)  # everything up to the assistant's first token is masked
+
+
+def test_batches_mix_samples_with_different_image_counts(arch: str, arch_dir: Path, data_root: Path) -> None:
+    """A two-image sample batched with one-image samples: image tensors are padded or concatenated, and each
+    sample's logits equal those it gets alone."""
+    from mmcl.data.sample import Sample
+
+    backbone = load_backbone(str(arch_dir), device="cpu")
+    one, other = samples_of(data_root, "sci")[:2]
+    two = Sample(id="pair", task="sci", images=(one.images[0], other.images[0]),
+                 prompt="<image> and <image>\nSame shape?", answer="no")  # fmt: skip
+    features = [backbone.encode_for_training(sample) for sample in (two, one, other)]
+    batch = backbone.collate(features)
+    backbone.model.eval()
+    with torch.no_grad():
+        logits = backbone.model(**batch).logits
+        for row, single in enumerate(features):
+            alone = backbone.model(**backbone.collate([single])).logits[0]
+            assert torch.allclose(logits[row, : alone.shape[0]], alone, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def arch_run(arch: str, arch_dir: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`mmcl run` on a two-task stream declared as files, with the preset's LoRA targets (one stage per task)."""
+    preset, _, _, _ = ARCHITECTURES[arch]
+    folder = tmp_path_factory.mktemp(f"run_{arch}")
+    tasks = [
+        {"name": task, "train": str(data_root / task / "train.json"), "test": str(data_root / task / "test.json"),
+         "scorer": "exact_match", "max_new_tokens": 3}
+        for task in TASKS
+    ]  # fmt: skip
+    config = make_stream_config(
+        arch_dir,
+        folder / "cache",
+        folder / "run",
+        stream={"tasks": tasks},
+        lora={"targets": PRESETS[preset].lora_targets},
+        training=dict(TRAINING),
+        evaluation={"batch_size": 2, "limit": 2},
+    )
+    result = invoke(["run", str(write_config(folder / "config.yaml", config))])
+    assert result.code == 0, result.err
+    return folder / "run"
+
+
+def test_one_run_trains_and_evaluates(arch_run: Path) -> None:
+    for index, task in enumerate(TASKS, start=1):
+        stage = arch_run / "stages" / f"{index}_{task}"
+        info = read_json(stage / "stage.json")
+        assert math.isfinite(info["train_metrics"]["train_loss"]) and info["train_metrics"]["train_loss"] > 0
+        tensors = load_file(str(stage / "state.safetensors"))
+        assert tensors and all("lora_" in key for key in tensors)
+        assert all("visual" not in key and "vision" not in key and "connector" not in key for key in tensors)
+    for row in ["0_base", "1_med", "2_sci"]:
+        for task in TASKS:
+            meta, records = prediction_records(arch_run / "predictions" / row / f"{task}.jsonl")
+            assert meta["n"] == 2 and len(records) == 2
+            assert all(isinstance(record["prediction"], str) for record in records)
+    results = read_json(arch_run / "results.json")
+    assert results["tasks"] == TASKS and len(results["matrix"]) == 3 and results["complete"] is True
+
+
+def test_bfloat16_with_activation_checkpointing_trains(
+    arch: str, arch_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    """One LoRA step on a bfloat16 model with activation checkpointing moves the adapter; generation works."""
+    from mmcl.config import LoraSettings, TrainingConfig
+    from mmcl.methods.lora_utils import adapter_tensors, add_lora
+    from mmcl.training.sft import train_on_samples
+
+    preset, _, _, _ = ARCHITECTURES[arch]
+    backbone = load_backbone(str(arch_dir), dtype="bfloat16", device="cpu")
+    assert backbone.model.dtype == torch.bfloat16
+    add_lora(backbone, LoraSettings(targets=PRESETS[preset].lora_targets), seed=0)
+    before = adapter_tensors(backbone)
+    samples = samples_of(data_root, "med")[:2]
+    config = TrainingConfig(max_steps=1, batch_size=2, learning_rate=0.05, warmup_ratio=0.0, progress_bar=False,
+                            activation_checkpointing=True)  # fmt: skip
+    metrics = train_on_samples(backbone, samples, config, tmp_path / "trainer", seed=0)
+    assert math.isfinite(metrics["train_loss"])
+    assert backbone.model.get_base_model().is_activation_checkpointing
+    after = adapter_tensors(backbone)
+    moved = [key for key in before if "lora_B" in key and not torch.equal(before[key], after[key])]
+    assert len(moved) == 7 * SPEC.text_layers  # every targeted layer got a gradient through the checkpoints
+    answers = backbone.generate(samples, max_new_tokens=2)
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+
+
+def test_processor_options_reach_the_processor(data_root: Path, tmp_path: Path) -> None:
+    """Qwen-VL ``size`` (pixels) caps the image grid: 56x56 px = 4x4 patches; 28x28 px = 2x2 patches."""
+    model_dir = build_tiny_arch("qwen2-vl", tmp_path / "qwen", spec=SPEC)
+    sample = samples_of(data_root, "med")[0]
+    default = load_backbone(str(model_dir), device="cpu").encode_for_training(sample)
+    capped = load_backbone(
+        str(model_dir), device="cpu", processor_options={"size": {"shortest_edge": 28 * 28, "longest_edge": 28 * 28}}
+    )
+    small = capped.encode_for_training(sample)
+    assert default["image_grid_thw"].tolist() == [[1, 4, 4]] and small["image_grid_thw"].tolist() == [[1, 2, 2]]
+    assert small["input_ids"].shape[0] == default["input_ids"].shape[0] - 3  # 4 merged image tokens -> 1
+
+
+def test_load_in_4bit_needs_cuda_and_bitsandbytes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model_dir = tmp_path / "never_loaded"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^backbone\.load_in_4bit: .*CUDA") as error:
+            load_backbone(str(model_dir), load_in_4bit=True)
+        assert "\n" not in str(error.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "bitsandbytes" else object())
+    with pytest.raises(ConfigError, match=r"^backbone\.load_in_4bit: .*bitsandbytes"):
+        load_backbone(str(model_dir), load_in_4bit=True)
+
+
+def test_load_in_4bit_error_from_the_command_line(arch_run: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may load in 4 bits")
+    config = read_json_yaml(arch_run.parent / "config.yaml")
+    config["output_dir"] = str(tmp_path / "run")
+    config["backbone"]["load_in_4bit"] = True
+    result = invoke(["run", str(write_config(tmp_path / "config.yaml", config))])
+    assert result.code == 2
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "load_in_4bit" in lines[0] and "Traceback" not in result.err
+
+
+def read_json_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -1,0 +1,43 @@
+"""A 2-process CPU run under torchrun (DDP over gloo): sharded training and evaluation, one run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_stream_config, write_config
+from test_runner import TRAINING, invoke, prediction_records, read_json
+
+
+def test_two_process_run_matches_single_process_layout(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> None:
+    mmcl = Path(sys.executable).parent / "mmcl"
+    evaluation = {"batch_size": 3, "forward_transfer": False}  # small batches: every shard spans several
+    single_config = make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / "single", training=dict(TRAINING), evaluation=evaluation)
+    single = invoke(["run", str(write_config(tmp_path / "single.yaml", single_config))])
+    assert single.code == 0, single.err
+
+    config = dict(single_config, output_dir=str(tmp_path / "ddp"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               str(mmcl), "run", str(write_config(tmp_path / "ddp.yaml", config))]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("stage 1/5 [rs]: training on 8 samples") == 1  # process 0 alone reports
+
+    run_dir = tmp_path / "ddp"
+    results = read_json(run_dir / "results.json")
+    assert results["complete"] and len(results["matrix"]) == 6
+    assert not list((run_dir / "stages").glob(".tmp_*"))
+    # the base model's answers, gathered from two shards, are exactly the single-process file, in order
+    for task in ("rs", "sci"):
+        _, gathered = prediction_records(run_dir / "predictions" / "0_base" / f"{task}.jsonl")
+        _, alone = prediction_records(tmp_path / "single" / "predictions" / "0_base" / f"{task}.jsonl")
+        assert [(r["id"], r["prediction"]) for r in gathered] == [(r["id"], r["prediction"]) for r in alone]
+    for stage, task in (("1_rs", "rs"), ("5_fin", "fin")):
+        meta, records = prediction_records(run_dir / "predictions" / stage / f"{task}.jsonl")
+        assert meta["n"] == len(records) == 4
+    info = json.loads((run_dir / "stages" / "1_rs" / "stage.json").read_text(encoding="utf-8"))
+    assert info["train_samples"] == 8
