@@ -45,6 +45,8 @@ class TrainingConfig:
     progress_bar: bool = True
     bf16: bool = False
     activation_checkpointing: bool = False
+    deepspeed: str | None = None  # DeepSpeed JSON config for the HF Trainer (GPU; see examples/deepspeed/)
+    fsdp: str | None = None  # the HF Trainer's FSDP option string, e.g. "full_shard auto_wrap" (GPU)
 
 
 @dataclass

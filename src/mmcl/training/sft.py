@@ -93,6 +93,8 @@ def train_on_samples(
         disable_tqdm=not config.progress_bar,
         bf16=config.bf16,
         activation_checkpointing=config.activation_checkpointing,
+        deepspeed=config.deepspeed,
+        fsdp=config.fsdp,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = ContinualTrainer(
