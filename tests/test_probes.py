@@ -92,7 +92,9 @@ def test_summary_splits_forgetting_into_essential_and_superficial() -> None:
     assert summarize(matrix[:2], table[:2]) is None  # one stage: nothing is old yet
 
 
-def test_run_evaluates_general_set_and_probes(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> None:
+def test_run_evaluates_general_set_probes_and_low_shot(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> None:
+    """The extra evaluations fill their own files and leave the accuracy matrix exactly as a plain run's
+    (low-shot fine-tuning restores each stage's state before training goes on)."""
     from mmcl.benchmarks.stream import StreamConfig, build_stream
 
     options = {"train_per_task": 8, "test_per_task": 4}
@@ -102,13 +104,25 @@ def test_run_evaluates_general_set_and_probes(tiny_model_dir: Path, stream_cache
     config = make_stream_config(
         tiny_model_dir, stream_cache_dir, tmp_path / "run", training=dict(TRAINING),
         stream={**stream}, evaluation={"batch_size": 8, "forward_transfer": False, "superficial": True,
-                                       "general": str(general_file)},
+                                       "general": str(general_file), "low_shot": 4},
     )  # fmt: skip
-    config["stream"]["options"] = options
     result = invoke(["run", str(write_config(tmp_path / "c.yaml", config))])
     assert result.code == 0, result.err
     run_dir = tmp_path / "run"
     results = read_json(run_dir / "results.json")
+    plain_config = dict(config, evaluation={"batch_size": 8, "forward_transfer": False, "general": "none"},
+                        output_dir=str(tmp_path / "plain"))  # fmt: skip
+    plain = invoke(["run", str(write_config(tmp_path / "plain.yaml", plain_config))])
+    assert plain.code == 0, plain.err
+    assert results["matrix"] == read_json(tmp_path / "plain" / "results.json")["matrix"]
+
+    low_shot = results["low_shot"]["matrix"]
+    assert all(value is not None for value in low_shot[0])  # from the base model: every task is unseen
+    assert low_shot[2][:2] == [None, None] and all(value is not None for value in low_shot[2][2:])
+    assert low_shot[5] == [None] * 5
+    gains = [low_shot[r][j] - low_shot[0][j] for r in range(1, 5) for j in range(r, 5)]
+    assert results["metrics"]["low_shot_transfer"] == pytest.approx(sum(gains) / len(gains))
+    assert "Low-shot transfer (CLiMB)" in (run_dir / "report.html").read_text(encoding="utf-8")
     scores = results["general"]["scores"]
     assert len(scores) == 6 and all(value is not None for value in scores)
     assert results["metrics"]["general_drop"] == pytest.approx(scores[0] - scores[-1])

@@ -81,6 +81,7 @@ class EvaluationConfig:
     general: str = "auto"  # general-ability set after every stage: auto | none | a test file (mmcl.evaluation.general)
     general_scorer: str = "exact_match"  # scorer of a general test file named by path
     superficial: bool = False  # also ask seen tasks in another answer format; score format and content apart
+    low_shot: int = 0  # CLiMB low-shot transfer: after each stage, fine-tune a copy on this many samples of each unseen task (0 = off)
 
 
 @dataclass

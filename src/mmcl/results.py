@@ -34,6 +34,25 @@ def judged_file(run_dir: Path, row_label: str, task: str) -> Path:
     return run_dir / "superficial" / row_label / f"{task}.jsonl"
 
 
+def low_shot_file(run_dir: Path, row_label: str, task: str) -> Path:
+    """Predictions on ``task`` after low-shot fine-tuning from the stage ``row_label`` (CLiMB)."""
+    return run_dir / "low_shot" / row_label / f"{task}.jsonl"
+
+
+def _low_shot_results(run_dir: Path, row_labels: list[str], tasks: list[str]) -> dict[str, Any] | None:
+    """The low-shot matrix L (row = stage fine-tuned from, column = unseen task) and the mean gain of
+    low-shot fine-tuning from a trained stage over low-shot fine-tuning from the base model (row 0)."""
+    matrix = [
+        [round(score_prediction_file(f), 4) if (f := low_shot_file(run_dir, stage_name(i, label), task)).exists() else None
+         for task in tasks]
+        for i, label in enumerate(row_labels)
+    ]  # fmt: skip
+    if not any(value is not None for row in matrix for value in row):
+        return None
+    gains = [row[j] - matrix[0][j] for row in matrix[1:] for j in range(len(tasks)) if row[j] is not None and matrix[0][j] is not None]
+    return {"matrix": matrix, "transfer": round(sum(gains) / len(gains), 4) if gains else None}
+
+
 def _general_results(run_dir: Path, row_labels: list[str]) -> dict[str, Any] | None:
     files = [general_file(run_dir, stage_name(i, label)) for i, label in enumerate(row_labels)]
     if not any(file.exists() for file in files):
@@ -97,6 +116,9 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     if general is not None and general["drop"] is not None:
         metrics["general_drop"] = general["drop"]
     superficial = _superficial_results(run_dir, row_labels, tasks, matrix)
+    low_shot = _low_shot_results(run_dir, row_labels, tasks)
+    if low_shot is not None and low_shot["transfer"] is not None:
+        metrics["low_shot_transfer"] = low_shot["transfer"]
     summary_file = run_dir / METHOD_SUMMARY
     method_summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.exists() else {}
     return {
@@ -114,6 +136,7 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
         "reference_rows": reference_rows,
         "general": general,
         "superficial": superficial,
+        "low_shot": low_shot,
         "complete": all(stage_seconds.get(label) is not None for label in plan["stages"]),
         "stage_seconds": stage_seconds,
         "train_seconds": round(sum(stage_seconds.values()), 3),

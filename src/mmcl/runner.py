@@ -5,7 +5,9 @@ every process walks the same loop; process 0 alone writes (see :mod:`mmcl.distri
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +23,15 @@ from mmcl.evaluation.evaluator import generate_answers, read_predictions, write_
 from mmcl.evaluation.general import general_task
 from mmcl.evaluation.superficial import make_probes, probe_tokens, write_judged
 from mmcl.methods import METHODS, Method
-from mmcl.results import BASE_LABEL, METHOD_SUMMARY, collect_results, general_file, judged_file, stage_name
+from mmcl.results import (
+    BASE_LABEL,
+    METHOD_SUMMARY,
+    collect_results,
+    general_file,
+    judged_file,
+    low_shot_file,
+    stage_name,
+)
 from mmcl.utils import atomic_write_text
 
 Log = Callable[[str], None]
@@ -59,6 +69,13 @@ def create_method(config: ExperimentConfig) -> Method:
     method_class = METHODS[config.method.name]
     options = from_dict(method_class.config_class, config.method.options, "method.options")
     return method_class(options, config.lora, config.seed)
+
+
+def low_shot_samples(task: Task, k: int, seed: int) -> list:
+    """``k`` training samples of ``task`` drawn once per seed (the same for every stage)."""
+    samples = list(task.train_samples)
+    random.Random(f"low-shot/{seed}/{task.name}").shuffle(samples)
+    return samples[:k]
 
 
 def plan_stages(method: Method, tasks: list[Task]) -> list[tuple[str, list[Task]]]:
@@ -200,6 +217,9 @@ class ContinualRun:
         if self.config.evaluation.superficial and row_index > 0:
             for task in self.tasks[: self.seen_tasks(row_index)]:
                 self.evaluate_probes(row_index, row_label, task)
+        if self.config.evaluation.low_shot > 0:
+            for task in self.tasks[self.seen_tasks(row_index) :]:
+                self.evaluate_low_shot(row_index, row_label, task)
 
     def test_samples(self, task: Task) -> list:
         limit = self.config.evaluation.limit
@@ -245,6 +265,30 @@ class ContinualRun:
             originals = read_predictions(self.prediction_file(row_label, task))
             write_judged(out_file, samples, probes, originals, answers)
             self.log(f"  probe [{row_label}] {task.name}: judged {len(probes)} answers in another format")
+
+    def evaluate_low_shot(self, row_index: int, row_label: str, task: Task) -> None:
+        """CLiMB's low-shot transfer: fine-tune the model after stage ``row_index`` on ``low_shot``
+        training samples of the unseen ``task`` (plain SFT of whatever the method trains), evaluate
+        it on the task, then restore the stage's state; the same samples for every stage."""
+        out_file = low_shot_file(self.run_dir, row_label, task.name)
+        if distributed.agree(out_file.exists()):
+            return
+        from mmcl.training.sft import train_on_samples
+
+        self.ensure_stage_loaded(row_index)
+        tensors = {name: tensor.detach().clone() for name, tensor in self.method.state_tensors().items()}
+        state = json.loads(json.dumps(self.method.state_json()))
+        shots = low_shot_samples(task, self.config.evaluation.low_shot, self.config.seed)
+        with tempfile.TemporaryDirectory(prefix="mmcl-low-shot-") as work:
+            train_on_samples(self.backbone, shots, self.config.training, Path(work), seed=self.config.seed)
+        samples = self.test_samples(task)
+        started = time.perf_counter()
+        answers = self.answers(row_index, task, samples, self.config.evaluation.max_new_tokens or task.max_new_tokens)
+        self.method.load_state_json(state)
+        self.method.load_state_tensors(tensors)
+        if distributed.is_main():
+            score = write_predictions(out_file, samples, answers, task.scorer, time.perf_counter() - started)
+            self.log(f"  low-shot [{row_label}] {task.name} after {len(shots)} samples: {score:.1f}")
 
     def save_method_summary(self) -> None:
         summary = self.method.evaluation_summary()

@@ -49,6 +49,10 @@ METRIC_EXPLANATIONS: dict[str, str] = {
         "Forward transfer (GEM): accuracy on a task just before learning it minus the base model's "
         "accuracy on it, averaged over tasks 2..T."
     ),
+    "low_shot_transfer": (
+        "Low-shot transfer (CLiMB): mean gain on unseen tasks of few-shot fine-tuning from a trained stage "
+        "over few-shot fine-tuning from the base model; positive = earlier tasks help learn new ones."
+    ),
     "general_drop": (
         "General-ability drop: score on the general set (held-out questions outside the stream) of the "
         "base model minus that after the last stage; positive = general ability lost."
@@ -258,6 +262,22 @@ def _forgetting_split(results: Results) -> Mapping[str, Any] | None:
     superficial = results.get("superficial")
     summary = superficial.get("summary") if isinstance(superficial, Mapping) else None
     return summary.get("forgetting") if isinstance(summary, Mapping) else None
+
+
+def _low_shot_html(results: Results, matrix: Sequence[Sequence[float | None]]) -> str:
+    """Scores on each unseen task after few-shot fine-tuning from each stage (row = stage)."""
+    tasks = _tasks(results)
+    labels = [label for label, _ in _matrix_rows(results)]
+    head = "".join(f"<th>{_e(task)}</th>" for task in tasks)
+    rows = "".join(
+        f"<tr><td>{_e(label)}</td>" + "".join(_num_cell(_num(value)) for value in row) + "</tr>"
+        for label, row in zip(labels, matrix)
+    )
+    return (
+        "<p>Each cell: score on a task not yet trained after fine-tuning the model of that stage on a few of "
+        "the task's training samples (the stage's state is restored afterwards).</p>"
+        f"<table><tr><th>fine-tuned from</th>{head}</tr>{rows}</table>"
+    )
 
 
 def _superficial_html(results: Results) -> str:
@@ -591,6 +611,9 @@ def _render_html(results: Results, heatmap_png: bytes, curves_png: bytes) -> str
         "<h2>Run</h2>",
         _facts_html(results),
     ]
+    low_shot = results.get("low_shot")
+    if isinstance(low_shot, Mapping) and isinstance(low_shot.get("matrix"), Sequence):
+        parts += ["<h2>Low-shot transfer (CLiMB)</h2>", _low_shot_html(results, low_shot["matrix"])]
     superficial = _superficial_html(results)
     if superficial:
         parts += ["<h2>Superficial and essential forgetting</h2>", superficial]
