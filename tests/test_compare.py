@@ -293,6 +293,10 @@ def test_write_comparison_files(runs_root: Path, tmp_path: Path) -> None:
     assert records[4]["seeds"] == "0;1"
     assert records[3]["MFT"] == "" and records[0]["ACC_std"] == ""
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    # CLiMB knowledge transfer against the experts run's diagonal [100, 100, 100], chance = its row 0
+    # [0, 25, 0]: seed 1 learns tasks 1 and 3 to 75, i.e. 100 (75 - 100) / (100 - 0) = -25 on each
+    assert float(records[0]["T_K"]) == pytest.approx(0.0) and float(records[1]["T_K"]) == pytest.approx(-50 / 3, abs=1e-3)
+    assert records[3]["T_K"] == "" and "T_K" in text.splitlines()[0]
 
 
 def test_plot_comparison_single_run(runs: list[dict[str, Any]], tmp_path: Path) -> None:

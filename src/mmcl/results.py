@@ -116,6 +116,10 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     if general is not None and general["drop"] is not None:
         metrics["general_drop"] = general["drop"]
     superficial = _superficial_results(run_dir, row_labels, tasks, matrix)
+    split = (superficial or {}).get("summary") or {}
+    if split.get("forgetting"):
+        metrics["forgetting_essential"] = split["forgetting"]["essential"]
+        metrics["forgetting_superficial"] = split["forgetting"]["superficial"]
     low_shot = _low_shot_results(run_dir, row_labels, tasks)
     if low_shot is not None and low_shot["transfer"] is not None:
         metrics["low_shot_transfer"] = low_shot["transfer"]

@@ -46,7 +46,11 @@ Run = Mapping[str, Any]
 
 # Numeric per-run fields besides the metrics, in table order.
 EXTRA_FIELDS: tuple[str, ...] = ("trainable_parameters", "stored_bytes_per_task", "train_seconds", "eval_seconds")
-FIELDS: tuple[str, ...] = (*METRIC_ORDER, *EXTRA_FIELDS)
+# Metrics only some runs have (shown when any compared run has them).
+OPTIONAL_METRICS: tuple[str, ...] = (
+    "general_drop", "forgetting_essential", "forgetting_superficial", "low_shot_transfer", "T_K",
+)  # fmt: skip
+FIELDS: tuple[str, ...] = (*METRIC_ORDER, *OPTIONAL_METRICS, *EXTRA_FIELDS)
 
 # Config keys that do not change what a run computes (where it is written, progress output,
 # evaluation batching) or that are the replicate axis itself; ignored when grouping runs.
@@ -297,7 +301,7 @@ def _train_seconds(run: Run) -> float | None:
 def _field_values(run: Run) -> dict[str, float | None]:
     metrics = run.get("metrics")
     metrics = metrics if isinstance(metrics, Mapping) else {}
-    values: dict[str, float | None] = {k: _num(metrics.get(k)) for k in METRIC_ORDER}
+    values: dict[str, float | None] = {k: _num(metrics.get(k)) for k in (*METRIC_ORDER, *OPTIONAL_METRICS)}
     values["trainable_parameters"] = _num(run.get("trainable_parameters"))
     values["stored_bytes_per_task"] = _num(run.get("stored_bytes_per_task"))
     values["train_seconds"] = _train_seconds(run)
@@ -417,6 +421,10 @@ def _fmt_cell(name: str, value: float | None, std: float | None, aggregated: boo
 
 
 _HEADERS: dict[str, str] = {
+    "general_drop": "gen.drop",
+    "forgetting_essential": "F.essential",
+    "forgetting_superficial": "F.superficial",
+    "low_shot_transfer": "low-shot",
     "trainable_parameters": "trainable",
     "stored_bytes_per_task": "stored/task",
     "train_seconds": "train time",
@@ -430,6 +438,47 @@ FOOTNOTE = (
 )
 
 
+OPTIONAL_NOTES = {
+    "general_drop": " gen.drop = general-ability score lost from base to final stage.",
+    "forgetting_essential": " F.essential/F.superficial = forgetting on old tasks split into content lost and format drift.",
+    "low_shot_transfer": " low-shot = CLiMB low-shot transfer (gain over few-shot tuning from the base model).",
+    "T_K": " T_K = CLiMB knowledge transfer vs the compared experts run (single-task), mean over tasks.",
+}
+
+
+def with_knowledge_transfer(runs: Sequence[Run]) -> list[Run]:
+    """Runs with CLiMB's knowledge transfer ``T_K`` added to their metrics when an ``experts`` run
+    (single-task fine-tuning, S_ST = its diagonal, averaged over its seeds) is among them. Chance
+    scores: CLiMB's per-task values for the ``climb`` stream, else the base model's row 0."""
+    from mmcl.benchmarks.climb import CLIMB_RANDOM_SCORES
+    from mmcl.evaluation.metrics import climb_knowledge_transfer
+
+    experts = [run for run in runs if _method(run) == "experts" and _complete(run)]
+    if not experts:
+        return list(runs)
+    tasks = list(experts[0].get("tasks") or [])
+
+    def diagonal(run: Run) -> list[float | None]:
+        matrix = run.get("matrix") or []
+        return [_num(matrix[i + 1][i]) if len(matrix) > i + 1 else None for i in range(len(tasks))]
+
+    single = [_present_mean([diagonal(run)[i] for run in experts]) for i in range(len(tasks))]
+    if all(task in CLIMB_RANDOM_SCORES for task in tasks):
+        chance = [CLIMB_RANDOM_SCORES[task] for task in tasks]
+    else:
+        chance = [_num(value) for value in (experts[0].get("matrix") or [[]])[0]]
+    out = []
+    for run in runs:
+        run = dict(run)
+        if list(run.get("tasks") or []) == tasks and not _is_joint(run) and None not in single and None not in chance:
+            values = [climb_knowledge_transfer(d, s, c) for d, s, c in zip(diagonal(run), single, chance) if d is not None]
+            present = [v for v in values if v is not None]
+            if present:
+                run["metrics"] = {**(run.get("metrics") or {}), "T_K": sum(present) / len(present)}
+        out.append(run)
+    return out
+
+
 def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
     """Aligned plain-text table (one line per row, one column per metric); ``n/a`` for missing values.
 
@@ -437,7 +486,8 @@ def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
     """
     any_aggregated = any(row.get("aggregated") for row in rows)
     any_incomplete = any(row.get("complete") is False for row in rows)
-    header = ["method", *(["n"] if any_aggregated else []), *(_HEADERS.get(f, f) for f in FIELDS)]
+    fields = [f for f in FIELDS if f not in OPTIONAL_METRICS or any(_num(row.get(f)) is not None for row in rows)]
+    header = ["method", *(["n"] if any_aggregated else []), *(_HEADERS.get(f, f) for f in fields)]
     body: list[list[str]] = []
     for row in rows:
         aggregated = bool(row.get("aggregated"))
@@ -445,7 +495,7 @@ def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = [label]
         if any_aggregated:
             cells.append(str(row.get("n", 1)))
-        for name in FIELDS:
+        for name in fields:
             cells.append(_fmt_cell(name, _num(row.get(name)), _num(row.get(f"{name}_std")), aggregated))
         body.append(cells)
     widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
@@ -457,7 +507,7 @@ def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
 
     rule = "-" * len(line(header))
     out = [line(header), rule, *(line(r) for r in body), rule]
-    notes = FOOTNOTE
+    notes = FOOTNOTE + "".join(OPTIONAL_NOTES[f] for f in fields if f in OPTIONAL_NOTES)
     if any_aggregated:
         notes += " a±b = mean ± sample std over n runs (seeds)."
     if any_incomplete:
@@ -659,7 +709,7 @@ def write_comparison(run_dirs: Sequence[Path | str], out_dir: Path | str) -> tup
         if resolved not in seen:
             seen.add(resolved)
             unique.append(Path(run_dir))
-    runs = [load_run(run_dir) for run_dir in unique]
+    runs = with_knowledge_transfer([load_run(run_dir) for run_dir in unique])
     check_comparable(runs)
     run_rows = comparison_rows(runs)
     method_rows = aggregate_by_method(runs)

@@ -53,6 +53,14 @@ METRIC_EXPLANATIONS: dict[str, str] = {
         "Low-shot transfer (CLiMB): mean gain on unseen tasks of few-shot fine-tuning from a trained stage "
         "over few-shot fine-tuning from the base model; positive = earlier tasks help learn new ones."
     ),
+    "forgetting_essential": (
+        "Essential forgetting (SEFE): drop of the share of answers with the right content on old tasks, "
+        "from right after learning each to the final stage."
+    ),
+    "forgetting_superficial": (
+        "Superficial forgetting (SEFE): the rest of the accuracy drop on old tasks, answers whose content "
+        "survived but whose format drifted (BWT-style drop minus essential forgetting)."
+    ),
     "general_drop": (
         "General-ability drop: score on the general set (held-out questions outside the stream) of the "
         "base model minus that after the last stage; positive = general ability lost."
