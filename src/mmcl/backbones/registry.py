@@ -42,6 +42,9 @@ class BackbonePreset:
     processor_options: dict[str, Any] = field(default_factory=dict)
 
 
+# Qwen2-VL / Qwen2.5-VL: 16 to 512 visual tokens per image (each token covers 28 x 28 pixels).
+QWEN_IMAGE_BOUNDS = {"size": {"shortest_edge": 16 * 28 * 28, "longest_edge": 512 * 28 * 28}}
+
 PRESETS: dict[str, BackbonePreset] = {
     preset.name: preset
     for preset in [
@@ -64,7 +67,7 @@ PRESETS: dict[str, BackbonePreset] = {
             "Qwen/Qwen2-VL-2B-Instruct",
             LANGUAGE_MODEL_LORA_TARGETS,
             dtype="bfloat16",
-            processor_options={"size": {"shortest_edge": 16 * 28 * 28, "longest_edge": 512 * 28 * 28}},
+            processor_options=QWEN_IMAGE_BOUNDS,
         ),
         BackbonePreset(
             "qwen2.5-vl-3b",
@@ -72,7 +75,7 @@ PRESETS: dict[str, BackbonePreset] = {
             "Qwen/Qwen2.5-VL-3B-Instruct",
             LANGUAGE_MODEL_LORA_TARGETS,
             dtype="bfloat16",
-            processor_options={"size": {"shortest_edge": 16 * 28 * 28, "longest_edge": 512 * 28 * 28}},
+            processor_options=QWEN_IMAGE_BOUNDS,
         ),
         BackbonePreset(
             "smolvlm-256m",
