@@ -2,8 +2,10 @@
 
 from mmcl.methods import (  # noqa: F401  (registration side effects)
     asd,
+    evolmm,
     ewc,
     experts,
+    grpo,
     joint,
     lwf,
     moelora,

@@ -1,0 +1,300 @@
+"""``grpo``: reinforcement fine-tuning (RFT) with GRPO, task after task, on one LoRA adapter.
+
+"Reinforcement Fine-Tuning Naturally Mitigates Forgetting in Continual Post-Training" (RFT) trains
+each task with GRPO (Shao et al. 2024, DeepSeekMath) on a verifiable reward instead of supervised
+targets, and filters the training instances by rollouts first (RIF: instances no rollout solves give
+no learning signal). Here, per task:
+
+1. SFT warm-up of ``sft_warmup_steps`` steps with the run's ``training`` settings (learning rate,
+   batch size, scheduler), because a model that never answers right earns no reward. Default 20
+   steps (about half an epoch of synth-domain at batch 8): measured on the shipped tiny model without
+   warm-up, filtering kept 2/300 instances on the first task and 0/300 on the multiple-choice task,
+   so GRPO had nothing to learn from; with it 80-90% are kept. ``sft_warmup_steps: 0`` gives pure
+   RFT as in the paper;
+2. rollout-based instance filtering (on by default): ``filter_rollouts`` sampled completions per
+   training instance; instances whose mean accuracy is 0 are dropped (and those at 1 with
+   ``drop_all_correct``); the kept share is recorded;
+3. GRPO (:mod:`mmcl.training.grpo`) on the kept prompts. Reward = accuracy + ``format_weight`` x
+   format, where accuracy is the task's own scorer (``score_one``) and format is 1 when the
+   completion is one short line (at most ``format_max_words`` words) that ends with EOS within the
+   token budget. The reference policy of the KL term is the model the RL phase starts from: the
+   model before the task when there is no warm-up (the adapter's weights copied in ``before_task``),
+   the model after the warm-up otherwise (``reference_after_warmup``, default on, as RL after an
+   SFT cold start does in DeepSeek-R1 and TRL). Measured: with the pre-warm-up model as reference,
+   groups without reward variance only feel the KL term, which undid the warm-up (synth-domain
+   ``sci``: accuracy reward 0.05 -> 0.00 over 25 steps at KL 2.7/token). Reference log-probs are
+   computed by swapping the reference weights into the adapter in place (no second adapter).
+
+The run's ``training`` section is only used by the SFT warm-up; GRPO has its own options here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mmcl.benchmarks.stream import Task
+from mmcl.config import TrainingConfig
+from mmcl.data.sample import Sample
+from mmcl.errors import ConfigError
+from mmcl.evaluation.scorers import score_one
+from mmcl.methods.base import register_method
+from mmcl.methods.seq_lora import SequentialLora
+from mmcl.training.grpo import (
+    GrpoConfig,
+    RewardParts,
+    StepLog,
+    filter_instances,
+    steps_for_epochs,
+    train_grpo,
+    trainable_snapshot,
+)
+from mmcl.training.rollouts import Rollout, eos_token_ids
+
+_DEFAULTS = GrpoConfig()
+
+
+@dataclass
+class GrpoOptions:
+    """GRPO, filtering and warm-up options (sources of the GRPO defaults: :class:`GrpoConfig`)."""
+
+    steps: int = _DEFAULTS.steps  # GRPO steps per task
+    epochs: float = 0.0  # if > 0: passes over the kept prompts, overrides steps
+    prompts_per_step: int = _DEFAULTS.prompts_per_step
+    group_size: int = _DEFAULTS.group_size
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    max_new_tokens: int | None = None  # None: the task's own generation budget
+    clip_epsilon: float = _DEFAULTS.clip_epsilon
+    kl_coef: float = _DEFAULTS.kl_coef
+    iterations: int = _DEFAULTS.iterations
+    learning_rate: float = _DEFAULTS.learning_rate
+    lr_scheduler: str = _DEFAULTS.lr_scheduler
+    loss_type: str = _DEFAULTS.loss_type
+    scale_rewards: bool = _DEFAULTS.scale_rewards
+    format_weight: float = _DEFAULTS.format_weight
+    format_max_words: int = 3  # synth answers are one word; a short line allows "two cars"-style answers
+    filter: bool = True  # rollout-based instance filtering (RFT's RIF)
+    filter_rollouts: int = 4  # k rollouts per training instance for filtering
+    drop_all_correct: bool = False  # also drop instances every filtering rollout solved
+    sft_warmup_steps: int = 20  # SFT steps before GRPO on each task (0 = off); see the module doc
+    reference_after_warmup: bool = True  # KL reference = model after the warm-up (False: before the task)
+
+    def __post_init__(self) -> None:
+        if self.filter_rollouts < 1:
+            raise ConfigError(f"method.options.filter_rollouts: expected >= 1, got {self.filter_rollouts}")
+        if self.sft_warmup_steps < 0:
+            raise ConfigError(f"method.options.sft_warmup_steps: expected >= 0, got {self.sft_warmup_steps}")
+        if self.format_max_words < 1:
+            raise ConfigError(f"method.options.format_max_words: expected >= 1, got {self.format_max_words}")
+        if self.epochs < 0:
+            raise ConfigError(f"method.options.epochs: expected >= 0, got {self.epochs}")
+        try:
+            self.grpo_config(max_new_tokens=self.max_new_tokens or 1, steps=self.steps)
+        except ValueError as exc:
+            raise ConfigError(f"method.options.{exc}") from None
+
+    def grpo_config(self, max_new_tokens: int, steps: int) -> GrpoConfig:
+        shared = {f.name for f in dataclasses.fields(GrpoConfig)} & {f.name for f in dataclasses.fields(self)}
+        values = {name: getattr(self, name) for name in shared}
+        values.update(max_new_tokens=max_new_tokens, steps=steps)
+        return GrpoConfig(**values)
+
+
+def is_short_answer(rollout: Rollout, eos_ids: set[int], max_words: int) -> bool:
+    """Format reward: one non-empty line of at most ``max_words`` words that ends with EOS (no chatter,
+    not cut off by the token budget)."""
+    ended = rollout.completion_ids.numel() > 0 and int(rollout.completion_ids[-1]) in eos_ids
+    text = rollout.text
+    return ended and bool(text) and "\n" not in text and len(text.split()) <= max_words
+
+
+@register_method
+class Grpo(SequentialLora):
+    name = "grpo"
+    description = "RFT: GRPO with the task's scorer as reward + rollout-based instance filtering, one LoRA continued"
+    config_class = GrpoOptions
+
+    def __init__(self, config: GrpoOptions, lora, seed: int):
+        super().__init__(config, lora, seed)
+        self.options: GrpoOptions = config
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.stage_tasks: list[str] = []
+        self.records: list[dict[str, Any]] = []  # one per stage, accumulated across stages
+
+    def before_task(self, task_index: int, task: Task) -> None:
+        if not self.stage_tasks or self.reference is None:
+            self.reference = trainable_snapshot(self.backbone.model)
+        self.stage_tasks.append(task.name)
+
+    def reward(self, rollout: Rollout, task: Task, eos_ids: set[int]) -> RewardParts:
+        accuracy = score_one(task.scorer, rollout.text, rollout.sample.reference)
+        short = is_short_answer(rollout, eos_ids, self.options.format_max_words)
+        return RewardParts(accuracy=float(accuracy), format=float(short))
+
+    def train(self, samples: Sequence[Sample], config: TrainingConfig, work_dir: Path, seed: int) -> dict[str, Any]:
+        from mmcl.training.sft import train_on_samples
+
+        options, backbone = self.options, self.backbone
+        tasks = {task.name: task for task in self.tasks}
+        eos_ids = eos_token_ids(backbone)
+        max_new_tokens = options.max_new_tokens or max(tasks[s.task].max_new_tokens for s in samples)
+
+        def reward(rollout: Rollout) -> RewardParts:
+            return self.reward(rollout, tasks[rollout.sample.task], eos_ids)
+
+        record: dict[str, Any] = {
+            "tasks": list(self.stage_tasks) or sorted({s.task for s in samples}),
+            "train_samples": len(samples),
+            "sft_warmup_steps": options.sft_warmup_steps,
+        }
+        if self.reference is None:
+            self.reference = trainable_snapshot(backbone.model)
+        if options.sft_warmup_steps > 0:
+            warmup = dataclasses.replace(config, max_steps=options.sft_warmup_steps, progress_bar=False)
+            warmup_metrics = train_on_samples(backbone, samples, warmup, work_dir / "sft_warmup", seed=seed)
+            record["sft_warmup_loss"] = warmup_metrics.get("train_loss")
+            if options.reference_after_warmup:
+                self.reference = trainable_snapshot(backbone.model)
+        record["kl_reference"] = (
+            "after warm-up" if options.sft_warmup_steps > 0 and options.reference_after_warmup else "before task"
+        )
+        prompts = list(samples)
+        if options.filter:
+            result = filter_instances(
+                backbone, samples, reward, options.filter_rollouts, max_new_tokens, options.temperature,
+                options.drop_all_correct, seed=seed, batch_size=_DEFAULTS.rollout_batch_size,
+            )  # fmt: skip
+            prompts = result.kept
+            record.update(
+                filter_rollouts=options.filter_rollouts,
+                kept=len(result.kept),
+                kept_share=result.kept_share,
+                filter_accuracy=sum(result.mean_accuracy) / max(len(result.mean_accuracy), 1),
+            )
+            print(f"  grpo: kept {len(prompts)}/{len(samples)} instances after filtering", flush=True)
+        history: list[StepLog] = []
+        if prompts:
+            steps = options.steps
+            if options.epochs > 0:
+                steps = steps_for_epochs(options.epochs, len(prompts), options.prompts_per_step)
+            grpo = options.grpo_config(max_new_tokens=max_new_tokens, steps=steps)
+
+            def log(entry: StepLog) -> None:
+                if entry.step % 10 == 0 or entry.step == steps:
+                    print(
+                        f"  grpo step {entry.step}/{steps}: reward {entry.reward:.3f} accuracy {entry.accuracy:.3f}"
+                        f" format {entry.format:.3f} kl {entry.kl:.4f} clipped {entry.clip_fraction:.3f}",
+                        flush=True,
+                    )
+
+            history = train_grpo(backbone, prompts, reward, grpo, seed=seed, reference=self.reference, log=log)
+        else:
+            record["skipped"] = "no training instance left after filtering"
+            print("  grpo: no instance left after filtering; GRPO skipped for this stage", flush=True)
+        record.update(summarise(history))
+        self.records.append(record)
+        self.stage_tasks = []
+        self.reference = None
+        metrics: dict[str, Any] = {"train_loss": record["loss_mean"]} if history else {}
+        return {
+            **metrics,
+            "grpo_steps": len(history),
+            "kept_share": record.get("kept_share", 1.0),
+            "sft_warmup_steps": options.sft_warmup_steps,
+            "reward_first": record.get("reward_first"),
+            "reward_last": record.get("reward_last"),
+        }
+
+    # -- what happened, for state and report ----------------------------------------------------
+    def state_json(self) -> dict[str, Any]:
+        return {"stages": self.records}
+
+    def load_state_json(self, state: dict[str, Any]) -> None:
+        self.records = list(state.get("stages", []))
+
+    def evaluation_summary(self) -> dict[str, Any]:
+        """The stage records (restored from ``state_json`` on resume, so nothing to load back)."""
+        return {"stages": self.records}
+
+    def report_sections(self) -> list[dict[str, str]]:
+        """One row per stage: warm-up used, filtering kept share, reward/accuracy at the first and last
+        steps, final KL, and the reward curve as an inline SVG sparkline."""
+        if not self.records:
+            return []
+
+        def cell(value: Any, digits: int = 3) -> str:
+            if value is None:
+                return "-"
+            return f"{value:.{digits}f}" if isinstance(value, float) else escape(str(value))
+
+        rows = []
+        for index, record in enumerate(self.records, start=1):
+            warmup = f"SFT {record['sft_warmup_steps']} steps" if record.get("sft_warmup_steps") else "none"
+            if "kl_reference" in record:
+                warmup += f" (KL reference: model {escape(record['kl_reference'])})"
+            kept = (
+                f"{record['kept']}/{record['train_samples']} ({100 * record['kept_share']:.0f}%)"
+                if "kept" in record
+                else "no filtering"
+            )
+            rows.append(
+                f"<tr><td>{index}</td><td>{escape(', '.join(record['tasks']))}</td><td>{warmup}</td><td>{kept}</td>"
+                f"<td>{cell(record.get('steps'))}</td>"
+                f"<td>{cell(record.get('reward_first'))} &rarr; {cell(record.get('reward_last'))}</td>"
+                f"<td>{cell(record.get('accuracy_first'))} &rarr; {cell(record.get('accuracy_last'))}</td>"
+                f"<td>{cell(record.get('kl_last'), 4)}</td><td>{sparkline(record.get('reward_curve', []))}</td></tr>"
+            )
+        html = (
+            "<p>Per stage: SFT warm-up, rollout-based instance filtering (kept instances / training instances),"
+            " mean reward and accuracy reward of the sampled groups (mean of the first and of the last 5 steps),"
+            " KL to the reference at the end, and the reward curve.</p>"
+            "<table><tr><th>stage</th><th>task</th><th>warm-up</th><th>kept after filtering</th><th>steps</th>"
+            "<th>reward</th><th>accuracy reward</th><th>KL</th><th>reward curve</th></tr>" + "".join(rows) + "</table>"
+        )
+        return [{"title": "GRPO (RFT) training", "html": html}]
+
+
+def summarise(history: Sequence[StepLog], window: int = 5) -> dict[str, Any]:
+    """Reward curve summary for the stage record (first/last ``window`` steps averaged)."""
+    if not history:
+        return {"steps": 0}
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / len(values), 4)
+
+    head, tail = history[:window], history[-window:]
+    return {
+        "steps": len(history),
+        "reward_first": mean([h.reward for h in head]),
+        "reward_last": mean([h.reward for h in tail]),
+        "accuracy_first": mean([h.accuracy for h in head]),
+        "accuracy_last": mean([h.accuracy for h in tail]),
+        "format_last": mean([h.format for h in tail]),
+        "kl_last": mean([h.kl for h in tail]),
+        "clip_fraction_mean": mean([h.clip_fraction for h in history]),
+        "loss_mean": mean([h.loss for h in history]),
+        "reward_curve": [round(h.reward, 4) for h in history],
+    }
+
+
+def sparkline(values: Sequence[float], width: int = 160, height: int = 28) -> str:
+    """An inline SVG polyline of ``values`` (empty string for fewer than two points)."""
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return ""
+    low, high = min(values), max(values)
+    span = high - low if high > low else 1.0
+    points = " ".join(
+        f"{width * i / (len(values) - 1):.1f},{height - 2 - (height - 4) * (v - low) / span:.1f}"
+        for i, v in enumerate(values)
+    )
+    return (
+        f'<svg width="{width}" height="{height}" role="img" aria-label="reward {low:.2f} to {high:.2f}">'
+        f'<polyline fill="none" stroke="#3366cc" stroke-width="1.5" points="{points}"/></svg>'
+    )

@@ -1,0 +1,160 @@
+"""Sampled completions ("rollouts") of a backbone and their per-token log-probabilities.
+
+# API stable
+
+Shared by the reward-learning trainers (GRPO, EvoLMM). The prompt is encoded exactly as
+:meth:`Backbone.prompt_batch` encodes it for generation (chat template with the generation prompt,
+left padding), and :func:`completion_logprobs` scores a completion with explicit position ids
+(cumulative attention mask, as ``generate`` uses) so that the log-probabilities are those of what
+was sampled. Sampling is pure ancestral sampling at ``temperature`` (``top_k`` disabled, nucleus
+``top_p``); log-probabilities divide the logits by the same temperature (as TRL's GRPO does). Image
+placeholder tokens are excluded from both (:func:`placeholder_token_ids`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from mmcl.backbones.backbone import Backbone
+from mmcl.data.sample import Sample
+
+
+@dataclass(frozen=True)
+class Rollout:
+    sample: Sample  # the prompt sample; its answer is never used for sampling
+    completion_ids: torch.Tensor  # 1-D LongTensor: generated ids after the prompt (EOS included if emitted)
+    text: str  # decoded completion, special tokens skipped, stripped
+
+
+def eos_token_ids(backbone: Backbone) -> set[int]:
+    """The ids that end a completion (the generation config's EOS, else the tokenizer's)."""
+    eos = getattr(backbone.model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = backbone.tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else ({int(eos)} if eos is not None else set())
+
+
+def placeholder_token_ids(backbone: Backbone) -> list[int]:
+    """Ids of the image/video placeholder tokens the processor expands into visual features. They are
+    never sampled (a completion holding one could not be re-encoded) and are left out of the
+    distribution when scoring, so sampling and scoring use the same renormalised distribution."""
+    config = getattr(backbone.model, "config", None)
+    found = {
+        value
+        for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+        if isinstance(value := getattr(config, name, None), int) and value >= 0
+    }
+    token = getattr(backbone.processor, "image_token", None)
+    if isinstance(token, str):
+        token_id = backbone.tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != backbone.tokenizer.unk_token_id:
+            found.add(token_id)
+    return sorted(found)
+
+
+def _cut_at_eos(ids: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    """``ids`` up to and including the first EOS; ``generate`` pads finished rows after it."""
+    for position, token in enumerate(ids.tolist()):
+        if token in eos_ids:
+            return ids[: position + 1]
+    return ids
+
+
+def sample_rollouts(
+    backbone: Backbone,
+    samples: Sequence[Sample],
+    per_sample: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    seed: int | None = None,
+) -> list[list[Rollout]]:
+    """``per_sample`` sampled completions for each sample (outer list follows ``samples``), under
+    ``torch.no_grad`` with the model's currently active adapters; the model is put back in its
+    previous train/eval mode. ``batch_size`` counts generated sequences per ``generate`` call (at
+    least one prompt with all its ``per_sample`` completions). ``seed`` makes the draw reproducible
+    (for the same ``batch_size``) without touching the global random state."""
+    if per_sample < 1:
+        raise ValueError("per_sample must be >= 1")
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 for sampling")
+    eos_ids = eos_token_ids(backbone)
+    suppressed = placeholder_token_ids(backbone)
+    prompts_per_call = max(1, batch_size // per_sample)
+    model = backbone.model
+    was_training = model.training
+    model.eval()
+    results: list[list[Rollout]] = []
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(samples), prompts_per_call):
+                chunk = list(samples[start : start + prompts_per_call])
+                batch = backbone.prompt_batch(chunk)
+                output = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=0,
+                    suppress_tokens=suppressed or None,
+                    num_return_sequences=per_sample,
+                    use_cache=True,
+                    pad_token_id=backbone.tokenizer.pad_token_id,
+                )
+                new_tokens = output[:, batch["input_ids"].shape[1] :].cpu()
+                for index, sample in enumerate(chunk):
+                    group = []
+                    for row in new_tokens[index * per_sample : (index + 1) * per_sample]:
+                        ids = _cut_at_eos(row, eos_ids).clone()
+                        text = backbone.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                        group.append(Rollout(sample=sample, completion_ids=ids, text=text))
+                    results.append(group)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def completion_logprobs(
+    backbone: Backbone, rollouts: Sequence[Rollout], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [B, L], mask [B, L]): per-token log-probabilities of each rollout's completion given
+    its prompt and images, under the model as currently configured (active adapters, or adapters
+    disabled by the caller's context manager); differentiable when grad is enabled. L = longest
+    completion; mask is 1 on real tokens. Logits are divided by ``temperature`` (1 = the model's own
+    distribution)."""
+    if not rollouts:
+        raise ValueError("no rollouts to score")
+    device = backbone.device
+    prompt = backbone.prompt_batch([rollout.sample for rollout in rollouts])
+    prompt_ids, prompt_mask = prompt["input_ids"], prompt["attention_mask"]
+    lengths = [int(rollout.completion_ids.numel()) for rollout in rollouts]
+    width = max(max(lengths), 1)
+    pad_id = backbone.tokenizer.pad_token_id
+    completion = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rollouts), width), dtype=torch.long)
+    for row, (rollout, length) in enumerate(zip(rollouts, lengths)):
+        completion[row, :length] = rollout.completion_ids
+        mask[row, :length] = 1
+    completion, mask = completion.to(device), mask.to(device)
+    input_ids = torch.cat([prompt_ids, completion], dim=1)
+    attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    extra = {key: value for key, value in prompt.items() if key not in ("input_ids", "attention_mask")}
+    outputs = backbone.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
+    )
+    prompt_width = prompt_ids.shape[1]
+    # the logit at position p predicts token p + 1: completion tokens are predicted from prompt_width - 1 on
+    logits = outputs.logits[:, prompt_width - 1 : prompt_width - 1 + width, :].float() / temperature
+    suppressed = placeholder_token_ids(backbone)
+    if suppressed:
+        logits = logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), float("-inf"))
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)), mask

@@ -1,0 +1,241 @@
+"""EvoLMM: both reward formulas, the EMA baseline and the adaptive KL coefficient by hand; label
+blindness of training; one training stage on the tiny model; and one end-to-end run through the CLI
+with a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_stream_config, set_up_on_tiny, write_config
+from mmcl.cli import main
+from mmcl.config import TrainingConfig
+from mmcl.errors import ConfigError
+from mmcl.methods.base import LoraSettings
+from mmcl.methods.evolmm import PROPOSER, SOLVER, Evolmm, EvolmmConfig
+from mmcl.training.evolmm_rewards import (
+    adaptive_kl_coefficient,
+    answer_entropy,
+    ema_baseline,
+    empirical_distribution,
+    proposer_reward,
+    solver_rewards,
+)
+
+
+# -- rewards by hand ------------------------------------------------------------------------------
+def test_empirical_distribution_groups_normalized_answers():
+    distribution = empirical_distribution(["Yes", "yes.", "no", " YES ", "The blue"])
+    assert distribution == pytest.approx({"yes": 0.6, "no": 0.2, "blue": 0.2})
+    with pytest.raises(ValueError):
+        empirical_distribution([])
+
+
+def test_solver_reward_is_soft_agreement():
+    # p(yes) = 0.6, p(no) = p(blue) = 0.2; one word each, so no length penalty
+    # 0.6^0.7 = exp(0.7 ln 0.6) = 0.69937, 0.2^0.7 = exp(0.7 ln 0.2) = 0.32413
+    got = solver_rewards(["Yes", "yes.", "no", "yes", "blue"])
+    assert got == pytest.approx([0.69937, 0.69937, 0.32413, 0.69937, 0.32413], abs=1e-5)
+    assert solver_rewards(["4"] * 5) == pytest.approx([1.0] * 5)
+    assert solver_rewards(["1", "2", "3", "4", "5"]) == pytest.approx([0.2**0.7] * 5)
+    assert solver_rewards(["yes", "no"], gamma=1.0) == pytest.approx([0.5, 0.5])
+
+
+def test_solver_reward_penalises_long_answers():
+    nine = "a red circle on the left side of it"  # 9 words; normalizes with the 8-word one below
+    eight = "red circle on the left side of it"
+    # p = 2/3 for both, (2/3)^0.7 = 0.75290; penalties 1 - 0.1 * (9-6)/6 = 0.95 and 1 - 0.1 * (8-6)/6 = 0.96667
+    # "blue": p = 1/3, (1/3)^0.7 = 0.46346, one word
+    got = solver_rewards([nine, eight, "blue"])
+    assert got == pytest.approx([0.71525, 0.72781, 0.46346], abs=1e-5)
+    six = "one two three four five six"  # tau words: no penalty yet
+    assert solver_rewards([six]) == pytest.approx([1.0])
+    twenty = " ".join(["word"] * 20)  # beyond 2 tau the penalty saturates at lambda_len
+    assert solver_rewards([twenty]) == pytest.approx([0.9])
+    assert solver_rewards([twenty], length_penalty=0.5, tau_words=10) == pytest.approx([0.5])
+
+
+def test_answer_entropy_in_nats():
+    # H(0.6, 0.2, 0.2) = 0.6 * 0.510826 + 0.4 * 1.609438 = 0.950271
+    assert answer_entropy({"yes": 0.6, "no": 0.2, "blue": 0.2}) == pytest.approx(0.950271, abs=1e-6)
+    assert answer_entropy({"4": 1.0}) == 0.0
+    assert answer_entropy(empirical_distribution(["1", "2", "3", "4", "5"])) == pytest.approx(math.log(5))
+
+
+def test_proposer_reward_peaks_at_medium_entropy():
+    assert proposer_reward(0.9) == pytest.approx(1.0)
+    # exp(-(0.950271 - 0.9)^2 / (2 * 0.35^2)) = exp(-0.0025272 / 0.245) = 0.98974
+    assert proposer_reward(0.950271) == pytest.approx(0.98974, abs=1e-5)
+    # all five answers agree: H = 0, exp(-0.81 / 0.245) = 0.036658
+    assert proposer_reward(answer_entropy(empirical_distribution(["no"] * 5))) == pytest.approx(0.036658, abs=1e-6)
+    # all five differ: H = ln 5, exp(-(1.609438 - 0.9)^2 / 0.245) = 0.12818
+    assert proposer_reward(math.log(5)) == pytest.approx(0.12818, abs=1e-5)
+    assert proposer_reward(0.5, mu=0.5, sigma=1.0) == pytest.approx(1.0)
+
+
+def test_ema_baseline():
+    assert ema_baseline(None, 0.5) == 0.5  # the first reward starts the average
+    assert ema_baseline(0.5, 1.0) == pytest.approx(0.55)
+    assert ema_baseline(0.55, 0.0) == pytest.approx(0.495)
+    assert ema_baseline(0.2, 1.0, decay=0.5) == pytest.approx(0.6)
+
+
+def test_adaptive_kl_coefficient_and_its_clipping():
+    assert adaptive_kl_coefficient(1e-3, 0.02) == pytest.approx(1e-3)  # on target: unchanged
+    assert adaptive_kl_coefficient(1e-3, 0.04) == pytest.approx(1e-3 * 1.1051709, rel=1e-6)  # exp(0.1)
+    assert adaptive_kl_coefficient(1e-3, 0.0) == pytest.approx(1e-3 * 0.9048374, rel=1e-6)  # exp(-0.1)
+    assert adaptive_kl_coefficient(2.0, 0.06, target=0.03, rate=0.5) == pytest.approx(2.0 * math.exp(0.5))
+    assert adaptive_kl_coefficient(99.0, 2.02) == 100.0  # e^10 * 99, clipped
+    assert adaptive_kl_coefficient(1e-8, 0.0) == 1e-8  # 0.905e-8, clipped
+
+
+def test_options_are_checked():
+    with pytest.raises(ConfigError, match="solver_samples"):
+        EvolmmConfig(solver_samples=0)
+    with pytest.raises(ConfigError, match="temperature"):
+        EvolmmConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="baseline_decay"):
+        EvolmmConfig(baseline_decay=1.0)
+
+
+# -- training on the tiny model -------------------------------------------------------------------
+FORBIDDEN = ("answer", "prompt", "reference", "history", "metadata", "turns")
+
+
+class LabelBlindSample:
+    """Stands for a training sample; reading anything but its id, task name or images fails the test."""
+
+    def __init__(self, sample):
+        self.__dict__["_sample"] = sample
+        self.__dict__["read"] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        self.__dict__["read"].add(name)
+        if name in FORBIDDEN:
+            raise AssertionError(f"evolmm read sample.{name} of {self._sample.id}")
+        return getattr(self._sample, name)
+
+
+def _small_options(**extra) -> EvolmmConfig:
+    options = dict(steps_per_task=5, images_per_step=2, solver_samples=3, proposer_every=2,
+                   question_max_new_tokens=8, answer_max_new_tokens=4, learning_rate=5e-3)  # fmt: skip
+    options.update(extra)
+    return EvolmmConfig(**options)
+
+
+def test_one_stage_trains_both_roles_without_reading_a_label(tiny_model_dir: Path, tasks, tmp_path: Path):
+    method = set_up_on_tiny(Evolmm(_small_options(), LoraSettings(rank=4), seed=0), tiny_model_dir, tasks)
+    model = method.backbone.model
+    initial = method.state_tensors()
+    before = {role: {k: v.clone() for k, v in initial.items() if k.startswith(role)} for role in (PROPOSER, SOLVER)}
+    blind = [LabelBlindSample(s) for s in tasks[0].train_samples]
+    method.before_task(0, tasks[0])
+    metrics = method.train(blind, TrainingConfig(), tmp_path / "trainer", seed=1)
+
+    read = set().union(*(s.read for s in blind))
+    assert read and read <= {"id", "task", "images"}
+    assert model.active_adapter == SOLVER  # evaluation answers with the solver
+
+    log = method.step_log
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and {r["task"] for r in log} == {tasks[0].name}
+    assert metrics["steps"] == 5 and math.isfinite(metrics["train_loss"])
+    # the proposer is updated every 2nd step only, on the 4 questions asked since its last update
+    assert [r["proposer_kl"] is not None for r in log] == [False, True, False, True, False]
+    for record in log:
+        assert 0 < record["solver_reward"] <= 1 and 0 <= record["proposer_reward"] <= 1
+        assert record["solver_kl"] >= 0 and 0 <= record["answer_entropy"] <= math.log(3) + 1e-9
+    assert log[0]["solver_kl"] == pytest.approx(0.0, abs=1e-6)  # fresh LoRA: the solver is the reference
+    assert any(r["solver_kl"] > 0 for r in log[1:])  # ... and no longer once it has been updated
+
+    # the controllers followed their formulas from the logged values, step after step
+    solver_baseline = None
+    solver_beta = 1e-3
+    for record in log:
+        assert record["solver_beta"] == pytest.approx(solver_beta)
+        solver_baseline = ema_baseline(solver_baseline, record["solver_reward"])
+        assert record["solver_baseline"] == pytest.approx(solver_baseline)
+        solver_beta = adaptive_kl_coefficient(solver_beta, record["solver_kl"])
+    assert method.roles[SOLVER].beta == pytest.approx(solver_beta)
+    proposer_steps = [r for r in log if r["proposer_kl"] is not None]
+    assert method.roles[PROPOSER].beta == pytest.approx(
+        adaptive_kl_coefficient(proposer_steps[-1]["proposer_beta"], proposer_steps[-1]["proposer_kl"])
+    )
+
+    after = method.state_tensors()
+    for role in (PROPOSER, SOLVER):
+        changed = [k for k in before[role] if not torch.equal(before[role][k], after[k])]
+        assert changed, f"{role} adapter did not change"
+    assert method.trainable_parameters() == sum(v.numel() for v in after.values())
+
+    # state round trip: a fresh method given the saved state generates the same answers
+    copy = set_up_on_tiny(Evolmm(_small_options(), LoraSettings(rank=4), seed=5), tiny_model_dir, tasks)
+    copy.load_state_json(json.loads(json.dumps(method.state_json())))
+    copy.load_state_tensors(after)
+    assert copy.roles == method.roles and copy.step_log == method.step_log
+    test = tasks[0].test_samples[:4]
+    assert copy.generate(test, tasks[0], 6) == method.generate(test, tasks[0], 6)
+    sections = method.report_sections()
+    assert sections[0]["title"] == "EvoLMM self-evolution" and "data:image/png;base64," in sections[0]["html"]
+
+
+def test_completions_with_an_image_token_give_no_gradient(tiny_model_dir: Path, tasks):
+    from mmcl.methods.evolmm import RoleState, image_token_ids, policy_update
+    from mmcl.training.rollouts import Rollout, sample_rollouts
+
+    options = _small_options()
+    method = set_up_on_tiny(Evolmm(options, LoraSettings(rank=4), seed=0), tiny_model_dir, tasks)
+    backbone = method.backbone
+    (image_token,) = image_token_ids(backbone)
+    prompt = tasks[0].train_samples[0]
+    (group,) = sample_rollouts(backbone, [prompt], 2, 4, seed=0)
+    bad = Rollout(sample=prompt, completion_ids=torch.tensor([image_token, 2]), text="")
+    state = RoleState(baseline=0.5)
+    optimizer = torch.optim.Adam(method._role_parameters(SOLVER), lr=1e-3)
+    result = policy_update(backbone, SOLVER, [*group, bad], [1.0, 0.0, 0.5], state, optimizer, options)
+    assert result["dropped"] == 1 and math.isfinite(result["loss"]) and result["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert result["reward"] == pytest.approx(0.5) and state.baseline == pytest.approx(0.5)  # mean over all three
+    skipped = policy_update(backbone, SOLVER, [bad], [1.0], state, optimizer, options)
+    assert skipped["dropped"] == 1 and skipped["kl"] is None and state.baseline == pytest.approx(0.55)
+
+
+def test_cli_run_trains_label_free_reports_curves_and_resumes(
+    tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path
+):
+    out = tmp_path / "run"
+    options = {"steps_per_task": 2, "images_per_step": 2, "solver_samples": 2, "proposer_every": 2,
+               "question_max_new_tokens": 6, "answer_max_new_tokens": 3}  # fmt: skip
+    config = make_stream_config(
+        tiny_model_dir, stream_cache_dir, out,
+        evaluation={"batch_size": 8, "forward_transfer": False, "limit": 2},
+        method={"name": "evolmm", "options": options},
+        lora={"rank": 4},
+    )  # fmt: skip
+    path = write_config(tmp_path / "evolmm.yaml", config)
+    assert main(["run", str(path)]) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["method"] == "evolmm" and results["complete"]
+    assert all(value is not None for value in results["matrix"][-1])
+    stages = sorted((out / "stages").iterdir())
+    info = json.loads((stages[-1] / "stage.json").read_text(encoding="utf-8"))
+    assert info["train_metrics"]["steps"] == 2 and info["train_metrics"]["solver_beta_final"] > 0
+    summary = json.loads((out / "method_summary.json").read_text(encoding="utf-8"))
+    assert len(summary["summary"]["steps"]) == 2 * len(stages)
+    assert [r["stage"] for r in summary["summary"]["steps"]] == [k for k in range(1, len(stages) + 1) for _ in (0, 1)]
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "EvoLMM self-evolution" in report and "solver beta (last)" in report
+    last = load_file(str(stages[-1] / "state.safetensors"))
+    assert {key.split("::")[0] for key in last} == {PROPOSER, SOLVER}
+
+    # crash before the last stage finished: the rerun trains it again from stage 4's state, identically
+    shutil.rmtree(stages[-1])
+    shutil.rmtree(out / "predictions" / stages[-1].name)
+    assert main(["run", str(path)]) == 0
+    again = load_file(str(stages[-1] / "state.safetensors"))
+    assert all(torch.allclose(again[key], last[key], atol=1e-6) for key in last)
