@@ -185,26 +185,6 @@ def test_one_stage_trains_both_roles_without_reading_a_label(tiny_model_dir: Pat
     assert sections[0]["title"] == "EvoLMM self-evolution" and "data:image/png;base64," in sections[0]["html"]
 
 
-def test_completions_with_an_image_token_give_no_gradient(tiny_model_dir: Path, tasks):
-    from mmcl.methods.evolmm import RoleState, image_token_ids, policy_update
-    from mmcl.training.rollouts import Rollout, sample_rollouts
-
-    options = _small_options()
-    method = set_up_on_tiny(Evolmm(options, LoraSettings(rank=4), seed=0), tiny_model_dir, tasks)
-    backbone = method.backbone
-    (image_token,) = image_token_ids(backbone)
-    prompt = tasks[0].train_samples[0]
-    (group,) = sample_rollouts(backbone, [prompt], 2, 4, seed=0)
-    bad = Rollout(sample=prompt, completion_ids=torch.tensor([image_token, 2]), text="")
-    state = RoleState(baseline=0.5)
-    optimizer = torch.optim.Adam(method._role_parameters(SOLVER), lr=1e-3)
-    result = policy_update(backbone, SOLVER, [*group, bad], [1.0, 0.0, 0.5], state, optimizer, options)
-    assert result["dropped"] == 1 and math.isfinite(result["loss"]) and result["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert result["reward"] == pytest.approx(0.5) and state.baseline == pytest.approx(0.5)  # mean over all three
-    skipped = policy_update(backbone, SOLVER, [bad], [1.0], state, optimizer, options)
-    assert skipped["dropped"] == 1 and skipped["kl"] is None and state.baseline == pytest.approx(0.55)
-
-
 def test_cli_run_trains_label_free_reports_curves_and_resumes(
     tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path
 ):

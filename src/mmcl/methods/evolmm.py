@@ -111,16 +111,6 @@ def policy_update(
     model = backbone.model
     model.set_adapter(role)  # the only active and trainable adapter
     reward_mean = sum(role_rewards) / len(role_rewards)
-    # a completion holding the image placeholder token cannot be re-scored (the model would expect one
-    # more image): it keeps its reward in the mean but gives no gradient
-    forbidden, total = image_token_ids(backbone), len(rollouts)
-    kept = [i for i, rollout in enumerate(rollouts) if not forbidden & set(rollout.completion_ids.tolist())]
-    if not kept:
-        state.baseline = rewards.ema_baseline(state.baseline, reward_mean, options.baseline_decay)
-        return {"reward": reward_mean, "kl": None, "beta": state.beta, "baseline": state.baseline, "loss": None,
-                "dropped": len(rollouts)}  # fmt: skip
-    rollouts = [rollouts[i] for i in kept]
-    role_rewards = [role_rewards[i] for i in kept]
     baseline = reward_mean if state.baseline is None else state.baseline
     advantages = torch.tensor([r - baseline for r in role_rewards], dtype=torch.float32, device=backbone.device)
     with torch.no_grad(), model.disable_adapter():
@@ -141,14 +131,7 @@ def policy_update(
     kl_value = float(kl.detach())
     state.baseline = rewards.ema_baseline(state.baseline, reward_mean, options.baseline_decay)
     state.beta = rewards.adaptive_kl_coefficient(beta, kl_value, options.kl_target, options.kl_adapt_rate)
-    return {"reward": reward_mean, "kl": kl_value, "beta": beta, "baseline": state.baseline,
-            "loss": float(loss.detach()), "dropped": total - len(kept)}  # fmt: skip
-
-
-def image_token_ids(backbone) -> set[int]:
-    """Ids of the image placeholder token(s) of the backbone's processor / model config."""
-    ids = {getattr(backbone.processor, "image_token_id", None), getattr(backbone.model.config, "image_token_id", None)}
-    return {int(i) for i in ids if isinstance(i, int)}
+    return {"reward": reward_mean, "kl": kl_value, "beta": beta, "baseline": state.baseline, "loss": float(loss.detach())}
 
 
 @register_method
@@ -247,7 +230,6 @@ class Evolmm(Method):
                 "proposer_kl": None,
                 "proposer_beta": None,
                 "proposer_baseline": None,
-                "dropped_rollouts": solver["dropped"],  # completions with an image token: no gradient
             }
             if (step + 1) % options.proposer_every == 0:
                 proposer = policy_update(
@@ -256,7 +238,6 @@ class Evolmm(Method):
                 )  # fmt: skip
                 record.update(proposer_kl=proposer["kl"], proposer_beta=proposer["beta"],
                               proposer_baseline=proposer["baseline"])  # fmt: skip
-                record["dropped_rollouts"] += proposer["dropped"]
                 pending_questions, pending_rewards = [], []
             self.step_log.append(record)
             stage_log.append(record)
