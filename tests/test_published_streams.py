@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_stream_config, write_config
-from mmcl.benchmarks.climb import CLIMB_RANDOM_SCORES, climb_summary
+from mmcl.benchmarks.climb import CLIMB_RANDOM_SCORES
 from mmcl.benchmarks.stream import StreamConfig, build_stream
 from mmcl.errors import ConfigError, DataError
 from mmcl.evaluation.scorers import score_one
@@ -267,14 +267,18 @@ def test_climb_converts_raw_annotations_to_generative_qa(tmp_path: Path) -> None
     assert question.answer == "B" and "Why is Casey here?" in question.prompt and "A. the gray dog ran" in question.prompt
 
 
-def test_climb_summary_normalises_by_single_task_and_chance() -> None:
-    # rows: base, after nlvr2, after vcr; columns: nlvr2, vcr
-    R = [[50.0, 25.0], [80.0, 30.0], [65.0, 70.0]]
-    summary = climb_summary(R, single_task_scores=[90.0, 65.0], task_names=["nlvr2", "vcr"])
-    assert summary["random_scores"] == {"nlvr2": CLIMB_RANDOM_SCORES["nlvr2"], "vcr": 25.0}
-    assert summary["knowledge_transfer"]["nlvr2"] == pytest.approx(100 * (80 - 90) / (90 - 50))
-    assert summary["knowledge_transfer"]["vcr"] == pytest.approx(100 * (70 - 65) / (65 - 25))
-    assert summary["forgetting"] == {"nlvr2": pytest.approx(100 * (80 - 65) / (80 - 50))}
+def test_climb_metrics_normalise_by_single_task_and_chance() -> None:
+    from mmcl.report.compare import with_climb_metrics
+
+    # rows: base, after nlvr2, after vcr; columns: nlvr2, vcr (chance 50 and 25)
+    tasks, base = ["nlvr2", "vcr"], [40.0, 0.0]
+    run = {"method": "seq-lora", "tasks": tasks, "matrix": [base, [80.0, 30.0], [65.0, 70.0]], "metrics": {}}
+    experts = {"method": "experts", "tasks": tasks, "matrix": [base, [90.0, 0.0], [90.0, 65.0]], "metrics": {}}
+    metrics = with_climb_metrics([run, experts])[0]["metrics"]
+    assert CLIMB_RANDOM_SCORES["nlvr2"] == 50.0 and CLIMB_RANDOM_SCORES["vcr"] == 25.0
+    transfer = [100 * (80 - 90) / (90 - 50), 100 * (70 - 65) / (65 - 25)]
+    assert metrics["T_K"] == pytest.approx(sum(transfer) / 2)
+    assert metrics["T_F"] == pytest.approx(100 * (80 - 65) / (80 - 50))
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -26,9 +26,8 @@ generate and scores it with the rule that matches CLiMB's accuracy:
 | vcr     | option letter A-D (Q->A)         | option_letter | 4-way multiple-choice accuracy               |
 
 :data:`CLIMB_RANDOM_SCORES` are the per-task chance scores CLiMB's knowledge transfer and forgetting
-are normalised by; :func:`climb_summary` computes both from an accuracy matrix and single-task
-(``experts``) scores. CLiMB's second phase, low-shot downstream transfer after every upstream stage,
-is a runner feature and is not done here.
+are normalised by; ``mmcl compare`` reports both (T_K against an ``experts`` run among the compared
+ones). CLiMB's low-shot transfer after every upstream stage is ``evaluation.low_shot``.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ from mmcl.benchmarks.published import (
 )
 from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
 from mmcl.errors import DataError
-from mmcl.evaluation.metrics import climb_forgetting, climb_knowledge_transfer
 
 STREAM = "climb"
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -238,30 +236,6 @@ def build_climb(options: dict[str, Any], cache: Path) -> list[Task]:
             )
         )
     return tasks
-
-
-def climb_summary(
-    R: Sequence[Sequence[float | None]], single_task_scores: Sequence[float], task_names: Sequence[str]
-) -> dict[str, Any]:
-    """CLiMB's upstream metrics from an accuracy matrix ``R`` (row 0 = base model, row i = after stage i).
-
-    Knowledge transfer of task i: ``T_K(i) = 100 (R[i][i] - S_ST(i)) / (S_ST(i) - S_rand(i))`` with
-    ``S_ST`` the single-task score (the ``experts`` run's diagonal) and ``S_rand`` the chance score of
-    :data:`CLIMB_RANDOM_SCORES`; forgetting of task j after the last stage: ``T_F(j <- T)``
-    (:func:`mmcl.evaluation.metrics.climb_forgetting`). Srinivasan et al. 2022, section 3."""
-    T = len(task_names)
-    if len(single_task_scores) != T or len(R) != T + 1:
-        raise ValueError(f"need {T} single-task scores and {T + 1} matrix rows")
-    random_scores = [CLIMB_RANDOM_SCORES[name] for name in task_names]
-    transfer: dict[str, float | None] = {}
-    for i, name in enumerate(task_names):
-        learned = R[i + 1][i]
-        transfer[name] = (
-            None if learned is None else climb_knowledge_transfer(learned, single_task_scores[i], random_scores[i])
-        )
-    forgetting = {name: climb_forgetting(R, random_scores, j + 1, T) for j, name in enumerate(task_names[:-1])}
-    chance = dict(zip(task_names, random_scores))
-    return {"knowledge_transfer": transfer, "forgetting": forgetting, "random_scores": chance}
 
 
 register_stream(

@@ -48,7 +48,7 @@ Run = Mapping[str, Any]
 EXTRA_FIELDS: tuple[str, ...] = ("trainable_parameters", "stored_bytes_per_task", "train_seconds", "eval_seconds")
 # Metrics only some runs have (shown when any compared run has them).
 OPTIONAL_METRICS: tuple[str, ...] = (
-    "general_drop", "forgetting_essential", "forgetting_superficial", "low_shot_transfer", "T_K",
+    "general_drop", "forgetting_essential", "forgetting_superficial", "low_shot_transfer", "T_K", "T_F",
 )  # fmt: skip
 FIELDS: tuple[str, ...] = (*METRIC_ORDER, *OPTIONAL_METRICS, *EXTRA_FIELDS)
 
@@ -443,38 +443,48 @@ OPTIONAL_NOTES = {
     "forgetting_essential": " F.essential/F.superficial = forgetting on old tasks split into content lost and format drift.",
     "low_shot_transfer": " low-shot = CLiMB low-shot transfer (gain over few-shot tuning from the base model).",
     "T_K": " T_K = CLiMB knowledge transfer vs the compared experts run (single-task), mean over tasks.",
+    "T_F": " T_F = CLiMB forgetting (% of the learned margin over chance lost by the end), mean over old tasks.",
 }
 
 
-def with_knowledge_transfer(runs: Sequence[Run]) -> list[Run]:
-    """Runs with CLiMB's knowledge transfer ``T_K`` added to their metrics when an ``experts`` run
-    (single-task fine-tuning, S_ST = its diagonal, averaged over its seeds) is among them. Chance
-    scores: CLiMB's per-task values for the ``climb`` stream, else the base model's row 0."""
+def with_climb_metrics(runs: Sequence[Run]) -> list[Run]:
+    """Runs with CLiMB's metrics (Srinivasan et al. 2022) added to their metrics: forgetting ``T_F``
+    (mean over tasks before the last of T_F(j <- T)) always, knowledge transfer ``T_K`` (mean over
+    tasks) when an ``experts`` run is among them (single-task scores S_ST = its diagonal, averaged
+    over its seeds). Chance scores: CLiMB's per-task values on the ``climb`` tasks, else row 0 (the
+    base model) of the run itself for T_F and of the experts run for T_K."""
     from mmcl.benchmarks.climb import CLIMB_RANDOM_SCORES
-    from mmcl.evaluation.metrics import climb_knowledge_transfer
+    from mmcl.evaluation.metrics import climb_forgetting, climb_knowledge_transfer
 
-    experts = [run for run in runs if _method(run) == "experts" and _complete(run)]
-    if not experts:
-        return list(runs)
-    tasks = list(experts[0].get("tasks") or [])
+    def chance(run: Run) -> list[float | None]:
+        tasks = list(run.get("tasks") or [])
+        if tasks and all(task in CLIMB_RANDOM_SCORES for task in tasks):
+            return [CLIMB_RANDOM_SCORES[task] for task in tasks]
+        return [_num(value) for value in (run.get("matrix") or [[]])[0]]
 
     def diagonal(run: Run) -> list[float | None]:
-        matrix = run.get("matrix") or []
-        return [_num(matrix[i + 1][i]) if len(matrix) > i + 1 else None for i in range(len(tasks))]
+        matrix, size = run.get("matrix") or [], len(run.get("tasks") or [])
+        return [_num(matrix[i + 1][i]) if len(matrix) > i + 1 else None for i in range(size)]
 
+    experts = [run for run in runs if _method(run) == "experts" and _complete(run)]
+    tasks = list(experts[0].get("tasks") or []) if experts else []
     single = [_present_mean([diagonal(run)[i] for run in experts]) for i in range(len(tasks))]
-    if all(task in CLIMB_RANDOM_SCORES for task in tasks):
-        chance = [CLIMB_RANDOM_SCORES[task] for task in tasks]
-    else:
-        chance = [_num(value) for value in (experts[0].get("matrix") or [[]])[0]]
+    expert_chance = chance(experts[0]) if experts else []
     out = []
     for run in runs:
-        run = dict(run)
-        if list(run.get("tasks") or []) == tasks and not _is_joint(run) and None not in single and None not in chance:
-            values = [climb_knowledge_transfer(d, s, c) for d, s, c in zip(diagonal(run), single, chance) if d is not None]
-            present = [v for v in values if v is not None]
-            if present:
-                run["metrics"] = {**(run.get("metrics") or {}), "T_K": sum(present) / len(present)}
+        run, metrics = dict(run), dict(run.get("metrics") or {})
+        matrix, size = run.get("matrix") or [], len(run.get("tasks") or [])
+        if _is_joint(run) or not _complete(run) or len(matrix) != size + 1:
+            out.append(run)
+            continue
+        floor = chance(run)
+        if None not in floor and size > 1:
+            values = [climb_forgetting(matrix, floor, j, size) for j in range(1, size)]
+            metrics["T_F"] = _present_mean(values)
+        if experts and list(run.get("tasks") or []) == tasks and None not in single and None not in expert_chance:
+            values = [climb_knowledge_transfer(d, s, c) for d, s, c in zip(diagonal(run), single, expert_chance) if d is not None]
+            metrics["T_K"] = _present_mean(values)
+        run["metrics"] = metrics
         out.append(run)
     return out
 
@@ -709,7 +719,7 @@ def write_comparison(run_dirs: Sequence[Path | str], out_dir: Path | str) -> tup
         if resolved not in seen:
             seen.add(resolved)
             unique.append(Path(run_dir))
-    runs = with_knowledge_transfer([load_run(run_dir) for run_dir in unique])
+    runs = with_climb_metrics([load_run(run_dir) for run_dir in unique])
     check_comparable(runs)
     run_rows = comparison_rows(runs)
     method_rows = aggregate_by_method(runs)
