@@ -111,6 +111,8 @@ def test_fingerprint_ignores_where_results_go_but_not_what_changes_them() -> Non
     base = load_config(None)
     assert load_config(None, {"output_dir": "elsewhere"}).fingerprint() == base.fingerprint()
     assert load_config(None, {"training.progress_bar": False}).fingerprint() == base.fingerprint()
+    assert load_config(None, {"evaluation.superficial": True}).fingerprint() == base.fingerprint()
+    assert load_config(None, {"evaluation.low_shot": 8}).fingerprint() != base.fingerprint()
     assert load_config(None, {"seed": 1}).fingerprint() != base.fingerprint()
     assert load_config(None, {"training.epochs": 1}).fingerprint() != base.fingerprint()
 

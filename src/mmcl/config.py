@@ -106,10 +106,12 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not where they are written)."""
+        """Hash of everything that changes results (not where they are written). The superficial
+        probes only add files, so turning them on for a finished run just runs the missing probes."""
         content = self.to_dict()
         content.pop("output_dir")
         content["training"].pop("progress_bar")
+        content["evaluation"].pop("superficial")
         encoded = json.dumps(content, sort_keys=True, default=str).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]
 
