@@ -65,6 +65,7 @@ _IGNORED_CONFIG_KEYS = frozenset(
         "training.progress_bar",
         "training.logging_steps",
         "evaluation.batch_size",
+        "evaluation.superficial",
     }
 )
 
@@ -197,11 +198,15 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _variant(run: Run) -> dict[str, Any]:
-    """The run's config without seed, paths and other keys that do not change results."""
+    """The run's config without seed, paths and other keys that do not change results; keys a run
+    made by an older mmcl lacks count as their defaults."""
+    from mmcl.config import ExperimentConfig
+
     config = run.get("config")
     if not isinstance(config, Mapping):
         return {}
-    return {k: v for k, v in _flatten(config).items() if k not in _IGNORED_CONFIG_KEYS}
+    flat = {**_flatten(ExperimentConfig().to_dict()), **_flatten(config)}
+    return {k: v for k, v in flat.items() if k not in _IGNORED_CONFIG_KEYS}
 
 
 def _variant_key(run: Run) -> str:
