@@ -89,6 +89,8 @@ def test_summary_splits_forgetting_into_essential_and_superficial() -> None:
     # accuracy fell 60 points; content only 30: the other 30 are answers with the right content in the wrong form
     assert summary["forgetting"] == {"total": 60.0, "essential": 30.0, "superficial": 30.0}
     assert summary["final"]["format"] == 40.0
+    assert summary["format_drift"] == 60.0  # 100% of the answers in the asked form, then 40%
+    assert summary["after_learning"]["accuracy_given_format"] == 80.0 and summary["final"]["accuracy_given_format"] == 50.0
     assert summarize(matrix[:2], table[:2]) is None  # one stage: nothing is old yet
 
 

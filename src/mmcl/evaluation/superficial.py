@@ -21,7 +21,11 @@ when it names the right option of the original question.
 
 Summary (from the judged files alone): with accuracy ``a``, original-format content ``c`` and the
 diagonal (score right after learning a task) vs the final stage, over the tasks before the last,
-total forgetting = mean(a_jj - a_Tj), essential = mean(c_jj - c_Tj), superficial = total - essential.
+total forgetting = mean(a_jj - a_Tj), essential = mean(c_jj - c_Tj), superficial = total - essential
+(answers whose content survived in the wrong format: an observed lower bound, since the content of
+an answer in the wrong form often cannot be read). Beside it: the format drift (share of answers
+in the asked form lost) and the accuracy among the answers still in the right form, right after
+learning and at the end.
 """
 
 from __future__ import annotations
@@ -203,4 +207,7 @@ def summarize(matrix: list[list[float | None]], rates: list[list[dict[str, float
     total = out["after_learning"]["accuracy"] - out["final"]["accuracy"]
     essential = out["after_learning"]["content"] - out["final"]["content"]
     out["forgetting"] = {"total": round(total, 4), "essential": round(essential, 4), "superficial": round(total - essential, 4)}
+    for entry in (out["after_learning"], out["final"]):
+        entry["accuracy_given_format"] = round(100.0 * entry["accuracy"] / entry["format"], 4) if entry["format"] else None
+    out["format_drift"] = round(out["after_learning"]["format"] - out["final"]["format"], 4)
     return out

@@ -312,8 +312,11 @@ def _superficial_html(results: Results) -> str:
         '<table><tr><th></th><th colspan="3">own format</th><th colspan="2">other format</th></tr>'
         f"<tr><th>when</th>{head}</tr>{rows}</table>"
         f"<p>Forgetting {_e(_fmt(_num(split.get('total'))))} points = essential (content lost) "
-        f"{_e(_fmt(_num(split.get('essential'))))} + superficial (format drift) "
-        f"{_e(_fmt(_num(split.get('superficial'))))}.</p>"
+        f"{_e(_fmt(_num(split.get('essential'))))} + superficial (right content, wrong format) "
+        f"{_e(_fmt(_num(split.get('superficial'))))}. Answers in the asked format fell by "
+        f"{_e(_fmt(_num(summary.get('format_drift'))))} points; among the answers still in that format, "
+        f"accuracy went from {_e(_fmt(_num((summary.get('after_learning') or {}).get('accuracy_given_format'))))}% "
+        f"to {_e(_fmt(_num((summary.get('final') or {}).get('accuracy_given_format'))))}%.</p>"
     )
 
 
