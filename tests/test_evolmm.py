@@ -210,6 +210,15 @@ def test_cli_run_trains_label_free_reports_curves_and_resumes(
     assert [r["stage"] for r in summary["summary"]["steps"]] == [k for k in range(1, len(stages) + 1) for _ in (0, 1)]
     report = (out / "report.html").read_text(encoding="utf-8")
     assert "EvoLMM self-evolution" in report and "solver beta (last)" in report
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"evolmm/solver_reward", "evolmm/solver_kl", "evolmm/solver_beta", "evolmm/solver_baseline"} <= set(
+        events.Tags()["scalars"]
+    )
+    logged = [event.value for event in events.Scalars("evolmm/solver_beta")]
+    assert logged == pytest.approx([r["solver_beta"] for r in summary["summary"]["steps"]])
     last = load_file(str(stages[-1] / "state.safetensors"))
     assert {key.split("::")[0] for key in last} == {PROPOSER, SOLVER}
 

@@ -260,6 +260,8 @@ def test_cli_run_with_grpo_records_stages_and_resumes_exactly(tiny_model_dir, st
     summary = json.loads((run_dir / "method_summary.json").read_text())
     assert summary["summary"]["stages"] == records
     assert "GRPO (RFT) training" in (run_dir / "report.html").read_text()
+    tensorboard_files = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(tensorboard_files) == sum(1 for record in records if record["steps"])  # one writer per trained stage
 
     # crash in the last stage: the rerun must rebuild exactly the same stage (seeded sampling everywhere)
     from safetensors.torch import load_file

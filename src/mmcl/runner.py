@@ -112,6 +112,7 @@ class ContinualRun:
         self.general = general_task(config.evaluation, config.backbone, config.stream, base_dir)
         check_tasks(self.tasks, test_only=[self.general] if self.general else [])
         self.method = create_method(config)
+        self.method.log_dir = config.run_dir / "tensorboard" if distributed.is_main() else None
         self.stages = plan_stages(self.method, self.tasks)
         self.run_dir = config.run_dir
         refusal = None

@@ -39,6 +39,7 @@ class Method(ABC):
         self.config = config
         self.lora = lora
         self.seed = seed
+        self.log_dir: Path | None = None  # set by the runner: where per-step training scalars go (TensorBoard)
         self.backbone: Backbone | None = None
         self.tasks: list[Task] = []
 

@@ -35,6 +35,7 @@ from mmcl.methods.lora_utils import (
 )
 from mmcl.training import evolmm_rewards as rewards
 from mmcl.training.rollouts import Rollout, completion_logprobs, sample_rollouts
+from mmcl.training.scalars import write_scalars
 
 PROPOSER, SOLVER = "proposer", "solver"
 ROLES = (PROPOSER, SOLVER)
@@ -249,6 +250,7 @@ class Evolmm(Method):
                 })  # fmt: skip
         backbone.model.set_adapter(SOLVER)
         backbone.model.train(was_training)
+        write_scalars(self.log_dir, "evolmm", stage_log, first_step=stage_log[0]["step"] if stage_log else 0)
         return _stage_metrics(stage_log, self.roles)
 
     def trainable_parameters(self) -> int:

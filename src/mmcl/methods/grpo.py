@@ -56,6 +56,7 @@ from mmcl.training.grpo import (
     trainable_snapshot,
 )
 from mmcl.training.rollouts import Rollout, eos_token_ids
+from mmcl.training.scalars import write_scalars
 
 _DEFAULTS = GrpoConfig()
 
@@ -200,6 +201,8 @@ class Grpo(SequentialLora):
             print("  grpo: no instance left after filtering; GRPO skipped for this stage", flush=True)
         record.update(summarise(history))
         self.records.append(record)
+        steps = [dataclasses.asdict(entry) for entry in history]
+        write_scalars(self.log_dir, f"grpo/stage{len(self.records)}_{'+'.join(record['tasks'])}", steps, first_step=1)
         self.stage_tasks = []
         self.reference = None
         metrics: dict[str, Any] = {"train_loss": record["loss_mean"]} if history else {}
