@@ -445,7 +445,7 @@ FOOTNOTE = (
 
 OPTIONAL_NOTES = {
     "general_drop": " gen.drop = general-ability score lost from base to final stage.",
-    "forgetting_essential": " F.essential/F.superficial = forgetting on old tasks split into content lost and format drift.",
+    "forgetting_essential": " F.essential/F.superficial = forgetting on old tasks split into content lost and right content in the wrong format.",
     "low_shot_transfer": " low-shot = CLiMB low-shot transfer (gain over few-shot tuning from the base model).",
     "T_K": " T_K = CLiMB knowledge transfer vs the compared experts run (single-task), mean over tasks.",
     "T_F": " T_F = CLiMB forgetting (% of the learned margin over chance lost by the end), mean over old tasks.",
