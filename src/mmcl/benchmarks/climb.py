@@ -44,11 +44,10 @@ from mmcl.benchmarks.published import (
     missing_files,
     parse_options,
     raise_if_missing,
-    read_json,
-    read_jsonl,
     require_field,
 )
 from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
+from mmcl.data.readers import read_json_document, read_json_lines
 from mmcl.errors import DataError
 
 STREAM = "climb"
@@ -82,9 +81,9 @@ def _vqa_files(split: str) -> list[str]:
 
 def _convert_vqa(root: Path, split: str) -> list[Record]:
     questions_path, annotations_path = (root / rel for rel in _vqa_files(split))
-    question_list = require_field(read_json(questions_path), "questions", str(questions_path))
+    question_list = require_field(read_json_document(questions_path), "questions", str(questions_path))
     questions = {q["question_id"]: q for q in question_list}
-    annotation_list = require_field(read_json(annotations_path), "annotations", str(annotations_path))
+    annotation_list = require_field(read_json_document(annotations_path), "annotations", str(annotations_path))
     records = []
     for index, annotation in enumerate(annotation_list):
         where = f"{annotations_path}: annotation {index}"
@@ -110,7 +109,7 @@ def _convert_nlvr2(root: Path, split: str) -> list[Record]:
     split = _NLVR2_SPLIT[split]
     path = root / "nlvr2" / "data" / f"{split}.json"
     records = []
-    for index, line in enumerate(read_jsonl(path)):
+    for index, line in enumerate(read_json_lines(path)):
         where = f"{path}: line {index + 1}"
         identifier = str(require_field(line, "identifier", where))
         stem = "-".join(identifier.split("-")[:-1])
@@ -132,7 +131,7 @@ _SNLI_VE_SPLIT = {"train": "train", "val": "dev"}
 def _convert_snli_ve(root: Path, split: str) -> list[Record]:
     path = root / "snli-ve" / f"snli_ve_{_SNLI_VE_SPLIT[split]}.jsonl"
     records = []
-    for index, line in enumerate(read_jsonl(path)):
+    for index, line in enumerate(read_json_lines(path)):
         where = f"{path}: line {index + 1}"
         label = str(require_field(line, "gold_label", where))
         if label not in SNLI_VE_LABELS:
@@ -166,7 +165,7 @@ def _vcr_text(tokens: Sequence[Any], objects: Sequence[str]) -> str:
 def _convert_vcr(root: Path, split: str) -> list[Record]:
     path = root / "vcr" / "annotation" / f"{split}.jsonl"
     records = []
-    for index, line in enumerate(read_jsonl(path)):
+    for index, line in enumerate(read_json_lines(path)):
         where = f"{path}: line {index + 1}"
         objects = require_field(line, "objects", where)
         choices = require_field(line, "answer_choices", where)

@@ -50,10 +50,9 @@ from mmcl.benchmarks.published import (
     missing_files,
     parse_options,
     raise_if_missing,
-    read_json,
 )
 from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
-from mmcl.data.readers import load_records
+from mmcl.data.readers import load_records, read_json_document
 from mmcl.errors import ConfigError, DataError
 
 STREAM = "coin"
@@ -114,7 +113,7 @@ def _needs_answer_file(spec: CoinTask, records: list[Any]) -> bool:
 
 def _answer_lookup(spec: CoinTask, path: Path) -> Callable[[str, str], Any]:
     """``(question_id, where) -> answer(s)`` from the task's separate answer file."""
-    document = read_json(path)
+    document = read_json_document(path)
     if spec.name == "TextVQA":
         table = {str(item["question_id"]): item["answers"] for item in require_field(document, "data", str(path))}
     elif spec.name == "GQA":

@@ -155,26 +155,6 @@ def cached_conversion(
     return target
 
 
-def read_json(path: Path) -> Any:
-    """A JSON document, with a one-line :class:`DataError` naming the file if it is malformed."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
-
-
-def read_jsonl(path: Path) -> list[Record]:
-    """Records of a JSON-lines file (blank lines skipped), errors naming file and line."""
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {number}: malformed JSON ({exc.msg})") from None
-    return records
-
-
 def as_text(value: Any) -> str | None:
     """A string answer from a string or a number; ``None`` for anything else."""
     if isinstance(value, str):

@@ -18,26 +18,35 @@ _TRAIN_KEYS = {"id", "image", "images", "conversations"}
 _TEST_KEYS = {"question_id", "id", "image", "images", "text", "answer"}
 
 
+def read_json_lines(path: Path) -> list[Any]:
+    """The values of a JSON-lines file (blank lines skipped); a malformed line names file and line."""
+    values = []
+    for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {line_number}: malformed JSON ({exc.msg})") from None
+    return values
+
+
+def read_json_document(path: Path) -> Any:
+    """One JSON document; malformed JSON names the file, line and column."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+
+
 def load_records(path: Path) -> list[dict[str, Any]]:
     """Records of a ``.json`` file (a list of objects) or a ``.jsonl`` file (one object a line)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {line_number}: malformed JSON ({exc.msg})") from None
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+        return read_json_lines(path)
+    records = read_json_document(path)
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, found {type(records).__name__}")
     return records
