@@ -26,14 +26,14 @@ def write_predictions(
 ) -> float:
     """Write ``out_file`` atomically (a header naming the scorer, then one record a sample); return the score."""
     get_scorer(scorer_name)  # unknown names fail before anything is written
-    lines = []
+    lines, scores = [], []
     for sample, prediction in zip(samples, answers, strict=True):
-        score = score_one(scorer_name, prediction, sample.reference)
-        record = {"id": sample.id, "prediction": prediction, "answer": sample.reference, "score": score}
+        scores.append(score_one(scorer_name, prediction, sample.reference))
+        record = {"id": sample.id, "prediction": prediction, "answer": sample.reference, "score": scores[-1]}
         lines.append(json.dumps(record, ensure_ascii=False))
     header = {"scorer": scorer_name, "n": len(lines), "seconds": round(seconds, 3)}
     atomic_write_text(out_file, json.dumps({"meta": header}) + "\n" + "\n".join(lines) + ("\n" if lines else ""))
-    return score_prediction_file(out_file)
+    return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
 
 def score_prediction_file(path: Path) -> float:

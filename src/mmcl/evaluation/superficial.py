@@ -70,20 +70,11 @@ def make_probes(samples: Sequence[Sample], task_name: str) -> list[Sample]:
         style = probe_style(parsed, distractors)
         rng = random.Random(f"probe/{task_name}/{sample.id}")
         probe = rewrite(sample, style, parsed, distractors, rng)
-        options = _options_in(probe.prompt) if style == "mc" else {}
+        options = dict(zip(LETTERS, parse(probe).options)) if style == "mc" else {}
         info = {"style": style, "content": parsed.content, "answer": probe.answer, "options": options,
                 "original_style": parsed.style, "original_options": dict(zip(LETTERS, parsed.options))}  # fmt: skip
         probes.append(Sample(probe.id, probe.task, probe.images, probe.prompt, probe.answer, (), {"probe": info}))
     return probes
-
-
-def _options_in(prompt: str) -> dict[str, str]:
-    found = {}
-    for line in prompt.split("\n"):
-        match = re.match(r"^([A-D])\. (.+)$", line)
-        if match:
-            found[match.group(1)] = match.group(2)
-    return found
 
 
 def answer_kind(text: str) -> str:
