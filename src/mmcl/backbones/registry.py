@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcl.backbones.backbone import Backbone
+from mmcl.backbones.parts import top_level_vision_modules
 from mmcl.errors import ConfigError, MmclError
 
 TINY_LLAVA_DIR = Path(__file__).parent / "tiny_llava"
@@ -27,8 +28,9 @@ LLAMA_STYLE_LORA_TARGETS = (
 # Hub ids and directories that are not presets: the LLaVA default, or the language model of an Idefics3.
 DEFAULT_LORA_TARGETS = f"{LLAMA_STYLE_LORA_TARGETS}|{TEXT_MODEL_LORA_TARGETS}"
 
-# 4-bit loading quantises the language model only; vision towers, projectors and the output head stay as loaded.
-NOT_QUANTIZED_MODULES = ["lm_head", "visual", "vision_tower", "vision_model", "multi_modal_projector", "connector"]
+# 4-bit loading quantises the language model only; vision encoders, projectors (every family of
+# mmcl.backbones.parts) and the output head stay as loaded.
+NOT_QUANTIZED_MODULES = ["lm_head", *top_level_vision_modules()]
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """``seq-full``: sequential full fine-tuning of the language model and projector (no adapter).
 
 The second forgetting baseline of continual instruction tuning (e.g. the fine-tuning rows in CoIN);
-the vision tower stays frozen as in LLaVA's instruction-tuning stage.
+the vision encoder stays frozen as in LLaVA's instruction-tuning stage. "Vision encoder" is the one
+definition of :mod:`mmcl.backbones.parts` (LLaVA ``vision_tower``, Qwen-VL ``visual`` without its
+``merger``, Idefics3/SmolVLM ``vision_model``); projectors and the whole language model are trained.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mmcl.backbones.parts import vision_encoder_parameter_names
 from mmcl.methods.base import Method, register_method
 
 
@@ -18,8 +21,9 @@ class SequentialFullFineTuning(Method):
 
     def setup(self, backbone, tasks) -> None:
         super().setup(backbone, tasks)
+        frozen = set(vision_encoder_parameter_names(backbone.model))
         for name, parameter in backbone.model.named_parameters():
-            parameter.requires_grad = "vision_tower" not in name
+            parameter.requires_grad = name not in frozen
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         model = self.backbone.model

@@ -1,0 +1,107 @@
+"""What a backbone does to a model must match what the run says: the vision encoder (one definition per
+architecture) stays frozen under seq-full, a checkpoint's own generation config does not change greedy
+evaluation, and ``<image>`` placeholders in later turns reach the processor with their images only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmcl.backbones.registry import load_backbone
+from mmcl.backbones.tiny_archs import TINY_ARCHITECTURES, TinyArchSpec, build_tiny_arch, default_corpus
+
+ALL_ARCHITECTURES = ("llava", *TINY_ARCHITECTURES)
+# architecture -> (vision encoder prefix, prefixes inside it that are not the encoder, language model prefixes)
+EXPECTED_PARTS = {
+    "llava": ("model.vision_tower.", (), ("model.language_model.", "lm_head.")),
+    "qwen2-vl": ("model.visual.", ("model.visual.merger.",), ("model.language_model.", "lm_head.")),
+    "qwen2.5-vl": ("model.visual.", ("model.visual.merger.",), ("model.language_model.", "lm_head.")),
+    "smolvlm": ("model.vision_model.", (), ("model.text_model.", "lm_head.")),
+}
+
+
+def build_tiny_llava(out_dir: Path) -> Path:
+    """A random tiny LLaVA (CLIP tower + Llama) saved like a checkpoint; no warm-up, unlike conftest's."""
+    from mmcl.backbones.tiny import TinyLlavaSpec, build_model, build_processor, train_tokenizer
+
+    spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
+                         text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, vocab_size=512,
+                         max_positions=512)  # fmt: skip
+    tokenizer = train_tokenizer(default_corpus() + ["<|user|>\n", "<|assistant|>\n", "<|end|>\n"], spec.vocab_size)
+    processor = build_processor(tokenizer, spec)
+    model = build_model(tokenizer, spec, seed=0)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    dirs = {"llava": build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))}
+    for arch in TINY_ARCHITECTURES:
+        dirs[arch] = build_tiny_arch(arch, tmp_path_factory.mktemp(f"tiny_{arch}"), spec=TinyArchSpec(text_layers=1))
+    return dirs
+
+
+# -- vision encoder ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_parts_follow_the_model_structure(arch: str, model_dirs: dict[str, Path]) -> None:
+    from mmcl.backbones.parts import is_vision_encoder, part_parameter_names, vision_encoder_parameter_names
+
+    model = load_backbone(str(model_dirs[arch]), device="cpu").model
+    vision_prefix, not_vision, language_prefixes = EXPECTED_PARTS[arch]
+    names = [name for name, _ in model.named_parameters()]
+    expected_vision = [n for n in names if n.startswith(vision_prefix) and not n.startswith(not_vision or ("\0",))]
+    parts = part_parameter_names(model)
+    assert expected_vision and vision_encoder_parameter_names(model) == expected_vision
+    assert parts["language_model"] == [n for n in names if n.startswith(language_prefixes)]
+    assert parts["projector"] and parts["other"] == []
+    assert sorted(sum(parts.values(), [])) == sorted(names)  # every parameter in exactly one part
+    assert is_vision_encoder(expected_vision[0], model) and not is_vision_encoder(parts["projector"][0], model)
+    if arch.startswith("qwen"):
+        assert all(name.startswith("model.visual.merger.") for name in parts["projector"])
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_seq_full_freezes_the_vision_encoder_only(arch: str, model_dirs: dict[str, Path]) -> None:
+    from mmcl.backbones.parts import part_parameter_names
+    from mmcl.config import LoraSettings
+    from mmcl.methods.base import NoOptions
+    from mmcl.methods.seq_full import SequentialFullFineTuning
+
+    backbone = load_backbone(str(model_dirs[arch]), device="cpu")
+    method = SequentialFullFineTuning(NoOptions(), LoraSettings(), seed=0)
+    method.setup(backbone, [])
+    parameters = dict(backbone.model.named_parameters())
+    parts = part_parameter_names(backbone.model)
+    assert parts["vision_encoder"] and not any(parameters[n].requires_grad for n in parts["vision_encoder"])
+    assert parts["language_model"] and all(parameters[n].requires_grad for n in parts["language_model"])
+    assert parts["projector"] and all(parameters[n].requires_grad for n in parts["projector"])
+    vision_prefix = EXPECTED_PARTS[arch][0]
+    assert not any(name.startswith(vision_prefix) and not name.startswith(vision_prefix + "merger.")
+                   for name in method.state_tensors())  # fmt: skip
+
+
+def test_parts_of_a_peft_wrapped_model(model_dirs: dict[str, Path]) -> None:
+    """Under PEFT the names carry the wrapper's prefix; adapters count with the layer they wrap."""
+    from mmcl.backbones.parts import part_parameter_names
+    from mmcl.config import LoraSettings
+    from mmcl.methods.lora_utils import add_lora
+
+    backbone = load_backbone(str(model_dirs["qwen2.5-vl"]), device="cpu")
+    add_lora(backbone, LoraSettings(), seed=0)
+    parts = part_parameter_names(backbone.model)
+    assert parts["vision_encoder"] and all(n.startswith("base_model.model.model.visual.") for n in parts["vision_encoder"])
+    assert any("lora_" in name for name in parts["language_model"]) and parts["other"] == []
+
+
+def test_unknown_architecture_is_a_clear_error() -> None:
+    from mmcl.backbones.parts import vision_encoder_parameter_names
+    from mmcl.errors import MmclError
+
+    with pytest.raises(MmclError, match="Linear: cannot tell its vision encoder"):
+        vision_encoder_parameter_names(torch.nn.Linear(2, 2))
