@@ -105,3 +105,89 @@ def test_unknown_architecture_is_a_clear_error() -> None:
 
     with pytest.raises(MmclError, match="Linear: cannot tell its vision encoder"):
         vision_encoder_parameter_names(torch.nn.Linear(2, 2))
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+# A hub-style generation_config.json that changes greedy decoding in every way transformers allows.
+LEAKY_GENERATION = {
+    "do_sample": True,
+    "temperature": 0.3,
+    "top_k": 3,
+    "top_p": 0.5,
+    "num_beams": 3,
+    "length_penalty": -2.0,
+    "repetition_penalty": 5.0,
+    "no_repeat_ngram_size": 1,
+    "min_new_tokens": 6,
+    "suppress_tokens": [5, 6, 7],
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmcl.benchmarks.synth import write_synth_domain
+
+    return write_synth_domain(tmp_path_factory.mktemp("fidelity_data"), seed=0, train_per_task=4, test_per_task=2)
+
+
+def samples_of(data_root: Path, task: str):
+    from mmcl.data.readers import read_samples
+
+    return read_samples(data_root / task / "train.json", task)
+
+
+def with_leaky_generation_config(model_dir: Path, out_dir: Path) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, out_dir)
+    path = out_dir / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **LEAKY_GENERATION}), encoding="utf-8")
+    return out_dir
+
+
+def test_decoding_settings_are_plain_and_greedy() -> None:
+    import json
+
+    from mmcl.backbones.backbone import Backbone, decoding_settings
+
+    settings = Backbone.decoding_settings(7)
+    assert settings == decoding_settings(7) and json.loads(json.dumps(settings)) == settings
+    assert settings["max_new_tokens"] == 7 and settings["do_sample"] is False and settings["num_beams"] == 1
+    assert settings["repetition_penalty"] == 1.0 and settings["no_repeat_ngram_size"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl", "smolvlm"])
+def test_checkpoint_generation_config_does_not_change_answers(
+    arch: str, model_dirs: dict[str, Path], data_root: Path, tmp_path: Path
+) -> None:
+    from transformers import GenerationConfig
+
+    samples = samples_of(data_root, "med")[:2] + samples_of(data_root, "sci")[:1]
+    clean = load_backbone(str(model_dirs[arch]), device="cpu")
+    leaky = load_backbone(str(with_leaky_generation_config(model_dirs[arch], tmp_path / "leaky")), device="cpu")
+    assert leaky.model.generation_config.repetition_penalty == 5.0  # the checkpoint's config was loaded
+    expected = clean.generate(samples, max_new_tokens=8)
+    assert leaky.generate(samples, max_new_tokens=8) == expected
+    assert leaky.model.generation_config.repetition_penalty == 5.0  # and is the model's again afterwards
+    # the comparison means something: left to transformers, the checkpoint's settings change the output
+    batch = leaky.prompt_batch(samples)
+    with torch.no_grad():
+        inherited = leaky.model.generate(**batch, generation_config=GenerationConfig(max_new_tokens=8, do_sample=False))
+        plain = clean.model.generate(**clean.prompt_batch(samples), max_new_tokens=8, do_sample=False)
+    assert inherited.shape != plain.shape or not torch.equal(inherited, plain)
+
+
+def test_peft_wrapped_model_ignores_the_checkpoint_generation_config(
+    model_dirs: dict[str, Path], data_root: Path, tmp_path: Path
+) -> None:
+    from mmcl.config import LoraSettings
+    from mmcl.methods.lora_utils import add_lora
+
+    samples = samples_of(data_root, "med")[:2]
+    clean = load_backbone(str(model_dirs["qwen2.5-vl"]), device="cpu")
+    leaky = load_backbone(str(with_leaky_generation_config(model_dirs["qwen2.5-vl"], tmp_path / "leaky")), device="cpu")
+    for backbone in (clean, leaky):
+        add_lora(backbone, LoraSettings(), seed=0)  # lora_B starts at zero: same function as the base model
+    assert leaky.generate(samples, max_new_tokens=6) == clean.generate(samples, max_new_tokens=6)

@@ -3,6 +3,7 @@ assistant-only labels, and batched greedy generation with left padding."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -13,6 +14,49 @@ from mmcl.data.sample import IMAGE_PLACEHOLDER, Sample
 from mmcl.errors import DataError
 
 IGNORE_INDEX = -100
+
+# Evaluation decoding, as ``transformers.GenerationConfig`` keyword arguments (plus ``max_new_tokens``, see
+# :func:`decoding_settings`). Nothing else comes from the checkpoint's own ``generation_config`` (hub
+# checkpoints ship sampling, repetition penalties, n-gram bans...): only its eos/bos ids and the tokenizer's
+# pad id are added, and every setting left out here is transformers' neutral default.
+GREEDY_DECODING: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "length_penalty": 1.0,
+    "min_new_tokens": 0,
+    "use_cache": True,
+}
+
+
+def decoding_settings(max_new_tokens: int) -> dict[str, Any]:
+    """The decoding of one evaluation call as a plain dict (JSON-ready, e.g. for results.json)."""
+    return {**GREEDY_DECODING, "max_new_tokens": int(max_new_tokens)}
+
+
+def _hf_model(model):
+    """The transformers model under a PEFT wrapper (or ``model`` itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+@contextmanager
+def only_generation_config(model, config):
+    """Make ``config`` the model's own generation config while generating.
+
+    ``generate`` fills every setting its ``generation_config`` argument leaves unset (None) from
+    ``model.generation_config``, i.e. from the checkpoint's generation_config.json; swapping the model's
+    config for ``config`` itself leaves nothing to inherit. PEFT wrappers read the attribute of the wrapped
+    model, which is where it is swapped."""
+    hf_model = _hf_model(model)
+    saved = hf_model.generation_config
+    hf_model.generation_config = config
+    try:
+        yield config
+    finally:
+        hf_model.generation_config = saved
 
 
 def build_messages(sample: Sample, include_final_answer: bool) -> list[dict[str, Any]]:
@@ -143,20 +187,41 @@ class Backbone:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def special_token_ids(self) -> dict[str, Any]:
+        """eos (one id or a list) and bos ids of the checkpoint's generation config, else the tokenizer's;
+        the tokenizer's pad id (left padding of the prompts)."""
+        own = getattr(_hf_model(self.model), "generation_config", None)
+        ids: dict[str, Any] = {}
+        for key in ("eos_token_id", "bos_token_id"):
+            value = getattr(own, key, None)
+            ids[key] = value if value is not None else getattr(self.tokenizer, key, None)
+        pad = self.tokenizer.pad_token_id
+        ids["pad_token_id"] = pad if pad is not None else getattr(own, "pad_token_id", None)
+        return ids
+
+    @staticmethod
+    def decoding_settings(max_new_tokens: int) -> dict[str, Any]:
+        """:func:`decoding_settings`: what :meth:`generate` decodes with, as a plain dict."""
+        return decoding_settings(max_new_tokens)
+
+    def generation_config(self, max_new_tokens: int):
+        """The explicit ``GenerationConfig`` of :meth:`generate`: :func:`decoding_settings` plus the special ids."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(**decoding_settings(max_new_tokens), **self.special_token_ids())
+
     @torch.inference_mode()
     def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
-        """Greedy answers for one batch of samples (KV cache on, left padding)."""
+        """Greedy answers for one batch of samples (KV cache on, left padding), decoded exactly as
+        :func:`decoding_settings` states whatever the checkpoint's generation_config.json holds."""
         batch = self.prompt_batch(samples)
         was_training = self.model.training
         self.model.eval()
-        output = self.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        if was_training:
-            self.model.train()
+        config = self.generation_config(max_new_tokens)
+        try:
+            with only_generation_config(self.model, config):
+                output = self.model.generate(**batch, generation_config=config)
+        finally:
+            self.model.train(was_training)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
