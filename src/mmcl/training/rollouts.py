@@ -4,9 +4,15 @@
 
 Shared by the reward-learning trainers (GRPO, EvoLMM). The prompt is encoded exactly as
 :meth:`Backbone.prompt_batch` encodes it for generation (chat template with the generation prompt,
-left padding), and :func:`completion_logprobs` scores a completion with explicit position ids
-(cumulative attention mask, as ``generate`` uses) so that the log-probabilities are those of what
-was sampled. Sampling is pure ancestral sampling at ``temperature`` (``top_k`` disabled, nucleus
+left padding), and :func:`completion_logprobs` scores prompt + completion in one forward pass with the
+positions ``generate`` gives them, so that the log-probabilities are those of what was sampled. Plain
+RoPE models (LLaVA, Idefics3) get explicit position ids (cumulative attention mask, which skips the
+left padding). M-RoPE models (Qwen2-VL, Qwen2.5-VL: any model with a ``get_rope_index``) are left to
+build their own 3-D (time, height, width) positions from the image grids when the batch holds images,
+and get the cumulative positions (the same in all three sections) when it holds none. Per-token
+inputs the processor returns over the prompt (``mm_token_type_ids``, ``token_type_ids``) are extended
+over the completion as ``generate`` extends them (text type 0; the prompt's last value). Sampling is
+pure ancestral sampling at ``temperature`` (``top_k`` disabled, nucleus
 ``top_p``); log-probabilities divide the logits by the same temperature (as TRL's GRPO does). Image
 placeholder tokens are excluded from both (:func:`placeholder_token_ids`).
 """
@@ -121,6 +127,28 @@ def sample_rollouts(
     return results
 
 
+# the processor outputs from which an M-RoPE model derives its 3-D positions
+_MROPE_GRIDS = ("image_grid_thw", "video_grid_thw")
+
+
+def _has_mrope(model: torch.nn.Module) -> bool:
+    """Whether the model (or a module inside a wrapper such as a ``PeftModel``) computes multimodal rotary
+    positions itself (Qwen2-VL / Qwen2.5-VL ``get_rope_index``). Explicit 1-D positions would override
+    them with text positions, so such a model must be left to build its own."""
+    return any(callable(getattr(module, "get_rope_index", None)) for module in model.modules())
+
+
+def _extend_token_types(key: str, types: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-token type ids of the prompt extended over ``width`` completion tokens, as ``generate`` extends
+    them while decoding: ``mm_token_type_ids`` (and the like) with the text type 0, ``token_type_ids``
+    with the prompt's last value."""
+    if key == "token_type_ids":
+        tail = types[:, -1:].expand(-1, width)
+    else:
+        tail = types.new_zeros((types.shape[0], width))
+    return torch.cat([types, tail], dim=1)
+
+
 def completion_logprobs(
     backbone: Backbone, rollouts: Sequence[Rollout], temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +173,14 @@ def completion_logprobs(
     completion, mask = completion.to(device), mask.to(device)
     input_ids = torch.cat([prompt_ids, completion], dim=1)
     attention_mask = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     extra = {key: value for key, value in prompt.items() if key not in ("input_ids", "attention_mask")}
+    for key, value in extra.items():
+        if key.endswith("token_type_ids") and value.shape == prompt_ids.shape:
+            extra[key] = _extend_token_types(key, value, width)
+    if _has_mrope(backbone.model) and any(extra.get(key) is not None for key in _MROPE_GRIDS):
+        position_ids = None  # the model's get_rope_index builds the 3-D (time, height, width) positions
+    else:
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     outputs = backbone.model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
     )
