@@ -191,3 +191,55 @@ def test_peft_wrapped_model_ignores_the_checkpoint_generation_config(
     for backbone in (clean, leaky):
         add_lora(backbone, LoraSettings(), seed=0)  # lora_B starts at zero: same function as the base model
     assert leaky.generate(samples, max_new_tokens=6) == clean.generate(samples, max_new_tokens=6)
+
+
+# -- images in later turns -----------------------------------------------------------------------
+
+END_OF_TURN = {"llava": "<|end|>", "qwen2-vl": "<|im_end|>", "qwen2.5-vl": "<|im_end|>", "smolvlm": "<end_of_utterance>"}
+
+
+def labelled_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of every run of labelled (not ignored) positions."""
+    from mmcl.backbones.backbone import IGNORE_INDEX
+
+    spans: list[tuple[int, int]] = []
+    for position, label in enumerate(labels.tolist()):
+        if label == IGNORE_INDEX:
+            continue
+        if spans and spans[-1][1] == position:
+            spans[-1] = (spans[-1][0], position + 1)
+        else:
+            spans.append((position, position + 1))
+    return spans
+
+
+def later_turn_samples(data_root: Path):
+    from mmcl.data.sample import Sample
+
+    one, other = samples_of(data_root, "sci")[:2]
+    later = Sample(id="later", task="sci", images=(one.images[0],), prompt="<image>\nWhich shape is it?",
+                   answer=one.answer, history=(("Answer in one word.", "ok"),))  # fmt: skip
+    both = Sample(id="both", task="sci", images=(one.images[0], other.images[0]),
+                  prompt="And this one? <image>", answer=other.answer,
+                  history=(("Hello", "hi"), ("<image>\nWhich shape?", one.answer)))  # fmt: skip
+    return [later, both]
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl", "smolvlm"])
+def test_image_in_a_later_turn(arch: str, model_dirs: dict[str, Path], data_root: Path) -> None:
+    """Each prompt prefix goes to the processor with the images it refers to: every assistant turn is
+    labelled, the batch trains, and generation answers."""
+    backbone = load_backbone(str(model_dirs[arch]), device="cpu")
+    samples = later_turn_samples(data_root)
+    features = [backbone.encode_for_training(sample) for sample in samples]
+    for sample, encoded in zip(samples, features):
+        spans = labelled_spans(encoded["labels"])
+        answers = [answer for _, answer in sample.turns()]
+        assert len(spans) == len(answers)
+        for (start, end), answer in zip(spans, answers):
+            assert backbone.tokenizer.decode(encoded["labels"][start:end]).strip() == f"{answer}{END_OF_TURN[arch]}"
+    batch = backbone.collate(features + [backbone.encode_for_training(samples_of(data_root, "sci")[2])])
+    loss = backbone.model(**batch).loss
+    assert torch.isfinite(loss)
+    answers = backbone.generate(samples + samples_of(data_root, "med")[:1], max_new_tokens=3)
+    assert len(answers) == 3 and all(isinstance(answer, str) for answer in answers)

@@ -84,6 +84,17 @@ def build_messages(sample: Sample, include_final_answer: bool) -> list[dict[str,
     return messages
 
 
+def image_count(messages: Sequence[dict[str, Any]]) -> int:
+    """How many images ``messages`` (as built by :func:`build_messages`) refer to."""
+    return sum(
+        1
+        for message in messages
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part.get("type") == "image"
+    )
+
+
 def _is_token_aligned(value: torch.Tensor, input_ids: torch.Tensor) -> bool:
     """A (1, sequence length) integer or boolean tensor: one value per token of the single encoded row."""
     return (
@@ -142,9 +153,11 @@ class Backbone:
             answer_text = self._render(messages[: turn_end + 1], generation_prompt=False)
             if not full_text.startswith(prompt_text) or not full_text.startswith(answer_text):
                 raise DataError(f"backbone {self.name}: chat template renderings are not prefixes of each other")
-            start = self._tokenize(prompt_text, images)["input_ids"].shape[1]
+            # a prefix is tokenized with the images it refers to (earlier turns may have none of them)
+            prefix_images = images[: image_count(messages[:turn_end])]
+            start = self._tokenize(prompt_text, prefix_images)["input_ids"].shape[1]
             is_last = turn_end + 1 == len(messages)
-            end = input_ids.shape[0] if is_last else self._tokenize(answer_text, images)["input_ids"].shape[1]
+            end = input_ids.shape[0] if is_last else self._tokenize(answer_text, prefix_images)["input_ids"].shape[1]
             labels[start:end] = input_ids[start:end]
         # per-token tensors (attention_mask, mm_token_type_ids, ...) lose their batch dimension like input_ids
         features = {key: value[0] if _is_token_aligned(value, input_ids) else value for key, value in encoded.items()}
@@ -177,8 +190,9 @@ class Backbone:
         """Left-padded prompts (generation prompt appended) with their images, on the model's device."""
         texts, images = [], []
         for sample in samples:
-            texts.append(self._render(build_messages(sample, include_final_answer=False), generation_prompt=True))
-            images.extend(sample_images(sample))
+            messages = build_messages(sample, include_final_answer=False)
+            texts.append(self._render(messages, generation_prompt=True))
+            images.extend(sample_images(sample)[: image_count(messages)])
         self.tokenizer.padding_side = "left"
         batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
         return batch.to(self.device)
