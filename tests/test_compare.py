@@ -34,6 +34,7 @@ SEQ_SEED0 = [[0, 25, 0], [100, 50, 25], [50, 100, 25], [25, 75, 100]]
 SEQ_SEED1 = [[0, 25, 0], [75, 25, 0], [50, 100, 25], [50, 50, 75]]
 EXPERTS = [[0, 25, 0], [100, 25, 0], [100, 100, 0], [100, 100, 100]]
 JOINT = [[0, 25, 0], [75, 100, 75]]
+CHANCE = {"a": 0.0, "b": 25.0, "c": 0.0}  # per-task chance scores recorded in run.json (CLiMB's S_rand)
 
 # Metrics of SEQ_SEED0 and SEQ_SEED1, by hand.
 SEED0_METRICS = {
@@ -90,7 +91,8 @@ def make_run(
         "backbone": "tiny",
         "seed": seed,
         "joint": joint,
-        "tasks": [{"name": t, "description": f"task {t}", "scorer": "exact_match", "max_new_tokens": 4} for t in tasks],
+        "tasks": [{"name": t, "description": f"task {t}", "scorer": "exact_match", "max_new_tokens": 4,
+                   "chance": CHANCE.get(t)} for t in tasks],  # fmt: skip
         "stages": stages,
     }
     run_dir.mkdir(parents=True)
@@ -209,7 +211,10 @@ def test_comparison_rows_values(runs_root: Path, runs: list[dict[str, Any]]) -> 
     assert "1,000" in line0 and "6.5 s" in line0 and "3.0 s" in line0
     assert f"{runs[0]['stored_bytes_per_task']:.0f} B" in line0
     joint_line = next(line for line in lines if line.startswith("joint"))
-    assert "83.3" in joint_line and joint_line.count("n/a") == 5
+    assert "83.3" in joint_line and joint_line.count("n/a") == 6  # MFT..FWT and CLiMB's T_F
+    # T_F from results.json: chance [0, 25, 0]; T_F(a<-3) = 100 (100 - 25) / (100 - 0) = 75,
+    # T_F(b<-3) = 100 (100 - 75) / (100 - 25) = 33.33; mean 54.17
+    assert seq0["T_F"] == pytest.approx((75 + 100 / 3) / 2, abs=1e-3) and joint["T_F"] is None
     # Columns line up: every table line has the same width as the header.
     table_lines = lines[: 2 + len(rows)]
     assert len({len(line) for line in table_lines[2:]} | {len(lines[1])}) <= 2  # rstrip may trim trailing cells
@@ -293,8 +298,7 @@ def test_write_comparison_files(runs_root: Path, tmp_path: Path) -> None:
     assert records[4]["seeds"] == "0;1"
     assert records[3]["MFT"] == "" and records[0]["ACC_std"] == ""
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
-    # CLiMB knowledge transfer against the experts run's diagonal [100, 100, 100], chance = its row 0
-    # [0, 25, 0]: seed 1 learns tasks 1 and 3 to 75, i.e. 100 (75 - 100) / (100 - 0) = -25 on each
+    # CLiMB knowledge transfer against the experts run's diagonal [100, 100, 100], chance [0, 25, 0]: seed 1 learns tasks 1 and 3 to 75, i.e. 100 (75 - 100) / (100 - 0) = -25 on each
     assert float(records[0]["T_K"]) == pytest.approx(0.0) and float(records[1]["T_K"]) == pytest.approx(-50 / 3, abs=1e-3)
     assert records[3]["T_K"] == "" and "T_K" in text.splitlines()[0]
 

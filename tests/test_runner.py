@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import make_stream_config, write_config
 from mmcl.cli import main
-from mmcl.evaluation.metrics import compute_all
+from mmcl.evaluation.metrics import climb_average_forgetting, compute_all
 
 TASKS = ["rs", "med", "ad", "sci", "fin"]
 STAGES = [f"{index}_{task}" for index, task in enumerate(TASKS, start=1)]
@@ -108,7 +108,12 @@ def test_full_run_results(seq_lora_run: Experiment) -> None:
     # forward_transfer is on by default: every row is full, including tasks not trained yet
     assert all(isinstance(value, float) and 0.0 <= value <= 100.0 for row in matrix for value in row)
     assert METRIC_KEYS <= set(results["metrics"])
-    assert results["metrics"] == pytest.approx(compute_all(matrix), nan_ok=True)
+    metrics = dict(results["metrics"])
+    assert metrics.pop("T_F") == pytest.approx(climb_average_forgetting(matrix, list(results["chance"].values())), abs=1e-4)
+    assert metrics == pytest.approx(compute_all(matrix), nan_ok=True)
+    # chance from each task's answer space: rs/med/fin mix yes/no (50) with open questions, ad is open,
+    # sci has four options
+    assert results["chance"] == {"rs": 25.0, "med": 25.0, "ad": 0.0, "sci": 25.0, "fin": 25.0}
     assert results["metrics"]["ACC"] == pytest.approx(sum(matrix[-1]) / 5)
     assert results["complete"] is True and set(results["stage_seconds"]) == set(TASKS)
     stored = yaml.safe_load((seq_lora_run.run_dir / "config.yaml").read_text(encoding="utf-8"))

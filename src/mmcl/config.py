@@ -78,10 +78,16 @@ class EvaluationConfig:
     forward_transfer: bool = True  # after task t also evaluate tasks t+1..T (needed for FWT; costs T(T-1)/2 evals)
     evaluate_base: bool = True  # row 0: the backbone before any training
     limit: int | None = None  # evaluate at most this many test samples per task (quick looks)
+    limit_selection: str = "random"  # which `limit` samples: random (a seeded subset, in file order) | first
+    limit_seed: int = 0  # seed of the random subset (independent of the run seed: every seed sees the same test set)
     general: str = "auto"  # general-ability set after every stage: auto | none | a test file (mmcl.evaluation.general)
     general_scorer: str = "exact_match"  # scorer of a general test file named by path
     superficial: bool = False  # also ask seen tasks in another answer format; score format and content apart
     low_shot: int = 0  # CLiMB low-shot transfer: after each stage, fine-tune a copy on this many samples of each unseen task (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.limit_selection not in ("random", "first"):
+            raise ConfigError(f"evaluation.limit_selection: expected 'random' or 'first', got {self.limit_selection!r}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import yaml
 
 from mmcl.errors import RunDirError
 from mmcl.evaluation.evaluator import prediction_seconds, score_prediction_file
-from mmcl.evaluation.metrics import compute_all
+from mmcl.evaluation.metrics import climb_average_forgetting, compute_all
 from mmcl.evaluation.superficial import judged_rates, summarize
 from mmcl.utils import git_commit, package_versions
 
@@ -112,6 +112,9 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     else:
         metrics = compute_all(matrix)
         reference_rows = {}
+    chance = [task.get("chance") for task in plan["tasks"]]
+    if not plan["joint"] and None not in chance and (value := climb_average_forgetting(matrix, chance)) is not None:
+        metrics["T_F"] = round(value, 4)
     general = _general_results(run_dir, row_labels)
     if general is not None and general["drop"] is not None:
         metrics["general_drop"] = general["drop"]
@@ -134,6 +137,8 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
         "tasks": tasks,
         "task_descriptions": {task["name"]: task["description"] for task in plan["tasks"]},
         "scorers": {task["name"]: task["scorer"] for task in plan["tasks"]},
+        "chance": {task["name"]: task.get("chance") for task in plan["tasks"]},
+        "evaluation_protocol": plan.get("evaluation"),
         "row_labels": row_labels,
         "matrix": matrix,
         "metrics": metrics,

@@ -19,6 +19,7 @@ from mmcl.benchmarks.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl.errors import ConfigError, DataError, RunDirError
 from mmcl import distributed
+from mmcl.evaluation.chance import task_chance
 from mmcl.evaluation.evaluator import generate_answers, read_predictions, write_predictions
 from mmcl.evaluation.general import general_task
 from mmcl.evaluation.superficial import make_probes, probe_tokens, write_judged
@@ -85,7 +86,21 @@ def plan_stages(method: Method, tasks: list[Task]) -> list[tuple[str, list[Task]
     return [(task.name, [task]) for task in tasks]
 
 
-def write_plan(run_dir: Path, config: ExperimentConfig, method: Method, tasks: list[Task], stages: list) -> None:
+def limited(samples: list, limit: int | None, selection: str, seed: int, task_name: str) -> list:
+    """At most ``limit`` of ``samples``: the first ones, or (``random``) a subset drawn with a generator
+    seeded by ``seed`` and the task name alone, the same for every stage and run seed, kept in file order."""
+    if not limit or limit >= len(samples):
+        return list(samples)
+    if selection == "first":
+        return list(samples[:limit])
+    chosen = sorted(random.Random(f"limit/{seed}/{task_name}").sample(range(len(samples)), limit))
+    return [samples[index] for index in chosen]
+
+
+def write_plan(
+    run_dir: Path, config: ExperimentConfig, method: Method, tasks: list[Task], stages: list, chance: dict[str, float | None]
+) -> None:
+    evaluation = config.evaluation
     plan = {
         "name": config.name,
         "method": config.method.name,
@@ -94,10 +109,18 @@ def write_plan(run_dir: Path, config: ExperimentConfig, method: Method, tasks: l
         "seed": config.seed,
         "joint": method.trains_jointly,
         "tasks": [
-            {"name": t.name, "description": t.description, "scorer": t.scorer, "max_new_tokens": t.max_new_tokens}
+            {"name": t.name, "description": t.description, "scorer": t.scorer, "max_new_tokens": t.max_new_tokens,
+             "chance": chance[t.name]}
             for t in tasks
-        ],
+        ],  # fmt: skip
         "stages": [label for label, _ in stages],
+        "evaluation": {
+            "limit": evaluation.limit,
+            "limit_selection": evaluation.limit_selection if evaluation.limit else None,
+            "limit_seed": evaluation.limit_seed if evaluation.limit and evaluation.limit_selection == "random" else None,
+            "max_new_tokens": evaluation.max_new_tokens,
+            "batch_size": evaluation.batch_size,
+        },
     }
     atomic_write_text(run_dir / "run.json", json.dumps(plan, indent=1))
 
@@ -119,7 +142,8 @@ class ContinualRun:
         if distributed.is_main():
             try:
                 claim_run_dir(config, overwrite)
-                write_plan(self.run_dir, config, self.method, self.tasks, self.stages)
+                chance = {task.name: task_chance(self.test_samples(task), task.scorer, task.chance) for task in self.tasks}
+                write_plan(self.run_dir, config, self.method, self.tasks, self.stages, chance)
             except RunDirError as exc:
                 refusal = str(exc)
         refusal = distributed.agree(refusal)
@@ -223,8 +247,8 @@ class ContinualRun:
                 self.evaluate_low_shot(row_index, row_label, task)
 
     def test_samples(self, task: Task) -> list:
-        limit = self.config.evaluation.limit
-        return task.test_samples[:limit] if limit else task.test_samples
+        evaluation = self.config.evaluation
+        return limited(task.test_samples, evaluation.limit, evaluation.limit_selection, evaluation.limit_seed, task.name)
 
     def seen_tasks(self, row_index: int) -> int:
         """How many tasks of the stream the model has been trained on after stage ``row_index``."""

@@ -26,6 +26,11 @@ class TaskFiles:
     image_root: str | None = None  # default: the folder of each file
     scorer: str = "exact_match"
     max_new_tokens: int = 16
+    chance: float | None = None  # chance score in percent (CLiMB's S_rand); None = computed from the test answers
+
+    def __post_init__(self) -> None:
+        if self.chance is not None and not 0.0 <= self.chance <= 100.0:
+            raise ConfigError(f"stream task {self.name}: chance must be a percentage in [0, 100], got {self.chance}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class Task:
     # Named side files a published stream ships for methods that want them (MLLM-CL's replay and router
     # samples), as (name, path) pairs; empty for most streams.
     extra_files: tuple[tuple[str, Path], ...] = ()
+    # Chance score in percent when the benchmark states it (CLiMB) or the config sets it; otherwise it is
+    # computed from the test samples' answer space (:mod:`mmcl.evaluation.chance`).
+    chance: float | None = None
 
     @cached_property
     def train_samples(self) -> list[Sample]:
@@ -113,6 +121,7 @@ def tasks_from_files(entries: list[TaskFiles], base_dir: Path) -> list[Task]:
             image_root=resolve(entry.image_root) if entry.image_root else None,
             scorer=entry.scorer,
             max_new_tokens=entry.max_new_tokens,
+            chance=entry.chance,
         )
         for entry in entries
     ]

@@ -146,6 +146,19 @@ def climb_forgetting(R: Matrix, random_scores: Sequence[float], j: int, i: int) 
     return 100.0 * (float(learned) - float(later)) / denominator
 
 
+def climb_average_forgetting(R: Matrix, random_scores: Sequence[float]) -> float | None:
+    """Mean CLiMB forgetting after the last stage over the tasks before it: ``mean_{j<T} T_F(j<-T)``.
+
+    Tasks whose T_F is undefined (learned score equal to chance, or an entry ``None``) are left out of
+    the mean; ``None`` if T < 2 or no task has a defined value.
+    """
+    T = _num_tasks(R)
+    if T < 2:
+        return None
+    values = [v for j in range(1, T) if (v := climb_forgetting(R, random_scores, j, T)) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def compute_all(R: Matrix) -> dict[str, float | None]:
     """All matrix metrics: keys "ACC", "MFT", "MAA", "BWT", "Forgetting", "FWT"."""
     _num_tasks(R)

@@ -453,19 +453,16 @@ OPTIONAL_NOTES = {
 
 
 def with_climb_metrics(runs: Sequence[Run]) -> list[Run]:
-    """Runs with CLiMB's metrics (Srinivasan et al. 2022) added to their metrics: forgetting ``T_F``
-    (mean over tasks before the last of T_F(j <- T)) always, knowledge transfer ``T_K`` (mean over
-    tasks) when an ``experts`` run is among them (single-task scores S_ST = its diagonal, averaged
-    over its seeds). Chance scores: CLiMB's per-task values on the ``climb`` tasks, else row 0 (the
-    base model) of the run itself for T_F and of the experts run for T_K."""
-    from mmcl.benchmarks.climb import CLIMB_RANDOM_SCORES
-    from mmcl.evaluation.metrics import climb_forgetting, climb_knowledge_transfer
+    """Runs with CLiMB's metrics (Srinivasan et al. 2022) in their metrics: forgetting ``T_F`` (mean over
+    the tasks before the last of T_F(j <- T)) as results.json holds it, and knowledge transfer ``T_K``
+    (mean over tasks) when an ``experts`` run of the same tasks is among them (single-task scores S_ST =
+    its diagonal, averaged over its seeds). Both are normalised by each task's chance score S_rand from
+    results.json (``chance``); a run that records none (made before chance scores) gets neither."""
+    from mmcl.evaluation.metrics import climb_average_forgetting, climb_knowledge_transfer
 
     def chance(run: Run) -> list[float | None]:
-        tasks = list(run.get("tasks") or [])
-        if tasks and all(task in CLIMB_RANDOM_SCORES for task in tasks):
-            return [CLIMB_RANDOM_SCORES[task] for task in tasks]
-        return [_num(value) for value in (run.get("matrix") or [[]])[0]]
+        recorded = run.get("chance") or {}
+        return [_num(recorded.get(task)) for task in run.get("tasks") or []]
 
     def diagonal(run: Run) -> list[float | None]:
         matrix, size = run.get("matrix") or [], len(run.get("tasks") or [])
@@ -483,10 +480,9 @@ def with_climb_metrics(runs: Sequence[Run]) -> list[Run]:
             out.append(run)
             continue
         floor = chance(run)
-        if None not in floor and size > 1:
-            values = [climb_forgetting(matrix, floor, j, size) for j in range(1, size)]
-            metrics["T_F"] = _present_mean(values)
-        if experts and list(run.get("tasks") or []) == tasks and None not in single and None not in expert_chance:
+        if "T_F" not in metrics and size > 1 and floor and None not in floor:
+            metrics["T_F"] = climb_average_forgetting(matrix, floor)
+        if experts and list(run.get("tasks") or []) == tasks and None not in single and expert_chance and None not in expert_chance:
             values = [climb_knowledge_transfer(d, s, c) for d, s, c in zip(diagonal(run), single, expert_chance) if d is not None]
             metrics["T_K"] = _present_mean(values)
         run["metrics"] = metrics
