@@ -166,9 +166,9 @@ def run_stream(tmp_path: Path, model_dir: Path, name: str, root: Path, tasks: li
 @pytest.mark.parametrize(
     ("stream", "writer", "scorers"),
     [
-        ("coin", write_coin, {"ScienceQA": "option_letter", "TextVQA": "textvqa_accuracy"}),
-        ("mllm-cl-domain", write_mllm_cl_domain, {"RS": "contains", "Fin": "exact_match"}),
-        ("mllm-cl-ability", write_mllm_cl_ability, {"OCR": "contains", "Math": "math_answer"}),
+        ("coin", write_coin, {"ScienceQA": "coin_scienceqa", "TextVQA": "textvqa_accuracy"}),
+        ("mllm-cl-domain", write_mllm_cl_domain, {"RS": "mllm_cl_ai2d", "Fin": "mllm_cl_finvis"}),
+        ("mllm-cl-ability", write_mllm_cl_ability, {"OCR": "mllm_cl_ocr", "Math": "mllm_cl_math"}),
         ("climb", write_climb, {"nlvr2": "yes_no", "vcr": "option_letter"}),
     ],
 )
@@ -198,7 +198,7 @@ def test_coin_reads_answers_from_official_files_and_points_at_matching_files(tmp
     root = write_coin(tmp_path / "data")
     tasks = build(tmp_path, "coin", root=str(root), tasks=["ScienceQA", "TextVQA", "VizWiz"])
     by_name = {task.name: task for task in tasks}
-    assert [t.scorer for t in tasks] == ["option_letter", "textvqa_accuracy", "exact_match"]
+    assert [t.scorer for t in tasks] == ["coin_scienceqa", "textvqa_accuracy", "coin_vizwiz"]
     assert by_name["VizWiz"].test_file == root / "annotations" / "VizWiz" / "test.json"  # read in place
     assert by_name["VizWiz"].train_file == root / "annotations" / "VizWiz" / "train.json"
     sqa = by_name["ScienceQA"].test_samples
@@ -225,7 +225,7 @@ def test_coin_asd_trains_on_coin_asd_files(tmp_path: Path) -> None:
 def test_mllm_cl_exposes_replay_and_router_files_and_converts_answer_lists(tmp_path: Path) -> None:
     root = write_mllm_cl_domain(tmp_path / "dom")
     rs, fin = build(tmp_path, "mllm-cl-domain", root=str(root), tasks=["RS", "Fin"])
-    assert rs.test_file == root / "RS" / "test.json" and rs.scorer == "contains" and fin.scorer == "exact_match"
+    assert rs.test_file == root / "RS" / "test.json" and rs.scorer == "mllm_cl_ai2d" and fin.scorer == "mllm_cl_finvis"
     assert dict(rs.extra_files) == {"replay": root / "task5replay20_train.json",
                                     "router_train": root / "task5Router_train20.json",
                                     "sample_images": root / "num5sample_images20"}
@@ -236,7 +236,42 @@ def test_mllm_cl_exposes_replay_and_router_files_and_converts_answer_lists(tmp_p
     assert first.reference == ["open", "opened"]
     assert first.images == (root / "OCR_test" / "images" / "0.png",)  # the test set's own images
     assert ocr.train_samples[0].images == (root / "OCR" / "images" / "0.png",)
-    assert math.scorer == "math_answer" and math.test_samples[0].answer == "B"  # answer_option of multi_choice
+    assert math.scorer == "mllm_cl_math" and math.test_samples[0].answer == "B"  # answer_option of multi_choice
+
+
+def test_mllm_cl_sci_and_ocr_references_carry_the_rule_of_their_script(tmp_path: Path) -> None:
+    """eval_sci.py picks its rule from the image name and the question, eval_ocr.py from the category:
+    the converted references are tagged with it, and the training answer stays plain."""
+    from mmcl.evaluation.published_scorers import OCR_HME, SCI_CONTAINS, SCI_EXACT, SCI_STATES
+
+    root = write_mllm_cl_domain(tmp_path / "dom", tasks=("Sci",))
+    dump(root / "Sci" / "test.json", [
+        {"question_id": "s0", "image": "images/AI2D_0.png", "text": "Which label is the sun?", "answer": "A"},
+        {"question_id": "s1", "image": "images/MapQA_1.png", "text": "Which states are above 5?",
+         "answer": "alabama, texas"},
+        {"question_id": "s2", "image": "images/MapQA_2.png", "text": "Which state is highest?", "answer": "texas"},
+    ])
+    (sci,) = build(tmp_path, "mllm-cl-domain", root=str(root), tasks=["Sci"])
+    assert sci.scorer == "mllm_cl_sci" and sci.test_file.parent != root / "Sci"  # converted into the cache
+    exact, states, contains = sci.test_samples
+    assert [s.answer for s in sci.test_samples] == ["A", "alabama, texas", "texas"]
+    assert exact.reference == [SCI_EXACT, "A"] and states.reference == [SCI_STATES, "alabama, texas"]
+    assert contains.reference == [SCI_CONTAINS, "texas"]
+    assert exact.images == (root / "Sci" / "images" / "AI2D_0.png",)
+    assert score_one(sci.scorer, "A.", exact.reference) == 0.0
+    assert score_one(sci.scorer, "alabama,texas", states.reference) == 0.5
+    assert score_one(sci.scorer, "Texas is the highest", contains.reference) == 1.0
+
+    root = write_mllm_cl_ability(tmp_path / "ab", tasks=("OCR",))
+    test = json.loads((root / "OCR_test" / "test.json").read_text())
+    test[0].update(answer="x ^ 2", answer_type="Handwritten Mathematical Expression Recognition")
+    test[1].update(answer="open", answer_type="Regular Text Recognition")
+    dump(root / "OCR_test" / "test.json", test)
+    (ocr,) = build(tmp_path, "mllm-cl-ability", root=str(root), tasks=["OCR"])
+    hme, regular, listed = ocr.test_samples
+    assert hme.reference == [OCR_HME, "x ^ 2"] and regular.reference == "open"
+    assert listed.reference == ["open", "opened"]
+    assert score_one(ocr.scorer, "x^2", hme.reference) == 1.0 and score_one(ocr.scorer, "X^2", hme.reference) == 0.0
 
 
 def test_mllm_cl_app_without_answers_names_the_record(tmp_path: Path) -> None:
@@ -254,7 +289,7 @@ def test_mllm_cl_app_without_answers_names_the_record(tmp_path: Path) -> None:
 def test_climb_converts_raw_annotations_to_generative_qa(tmp_path: Path) -> None:
     root = write_climb(tmp_path / "data")
     vqa, nlvr2, snli, vcr = build(tmp_path, "climb", root=str(root))
-    assert [t.scorer for t in (vqa, nlvr2, snli, vcr)] == ["vqa_accuracy", "yes_no", "exact_match", "option_letter"]
+    assert [t.scorer for t in (vqa, nlvr2, snli, vcr)] == ["climb_vqa", "yes_no", "exact_match", "option_letter"]
     sample = vqa.test_samples[0]
     assert sample.answer == "red" and sample.reference == ["red"] * 8 + ["pink"] * 2
     assert sample.images == (root / "ms-coco" / "images" / "000000000110.jpg",)
@@ -272,8 +307,11 @@ def test_climb_metrics_normalise_by_single_task_and_chance() -> None:
 
     # rows: base, after nlvr2, after vcr; columns: nlvr2, vcr (chance 50 and 25)
     tasks, base = ["nlvr2", "vcr"], [40.0, 0.0]
-    run = {"method": "seq-lora", "tasks": tasks, "matrix": [base, [80.0, 30.0], [65.0, 70.0]], "metrics": {}}
-    experts = {"method": "experts", "tasks": tasks, "matrix": [base, [90.0, 0.0], [90.0, 65.0]], "metrics": {}}
+    chance = {task: CLIMB_RANDOM_SCORES[task] for task in tasks}  # as results.json records it
+    run = {"method": "seq-lora", "tasks": tasks, "matrix": [base, [80.0, 30.0], [65.0, 70.0]], "metrics": {},
+           "chance": chance}
+    experts = {"method": "experts", "tasks": tasks, "matrix": [base, [90.0, 0.0], [90.0, 65.0]], "metrics": {},
+               "chance": chance}
     metrics = with_climb_metrics([run, experts])[0]["metrics"]
     assert CLIMB_RANDOM_SCORES["nlvr2"] == 50.0 and CLIMB_RANDOM_SCORES["vcr"] == 25.0
     transfer = [100 * (80 - 90) / (90 - 50), 100 * (70 - 65) / (65 - 25)]

@@ -15,13 +15,14 @@ question answering, read from the layout of CLiMB's data loaders (``src/data/``)
 CLiMB's order is VQAv2 -> NLVR2 -> SNLI-VE -> VCR; CLiMB evaluates on the validation/dev splits.
 All four are converted once into LLaVA-format files under the stream cache (image paths absolute).
 
-CLiMB trains classification heads; the generative framing replaces each head by an answer to
-generate and scores it with the rule that matches CLiMB's accuracy:
+CLiMB trains classification heads and has no generative evaluation script; the generative framing
+replaces each head by an answer to generate and scores it by CLiMB's label definitions (details and
+differences in :mod:`mmcl.evaluation.published_scorers`):
 
 | task    | target                           | scorer        | CLiMB metric                                 |
 |---------|----------------------------------|---------------|----------------------------------------------|
-| vqa     | most common answer; all 10 kept  | vqa_accuracy  | VQA score min(1, #humans/3) over 10 answers  |
-| nlvr2   | "yes" / "no"                     | yes_no        | accuracy of the True/False label             |
+| vqa     | most common answer; all 10 kept  | climb_vqa     | get_score(#raw annotator answers == normalize_word(reply)) |
+| nlvr2   | "no" iff label is "False", else "yes" | yes_no   | accuracy of the True/False label             |
 | snli-ve | entailment/neutral/contradiction | exact_match   | 3-way accuracy                               |
 | vcr     | option letter A-D (Q->A)         | option_letter | 4-way multiple-choice accuracy               |
 
@@ -114,7 +115,7 @@ def _convert_nlvr2(root: Path, split: str) -> list[Record]:
         identifier = str(require_field(line, "identifier", where))
         stem = "-".join(identifier.split("-")[:-1])
         images = [str(root / "nlvr2" / "images" / split / f"{stem}-img{k}.png") for k in (0, 1)]
-        label = str(require_field(line, "label", where)).lower() == "true"
+        label = str(require_field(line, "label", where)) != "False"  # nlvr2_dataset.py: 0 iff "False"
         records.append({
             "question_id": identifier,
             "images": images,
@@ -182,7 +183,7 @@ def _convert_vcr(root: Path, split: str) -> list[Record]:
 
 
 CLIMB_TASKS: tuple[ClimbTask, ...] = (
-    ClimbTask("vqa", "VQAv2: open questions about COCO images", "vqa_accuracy", 16,
+    ClimbTask("vqa", "VQAv2: open questions about COCO images", "climb_vqa", 16,
               _vqa_files, lambda split: "ms-coco/images/", _convert_vqa),
     ClimbTask("nlvr2", "NLVR2: is a statement true of a pair of images", "yes_no", 4,
               lambda split: [f"nlvr2/data/{_NLVR2_SPLIT[split]}.json"],

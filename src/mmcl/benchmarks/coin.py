@@ -12,22 +12,22 @@ Task order is CoIN's: ScienceQA, TextVQA, ImageNet, GQA, VizWiz, Grounding, VQAv
 files are read in place. Test files are read in place where they already carry one string ``answer``
 (ImageNet, VizWiz, VQAv2, OCRVQA); the others are converted once into the stream cache.
 
-Scorers, each the rule of the task's evaluation script in CoIN / SEFE (``llava/eval/CoIN/``):
+Scorers, each reproducing the task's evaluation script in CoIN (``ETrain/Eval/LLaVA/CoIN/``); the rules,
+known flaws and every remaining difference are in :mod:`mmcl.evaluation.published_scorers`:
 
-| task      | scorer          | official script and rule                                                      |
-|-----------|-----------------|-------------------------------------------------------------------------------|
-| ScienceQA | option_letter   | eval_science_qa.py: option letter parsed from the reply vs problems.json       |
+| task      | scorer           | official script and rule                                                      |
+|-----------|------------------|-------------------------------------------------------------------------------|
+| ScienceQA | coin_scienceqa   | eval_science_qa.py: letter = reply, "X. ..." or first one-character word       |
 | TextVQA   | textvqa_accuracy | eval_textvqa.py: m4c TextVQAAccuracyEvaluator, 10 answers of the 0.5.1 val file |
-| ImageNet  | contains        | eval_imagenet.py: label and reply contained in one another (case-sensitive)    |
-| GQA       | exact_match     | convert_gqa_for_eval + eval_gqa.py: reply lower-cased, trailing '.' cut, == gold |
-| VizWiz    | exact_match     | eval_vizwiz.py: reply.upper() == answer.upper()                               |
-| Grounding | box_iou         | eval_grounding.py: IoU > 0.5 of [x1, y1, x2, y2] boxes normalised to the padded square |
-| VQAv2     | exact_match     | eval_vqav2.py: reply.upper() == answer.upper() (one answer per question)      |
-| OCRVQA    | exact_match     | eval_ocrvqa.py: reply.lower() == answer.lower()                               |
+| ImageNet  | coin_imagenet    | eval_ImagetNet.py: (label in reply) or (reply in label), case-sensitive; warns  |
+| GQA       | coin_gqa         | convert_gqa_for_eval + eval_gqa.py: reply.rstrip('.').lower() == gold          |
+| VizWiz    | coin_vizwiz      | eval_vizwiz.py: reply.upper() == answer.upper()                               |
+| Grounding | coin_grounding   | eval_grounding.py: IoU > 0.5, reply box read after cutting its first/last character; warns |
+| VQAv2     | coin_vqav2       | eval_vqav2.py: reply.upper() == answer.upper() (one answer per question)      |
+| OCRVQA    | coin_ocrvqa      | eval_ocrvqa.py: "Unanswerable" is wrong, else reply.lower() == answer.lower() |
 
-Our ``exact_match`` also forgives surrounding punctuation and a leading article, and ``contains``
-matches whole words one way (label in reply); on replies in the trained short-answer style these agree
-with the scripts. ScienceQA's test prompt gets the instruction ``model_science_qa.py
+Stricter mmcl variants stay available by name (``option_letter``, ``contains``, ``exact_match``,
+``box_iou``). ScienceQA's test prompt gets the instruction ``model_science_qa.py
 --single-pred-prompt`` appends ("Answer with the option's letter from the given choices directly.").
 
 ``stream.options``: ``root`` (required), ``tasks`` (subset and order), ``asd`` (train on CoIN-ASD
@@ -72,17 +72,17 @@ class CoinTask:
 
 
 COIN_TASKS: tuple[CoinTask, ...] = (
-    CoinTask("ScienceQA", "ScienceQA: multiple-choice science questions", "option_letter", 8,
+    CoinTask("ScienceQA", "ScienceQA: multiple-choice science questions", "coin_scienceqa", 8,
              "ScienceQA/problems.json", convert=True),
     CoinTask("TextVQA", "TextVQA: reading text in images", "textvqa_accuracy", 16,
              "TextVQA/TextVQA_0.5.1_val.json", convert=True),
-    CoinTask("ImageNet", "ImageNet: image classification as a question", "contains", 16),
-    CoinTask("GQA", "GQA: compositional questions about scenes", "exact_match", 16,
+    CoinTask("ImageNet", "ImageNet: image classification as a question", "coin_imagenet", 16),
+    CoinTask("GQA", "GQA: compositional questions about scenes", "coin_gqa", 16,
              "GQA/testdev_balanced_questions.json", convert=True),
-    CoinTask("VizWiz", "VizWiz: questions from blind users", "exact_match", 16),
-    CoinTask("Grounding", "Grounding: RefCOCO/+/g referring expressions to boxes", "box_iou", 32, convert=True),
-    CoinTask("VQAv2", "VQAv2: open questions about COCO images", "exact_match", 16),
-    CoinTask("OCRVQA", "OCR-VQA: questions about book covers", "exact_match", 32),
+    CoinTask("VizWiz", "VizWiz: questions from blind users", "coin_vizwiz", 16),
+    CoinTask("Grounding", "Grounding: RefCOCO/+/g referring expressions to boxes", "coin_grounding", 32, convert=True),
+    CoinTask("VQAv2", "VQAv2: open questions about COCO images", "coin_vqav2", 16),
+    CoinTask("OCRVQA", "OCR-VQA: questions about book covers", "coin_ocrvqa", 32),
 )
 TASKS_BY_NAME = {task.name: task for task in COIN_TASKS}
 LAYOUT = "annotations/<Task>/{train,test}.json and the image folders"

@@ -17,24 +17,27 @@ The replay and router sample files, when present, are handed to methods on every
 relative to the root. No built-in method reads them yet (``replay`` and ``mrlora`` draw their own
 samples from the training sets).
 
-Scorers, each the rule of MLLM-CL's evaluation script (``ETrain/Eval/LLaVA/CoIN/``):
+Scorers, each reproducing MLLM-CL's evaluation script (``ETrain/Eval/LLaVA/CoIN/``); the rules and every
+remaining difference are in :mod:`mmcl.evaluation.published_scorers`:
 
-| task | scorer        | official script and rule                                                         |
-|------|---------------|----------------------------------------------------------------------------------|
-| RS   | contains      | eval_ai2d.py: lower-cased answer is a substring of the reply                      |
-| Med  | contains      | eval_pvqa.py: lower-cased answer is a substring of the reply                      |
-| AD   | contains      | eval_ai2d.py: lower-cased answer is a substring of the reply                      |
-| Sci  | exact_match   | eval_sci.py: reply == answer (lower-cased) for AI2D/TQA/VQA; MapQA: containment |
-| Fin  | exact_match   | eval_finvis.py: reply == answer (lower-cased); all items are choice or true/false |
-| OCR  | contains      | eval_ocr.py (OCRBench): any accepted answer is a substring of the reply           |
-| Math | math_answer   | eval_math.py (MathVista): a GPT judge extracts the answer; here a rule-based extractor |
-| VP   | contains      | eval_sat.py: answer in reply after removing spaces, dots and case                 |
-| APP  | exact_match   | none locally: replies go to an eval.ai server; here test.json must carry answers |
+| task | scorer          | script                                                                            |
+|------|-----------------|-----------------------------------------------------------------------------------|
+| RS   | mllm_cl_ai2d    | eval_ai2d.py: lower-cased containment with word-edge variants                     |
+| Med  | mllm_cl_pvqa    | eval_pvqa.py: lower-cased answer is a substring of the reply                      |
+| AD   | mllm_cl_ai2d    | eval_ai2d.py (as RS)                                                              |
+| Sci  | mllm_cl_sci     | eval_sci.py: equality (AI2D/TQA/VQA/SciVerse), containment (MapQA), partial credit ("Which states") |
+| Fin  | mllm_cl_finvis  | eval_finvis.py: reply without spaces and periods == answer (lower-cased)          |
+| OCR  | mllm_cl_ocr     | eval_ocr.py (OCRBench): any accepted answer is a substring of the reply           |
+| Math | mllm_cl_math    | eval_math.py: GPT judge (VLMEvalKit MathVista); rule-based stand-in               |
+| VP   | mllm_cl_sat     | eval_sat.py: answer in reply after removing spaces, dots, newlines and case       |
+| APP  | mllm_cl_app     | none locally (eval.ai server); stand-in on the submitted option letter            |
 
-Every script also counts a reply containing "Unanswerable" as wrong. ``contains`` matches whole
-words after normalisation, a little stricter than a raw substring. Test files are read in place when
-each record has one string ``answer``; files with lists of accepted answers (OCR) or MathVista fields
-(Math: ``answer_option`` for multiple choice) are converted once into the stream cache.
+The Sci rule depends on the item's image name and question, and the OCR rule on its category, which a
+scorer does not see: the test file is converted once into the stream cache and each such reference is
+tagged with its rule (``answers: [tag, answer...]``, tags from :func:`~mmcl.evaluation.published_scorers.sci_rule_tag`
+and :data:`~mmcl.evaluation.published_scorers.OCR_HME`). Other test files are read in place when each
+record has one string ``answer``; files with lists of accepted answers (OCR) or MathVista fields (Math:
+``answer_option`` for multiple choice) are converted too.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from mmcl.benchmarks.published import (
 from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
 from mmcl.data.readers import load_records
 from mmcl.errors import DataError
+from mmcl.evaluation.published_scorers import OCR_HME, OCR_HME_CATEGORY, sci_rule_tag
 
 
 APP_HINT = " (MLLM-CL scores APP on the eval.ai server; leave it out with stream.options.tasks)"
@@ -86,11 +90,11 @@ class MllmClStream:
 DOMAIN = MllmClStream(
     name="mllm-cl-domain",
     tasks=(
-        MllmClTask("RS", "Remote sensing: questions about aerial and satellite images", "contains", 32),
-        MllmClTask("Med", "Medical: questions about pathology and radiology images", "contains", 32),
-        MllmClTask("AD", "Autonomous driving: questions about road scenes", "contains", 64),
-        MllmClTask("Sci", "Science: diagrams, maps and textbook figures", "exact_match", 32),
-        MllmClTask("Fin", "Finance: stock and financial charts", "exact_match", 16),
+        MllmClTask("RS", "Remote sensing: questions about aerial and satellite images", "mllm_cl_ai2d", 32),
+        MllmClTask("Med", "Medical: questions about pathology and radiology images", "mllm_cl_pvqa", 32),
+        MllmClTask("AD", "Autonomous driving: questions about road scenes", "mllm_cl_ai2d", 64),
+        MllmClTask("Sci", "Science: diagrams, maps and textbook figures", "mllm_cl_sci", 32),
+        MllmClTask("Fin", "Finance: stock and financial charts", "mllm_cl_finvis", 16),
     ),
     separate_test_folders=False,
     side_files=(
@@ -104,10 +108,10 @@ DOMAIN = MllmClStream(
 ABILITY = MllmClStream(
     name="mllm-cl-ability",
     tasks=(
-        MllmClTask("OCR", "OCR: reading text in images", "contains", 32),
-        MllmClTask("Math", "Math & logic: visual math problems", "math_answer", 64),
-        MllmClTask("VP", "Visual perception: counting, spatial relations, depth", "contains", 16),
-        MllmClTask("APP", "GUI agent: understanding app screenshots", "exact_match", 32),
+        MllmClTask("OCR", "OCR: reading text in images", "mllm_cl_ocr", 32),
+        MllmClTask("Math", "Math & logic: visual math problems", "mllm_cl_math", 64),
+        MllmClTask("VP", "Visual perception: counting, spatial relations, depth", "mllm_cl_sat", 16),
+        MllmClTask("APP", "GUI agent: understanding app screenshots", "mllm_cl_app", 32),
     ),
     separate_test_folders=True,
     side_files=(
@@ -121,6 +125,18 @@ ABILITY = MllmClStream(
 
 def _test_folder(stream: MllmClStream, task: str) -> str:
     return f"{task}_test" if stream.separate_test_folders else task
+
+
+def _rule_tag(task: str, record: Record) -> str | None:
+    """The scoring-rule tag a Sci or OCR reference needs (see the module doc), else ``None``."""
+    if task == "Sci":
+        image = record.get("image")
+        image = image if isinstance(image, str) else (image[0] if isinstance(image, list) and image else "")
+        question = record.get("text") if isinstance(record.get("text"), str) else ""
+        return sci_rule_tag(str(image), question)
+    if task == "OCR" and record.get("answer_type") == OCR_HME_CATEGORY:
+        return OCR_HME
+    return None
 
 
 def _normalized_test(task: str, records: list[Any], path: Path) -> list[Record] | None:
@@ -152,6 +168,10 @@ def _normalized_test(task: str, records: list[Any], path: Path) -> list[Record] 
             raise DataError(f"{where}: missing or non-string field 'answer'{hint}")
         elif not isinstance(raw, str) and raw is not None:
             out["answer"], changed = as_text(raw), True
+        tag = _rule_tag(task, out)
+        if tag is not None and isinstance(out.get("answer"), str):
+            accepted = out.get("answers") if isinstance(out.get("answers"), list) else [out["answer"]]
+            out["answers"], changed = [tag, *(a for a in accepted if a != tag)], True
         for key in ("image", "images"):
             if isinstance(out.get(key), str):
                 out[key] = str(path.parent / out[key])

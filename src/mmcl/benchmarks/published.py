@@ -22,7 +22,7 @@ from typing import Any
 
 from mmcl.errors import ConfigError, DataError
 
-CONVERTER_VERSION = 1  # bump when a conversion changes its output, so caches are rebuilt
+CONVERTER_VERSION = 2  # bump when a conversion changes its output, so caches are rebuilt
 Record = dict[str, Any]
 
 

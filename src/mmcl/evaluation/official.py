@@ -11,11 +11,12 @@ Importing this module registers them in :data:`mmcl.evaluation.scorers.SCORERS`
   first lowercases, deletes "," and "?" and splits off "'s".
 * ``anls`` (multi-reference) -- ST-VQA, DocVQA, InfographicVQA, OCR answers. Average Normalized
   Levenshtein Similarity (Biten et al., ICCV 2019), threshold 0.5.
-* ``box_iou`` -- CoIN Grounding (RefCOCO/RefCOCO+/RefCOCOg). Acc@0.5 of referring-expression
-  grounding: 1 if IoU(predicted box, reference box) >= 0.5; box convention in :func:`parse_box`.
+* ``box_iou`` -- RefCOCO/RefCOCO+/RefCOCOg grounding. Acc@0.5 of referring-expression grounding:
+  1 if IoU(predicted box, reference box) >= 0.5; box convention in :func:`parse_box`. A stricter variant
+  of CoIN's rule (CoIN Grounding itself uses ``coin_grounding``, see below).
 * ``math_answer`` -- MathVista, MathVerse and other free-form / multiple-choice math answers.
-  Rule-based final-answer extraction in place of the GPT extractor of MathVista (Lu et al.,
-  ICLR 2024); rules in :func:`math_answer`.
+  Rule-based stand-in for the GPT answer extractor of MathVista (Lu et al., ICLR 2024); rules in
+  :func:`math_answer`. MLLM-CL Math uses ``mllm_cl_math``, which adds the judge-free part of its script.
 * ``relaxed_accuracy`` -- ChartQA, PlotQA. Relaxed accuracy (Methani et al. 2020; Masry et al.
   2022) as pix2struct's ``relaxed_correctness``: numbers within 5 % relative error, exact match
   otherwise.
@@ -33,7 +34,12 @@ Deliberate differences from the original scripts, each at the edge of the defini
   lone reference counts as all annotators agreeing (score 1 on a normalized match).
 * ANLS: the paper's ``1 - NL if NL < 0.5 else 0`` is used; the RRC scripts keep 0.5 at exactly
   NL == 0.5.
-* Grounding: CoIN's ``eval_grounding.py`` counts IoU > 0.5 strictly; Acc@0.5 (>=) is used here.
+* Grounding: CoIN's ``eval_grounding.py`` counts IoU > 0.5 strictly and cuts a character off each end
+  of the reply before reading it; ``box_iou`` uses Acc@0.5 (>=) on the reply as written.
+
+The default scorers of the published streams (CoIN, MLLM-CL, CLiMB), each reproducing the stream's own
+script, are in :mod:`mmcl.evaluation.published_scorers`, imported (and registered) at the end of this
+module.
 """
 
 from __future__ import annotations
@@ -419,3 +425,5 @@ __all__ = [
     "vqa_accuracy",
     "vqa_soft_accuracy",
 ]
+
+from mmcl.evaluation import published_scorers  # noqa: E402,F401  (registers the published streams' scorers)
