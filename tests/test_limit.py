@@ -51,5 +51,7 @@ def test_run_records_the_subset_rule(tiny_stream_config, tmp_path: Path) -> None
     assert results["evaluation_protocol"]["limit"] == 2
     assert results["evaluation_protocol"]["limit_selection"] == "random"
     assert results["evaluation_protocol"]["limit_seed"] == 3
+    decoding = results["evaluation_protocol"]["decoding"]
+    assert decoding["do_sample"] is False and decoding["num_beams"] == 1 and decoding["repetition_penalty"] == 1.0
     lines = (run_dir / "predictions" / "0_base" / "rs.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0])["meta"]["n"] == 2

@@ -185,6 +185,10 @@ def test_run_completes_on_published_layout(tmp_path: Path, tiny_model_dir: Path,
         assert lines[0]["meta"]["n"] == 2 and len(lines) == 3  # evaluation.limit = 2
         if path.stem in ("TextVQA", "OCR"):  # all accepted answers reach the scorer
             assert all(isinstance(line["answer"], list) and len(line["answer"]) > 1 for line in lines[1:])
+    if stream == "climb":  # CLiMB states its chance scores; T_F is normalised by them
+        assert results["chance"] == {name: CLIMB_RANDOM_SCORES[name] for name in scorers}
+    else:
+        assert all(value is not None for value in results["chance"].values())
 
 
 # ---------------------------------------------------------------------------------------------- readers

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import yaml
 from safetensors.torch import load_file, save_file
 
+from mmcl.backbones.backbone import GREEDY_DECODING
 from mmcl.benchmarks.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl.errors import ConfigError, DataError, RunDirError
@@ -120,6 +121,7 @@ def write_plan(
             "limit_seed": evaluation.limit_seed if evaluation.limit and evaluation.limit_selection == "random" else None,
             "max_new_tokens": evaluation.max_new_tokens,
             "batch_size": evaluation.batch_size,
+            "decoding": dict(GREEDY_DECODING),  # plus each task's max_new_tokens (tasks above) unless overridden
         },
     }
     atomic_write_text(run_dir / "run.json", json.dumps(plan, indent=1))

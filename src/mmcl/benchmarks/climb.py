@@ -233,6 +233,7 @@ def build_climb(options: dict[str, Any], cache: Path) -> list[Task]:
                 image_root=None,  # converted records carry absolute image paths
                 scorer=spec.scorer,
                 max_new_tokens=spec.max_new_tokens,
+                chance=CLIMB_RANDOM_SCORES[name],
             )
         )
     return tasks
