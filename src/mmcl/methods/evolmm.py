@@ -8,6 +8,11 @@ trained with REINFORCE against an exponential-moving-average baseline plus a per
 to the reference policy (the backbone with adapters disabled) whose coefficient adapts to a target
 KL. Training reads only the images of a stage's samples (never a question, answer or label), so
 the stream's tasks are used for evaluation only; evaluation answers with the Solver adapter.
+
+Two protocols (``method.options.protocol``, see :class:`EvolmmConfig`): ``tiny-calibrated`` (default;
+batched updates, k3 KL, sizes calibrated for the tiny CPU backbone) and ``reference`` (the authors'
+released ``src/train.py``: exact full-vocabulary KL, one AdamW step per completion with the baseline
+and beta updated in between, the ``<question>``/``<answer>`` tag protocol, lr 1e-6, weight decay 0.01).
 """
 
 from __future__ import annotations
@@ -34,50 +39,171 @@ from mmcl.methods.lora_utils import (
     named_adapters_tensors,
 )
 from mmcl.training import evolmm_rewards as rewards
-from mmcl.training.rollouts import Rollout, completion_logprobs, sample_rollouts
+from mmcl.training.rollouts import Rollout, completion_logprobs, placeholder_token_ids, sample_rollouts
 from mmcl.training.scalars import write_scalars
 
 PROPOSER, SOLVER = "proposer", "solver"
 ROLES = (PROPOSER, SOLVER)
+PROTOCOLS = ("tiny-calibrated", "reference")
+
+TINY_PROPOSER_PROMPT = "Ask a question about this image."  # the tiny model's pretraining proposal prompt
+# our wording of the tag protocol the released prompts ask for (train.py L301-327): the proposer
+# replies with <question> and <rationale> tags, the solver wraps its final answer in <answer>
+REFERENCE_PROPOSER_PROMPT = (
+    "Look at the image and ask one short-answer question about it that the image alone answers: "
+    "specific and unambiguous, not trivia, and not a plain counting question if you can avoid it. "
+    "Do not give the answer. Reply with exactly two XML tags and nothing else: "
+    "<question>the question, one or two sentences</question> "
+    "<rationale>why it is not trivial yet answerable from the image</rationale>"
+)
+REFERENCE_SOLVER_PROMPT = (
+    "Answer the question from the image only. Think briefly, then give a short final answer "
+    "(a number, a word or a phrase) inside <answer></answer>, with nothing else in the tag.\n"
+    "Question: {question}"
+)
+# asked when the proposer's output holds no question (train.py L942-943 substitutes a stock one)
+REFERENCE_FALLBACK_QUESTION = "Which value stands out most in the image?"
+
+# option: (tiny-calibrated, reference). Sources: the EvolmmConfig docstring and the field comments.
+PROTOCOL_PRESETS: dict[str, tuple[Any, Any]] = {
+    "steps_per_task": (40, None),
+    "images_per_step": (8, 1),
+    "question_max_new_tokens": (16, 128),
+    "answer_max_new_tokens": (12, 128),
+    "learning_rate": (1e-3, 1e-6),
+    "weight_decay": (0.0, 0.01),
+    "kl_estimator": ("k3", "full"),
+    "update": ("batch", "per-completion"),
+    "proposer_questions": ("since-last", "current-step"),
+    "baseline_start": ("first-reward", "zero"),
+    "prompt_format": ("plain", "tags"),
+    "answer_normalization": ("scorer", "reference"),
+    "length_cap": ("released", "paper"),
+    "proposer_prompt": (TINY_PROPOSER_PROMPT, REFERENCE_PROPOSER_PROMPT),
+    "solver_prompt": ("{question}", REFERENCE_SOLVER_PROMPT),
+    "fallback_question": ("", REFERENCE_FALLBACK_QUESTION),
+}
+CHOICES = {
+    "kl_estimator": ("k3", "full"),
+    "update": ("batch", "per-completion"),
+    "proposer_questions": ("since-last", "current-step"),
+    "baseline_start": ("first-reward", "zero"),
+    "prompt_format": ("plain", "tags"),
+    "answer_normalization": tuple(rewards.NORMALIZERS),
+    "length_cap": ("released", "paper"),
+}
 
 
 @dataclass
 class EvolmmConfig:
-    """EvoLMM options. Reward, baseline and KL defaults are the paper's / authors' ``train.sh``
-    (N = 5 answers, proposer every 5 steps, gamma 0.7, KL target 0.02 at rate 0.1); the sizes of
-    a stage are calibrated for the tiny CPU backbone (about a minute per synth-domain task)."""
+    """EvoLMM options under one of two protocols; an option left out takes the protocol's value.
 
-    steps_per_task: int = 40  # optimisation steps per stage (the paper runs 16180 steps in total)
-    images_per_step: int = 8  # images per step; the stage's images are shuffled and cycled
-    solver_samples: int = 5  # N answers per question (--num_solver_samples 5)
-    proposer_every: int = 5  # proposer update every k steps, on the questions since the last (--proposer_update_freq 5)
-    question_max_new_tokens: int = 16
-    answer_max_new_tokens: int = 12
-    temperature: float = 1.0  # sampling temperature of both roles (log-probs use the same)
-    learning_rate: float = 1e-3  # Adam, per role; LoRA on the tiny model (calibrated)
-    max_grad_norm: float = 1.0
+    ``protocol: tiny-calibrated`` (the default: what the tiny CPU backbone learns from in about a
+    minute per synth-domain task; the existing runs and examples use it) and ``protocol: reference``
+    (the authors' released ``src/train.py``, commit de5b0f8, and ``src/train.sh``). They share the
+    rewards and controllers (N = 5 answers, gamma 0.7, lambda_len 0.1, tau 6 words, mu 0.9 and
+    sigma 0.35 nats, baseline decay 0.9, beta from 1e-3 adapted to KL 0.02 per token at rate 0.1
+    and clipped to [1e-8, 100], proposer updated every 5th step, temperature 1, grad-norm clip 1).
+    They differ in (tiny-calibrated / reference, with the reference's lines):
+
+    - KL to the adapter-free backbone per completion token: the k3 estimator on the sampled token
+      (non-negative, unbiased) / the exact full-vocabulary KL(pi || ref) = sum_v pi (log pi - log ref)
+      (L590-599), both averaged over the completion's tokens;
+    - updates: one AdamW step per role on the token-mean over all of the step's rollouts / one AdamW
+      step per completion, the EMA baseline and beta updated after each (L993-999, L611-614);
+    - the proposer learns from: all questions asked since its last update / the current step's
+      question(s) only (L1015-1020);
+    - baseline start: the first mean reward / 0 (L676-677);
+    - AdamW lr 1e-3, no weight decay (calibrated for the tiny LoRA: at 1e-6 nothing moves within a
+      stage; with weight decay 0 AdamW is exactly the Adam the tiny runs were calibrated with) / lr
+      1e-6, weight decay 0.01 (L131-132, L549, L1112-1113);
+    - prompts: a bare proposal prompt, the question as the solver's prompt, the whole completion as
+      the answer / the ``<question>``/``<answer>`` tag protocol (prompts L301-327, parsing L940-943 and
+      L955-958), our own wording of the prompts; the length penalty counts the words before the
+      ``<answer>`` tag (L102-105, L980; the paper's w_i), which is the whole completion when there is
+      no tag;
+    - answer normalization for agreement: the exact-match scorer's / the released one (L81-86);
+    - length penalty: capped at lambda_len from 2 tau words on (the released min(1, .), L980) / not
+      capped, the paper's formula (where paper and code disagree the paper wins by default; the
+      paper's text could only be checked through summaries of its equations here);
+    - sizes: 8 images per step, 40 steps a stage, 16 + 12 new tokens / one image per step (L929-931),
+      one pass over the stage's images (the reference walks a seeded permutation of its pool,
+      L252-255, L286-287; ``steps_per_task`` unset), 128 new tokens for both roles (L138-139).
+
+    Known differences that remain under ``reference`` (the project's protocol table): AdamW moments
+    start afresh every stage (the reference keeps one optimizer for its whole single-stream run);
+    LoRA dropout is off during the update forward (the reference trains in train mode, L585);
+    completions are scored on the sampled token ids including EOS (the reference re-tokenizes the
+    decoded text, L571-580); image placeholder tokens are excluded from the distributions; the N
+    answers are drawn in one batched ``generate``; the image order is reshuffled every pass. The
+    paper's full text was not at hand: its formulas were checked through summaries (rewards, KL-
+    regularized REINFORCE with moving baselines); the one disagreement found is the length penalty's
+    cap (``length_cap``).
+    """
+
+    protocol: str = "tiny-calibrated"  # or "reference"; see above
+    # optimisation steps per stage; tiny: 40 (calibrated: ~1 min per synth task); reference: unset =
+    # one pass over the stage's images (the paper runs 16180 steps over its whole pool, train.sh)
+    steps_per_task: int | None = None
+    images_per_step: int | None = None  # tiny: 8 (calibrated); reference: 1 (train.py L929-931)
+    solver_samples: int = 5  # N answers per question (--num_solver_samples 5, train.sh)
+    proposer_every: int = 5  # proposer update every k-th step (--proposer_update_freq 5, train.sh; L1015)
+    question_max_new_tokens: int | None = None  # tiny: 16 (calibrated); reference: 128 (train.py L139)
+    answer_max_new_tokens: int | None = None  # tiny: 12 (calibrated); reference: 128 (train.py L138)
+    temperature: float = 1.0  # sampling temperature of both roles, log-probs use the same (train.py L136)
+    learning_rate: float | None = None  # AdamW per role; tiny: 1e-3 (calibrated); reference: 1e-6 (L131)
+    weight_decay: float | None = None  # AdamW; tiny: 0 (= Adam, as calibrated); reference: 0.01 (L132)
+    max_grad_norm: float = 1.0  # train.py L133 (grad_clip), L607
+    kl_estimator: str | None = None  # "k3" (tiny) or "full" (reference, train.py L590-599)
+    update: str | None = None  # "batch" (tiny) or "per-completion" (reference, train.py L993-999)
+    proposer_questions: str | None = None  # "since-last" (tiny) or "current-step" (reference, L1015-1020)
+    baseline_start: str | None = None  # "first-reward" (tiny) or "zero" (reference, train.py L676-677)
+    prompt_format: str | None = None  # "plain" (tiny) or "tags" (reference, train.py L301-327, L940-958)
+    answer_normalization: str | None = None  # "scorer" (tiny) or "reference" (train.py L81-86)
+    length_cap: str | None = None  # "released" (tiny; min(1, .) of train.py L980) or "paper" (reference: no cap)
     solver_gamma: float = rewards.SOLVER_GAMMA  # 0.7 (--solver_soft_gamma)
-    length_penalty: float = rewards.LENGTH_PENALTY  # lambda_len 0.1
-    length_tau_words: float = rewards.LENGTH_TAU_WORDS  # tau 6 words
-    entropy_target: float = rewards.ENTROPY_TARGET  # mu 0.9 nats
-    entropy_width: float = rewards.ENTROPY_WIDTH  # sigma 0.35 nats
-    baseline_decay: float = rewards.BASELINE_DECAY  # b <- 0.9 b + 0.1 r
-    kl_target: float = rewards.KL_TARGET  # 0.02 nats per token (--kl_target)
-    kl_adapt_rate: float = rewards.KL_ADAPT_RATE  # 0.1 (--kl_adapt_rate)
-    initial_kl_coef: float = 1e-3  # beta at the start of training, per role
-    proposer_prompt: str = "Ask a question about this image."  # the tiny model's pretraining proposal prompt
+    length_penalty: float = rewards.LENGTH_PENALTY  # lambda_len 0.1 (train.py L143)
+    length_tau_words: float = rewards.LENGTH_TAU_WORDS  # tau 6 words (train.py L144)
+    entropy_target: float = rewards.ENTROPY_TARGET  # mu 0.9 nats (train.py L148)
+    entropy_width: float = rewards.ENTROPY_WIDTH  # sigma 0.35 nats (train.py L149)
+    baseline_decay: float = rewards.BASELINE_DECAY  # b <- 0.9 b + 0.1 r (train.py L678, L847-851)
+    kl_target: float = rewards.KL_TARGET  # 0.02 nats per token (--kl_target, train.sh)
+    kl_adapt_rate: float = rewards.KL_ADAPT_RATE  # 0.1 (--kl_adapt_rate, train.sh)
+    initial_kl_coef: float = 1e-3  # beta at the start of training, per role (train.py L135 kl_coef)
+    # tiny: the tiny model's pretraining proposal prompt; reference: the tag protocol (our wording)
+    proposer_prompt: str | None = None
+    solver_prompt: str | None = None  # "{question}" is replaced by the question; tiny: the question alone
+    fallback_question: str | None = None  # asked when no question was proposed; tiny: none (reward 0)
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"method.options.protocol: expected one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        preset = PROTOCOLS.index(self.protocol)
+        for key, values in PROTOCOL_PRESETS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, values[preset])
+        for key, choices in CHOICES.items():
+            value = getattr(self, key)
+            if value not in choices:
+                raise ConfigError(f"method.options.{key}: expected one of {', '.join(choices)}, got {value!r}")
         for key in ("steps_per_task", "images_per_step", "solver_samples", "proposer_every",
                     "question_max_new_tokens", "answer_max_new_tokens"):  # fmt: skip
-            if getattr(self, key) < 1:
-                raise ConfigError(f"method.options.{key}: expected a positive integer, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"method.options.{key}: expected a positive integer, got {value}")
         for key in ("temperature", "learning_rate", "length_tau_words", "entropy_width", "kl_target",
                     "initial_kl_coef"):  # fmt: skip
             if not getattr(self, key) > 0:
                 raise ConfigError(f"method.options.{key}: expected a positive number, got {getattr(self, key)}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"method.options.weight_decay: expected a number >= 0, got {self.weight_decay}")
         if not 0 <= self.baseline_decay < 1:
             raise ConfigError(f"method.options.baseline_decay: expected a number in [0, 1), got {self.baseline_decay}")
+        if "{question}" not in self.solver_prompt:
+            raise ConfigError("method.options.solver_prompt: must contain {question}")
+
+    def initial_role_state(self) -> "RoleState":
+        return RoleState(baseline=0.0 if self.baseline_start == "zero" else None, beta=self.initial_kl_coef)
 
 
 @dataclass
@@ -97,6 +223,58 @@ class ImageItem:
     images: tuple[Path, ...]
 
 
+def exact_kl(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KL(pi || ref) = sum_v pi(v) (log pi(v) - log ref(v)) over the last axis, from two
+    log-distributions [..., V] (the reference's per-token KL, train.py L590-598)."""
+    return (policy.exp() * (policy - reference)).sum(dim=-1)
+
+
+def k3_kl(logprobs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate exp(ref - logp) - (ref - logp) - 1 of KL(pi || ref) from the sampled token's
+    log-probs under both (non-negative, unbiased)."""
+    delta = reference - logprobs
+    return torch.exp(delta) - delta - 1.0
+
+
+def completion_scores(
+    backbone, rollouts: Sequence[Rollout], temperature: float, full: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logprobs [B, L], mask [B, L], full [B, L, V'] or None): the sampled tokens' log-probs as
+    :func:`completion_logprobs` computes them and, with ``full``, the whole next-token log-distribution
+    at each completion position (over the vocabulary minus the image placeholders, which are never
+    sampled). The full rows come from the logits of that same forward pass (caught by a forward
+    hook), so they follow whatever inputs and position ids the shared scorer uses; their values at
+    the sampled ids are checked against ``logprobs``."""
+    if not full:
+        logprobs, mask = completion_logprobs(backbone, rollouts, temperature)
+        return logprobs, mask, None
+    caught: list[torch.Tensor] = []
+    handle = backbone.model.register_forward_hook(lambda module, args, output: caught.append(output.logits))
+    try:
+        logprobs, mask = completion_logprobs(backbone, rollouts, temperature)
+    finally:
+        handle.remove()
+    if not caught:
+        raise RuntimeError("evolmm: completion_logprobs did not call backbone.model; no logits for the full KL")
+    width = mask.shape[1]
+    # the completion ends every row and the logit at position p predicts token p + 1
+    logits = caught[-1][:, -(width + 1) : -1, :].float() / temperature
+    vocabulary = logits.shape[-1]
+    suppressed = set(placeholder_token_ids(backbone))
+    keep = torch.tensor([v for v in range(vocabulary) if v not in suppressed], device=logits.device)
+    full_logprobs = torch.log_softmax(logits.index_select(-1, keep), dim=-1)
+    column = torch.full((vocabulary,), -1, dtype=torch.long, device=logits.device)
+    column[keep] = torch.arange(keep.numel(), device=logits.device)
+    ids = torch.zeros_like(mask)
+    for row, rollout in enumerate(rollouts):
+        ids[row, : rollout.completion_ids.numel()] = rollout.completion_ids.to(ids.device)
+    at_ids = full_logprobs.gather(-1, column[ids].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    real = mask.bool()
+    if not torch.allclose(at_ids[real].detach(), logprobs[real].detach(), atol=1e-4, rtol=1e-4):
+        raise RuntimeError("evolmm: full-vocabulary scores disagree with completion_logprobs (layout changed?)")
+    return logprobs, mask, full_logprobs
+
+
 def policy_update(
     backbone,
     role: str,
@@ -106,21 +284,27 @@ def policy_update(
     optimizer: torch.optim.Optimizer,
     options: EvolmmConfig,
 ) -> dict[str, Any]:
-    """One REINFORCE step of ``role``'s adapter: token-mean of -(r - b) log pi(token) + beta * KL_t,
-    KL_t the k3 estimator exp(ref - logp) - (ref - logp) - 1 against the adapter-free backbone
-    (non-negative, unbiased). Then b and beta are updated with the step's mean reward and KL."""
+    """One REINFORCE step of ``role``'s adapter on ``rollouts``: token-mean of -(r - b) log pi(token)
+    plus beta times the token-mean KL to the adapter-free backbone, KL_t either the k3 estimator
+    exp(ref - logp) - (ref - logp) - 1 on the sampled token (non-negative, unbiased) or the exact
+    sum_v pi(v) (log pi(v) - log ref(v)) (``options.kl_estimator``). Then b and beta are updated with
+    the step's mean reward and KL."""
     model = backbone.model
     model.set_adapter(role)  # the only active and trainable adapter
+    full = options.kl_estimator == "full"
     reward_mean = sum(role_rewards) / len(role_rewards)
     baseline = reward_mean if state.baseline is None else state.baseline
     advantages = torch.tensor([r - baseline for r in role_rewards], dtype=torch.float32, device=backbone.device)
     with torch.no_grad(), model.disable_adapter():
-        reference, _ = completion_logprobs(backbone, rollouts, options.temperature)
-    logprobs, mask = completion_logprobs(backbone, rollouts, options.temperature)
+        reference, _, reference_full = completion_scores(backbone, rollouts, options.temperature, full)
+    logprobs, mask, policy_full = completion_scores(backbone, rollouts, options.temperature, full)
     mask = mask.to(logprobs.dtype)
     tokens = mask.sum().clamp(min=1.0)
-    delta = (reference - logprobs) * mask
-    kl = ((torch.exp(delta) - delta - 1.0) * mask).sum() / tokens
+    if full:
+        kl_per_token = exact_kl(policy_full, reference_full)
+    else:
+        kl_per_token = k3_kl(logprobs, reference)
+    kl = (kl_per_token * mask).sum() / tokens
     policy_loss = -(advantages[:, None] * logprobs * mask).sum() / tokens
     beta = state.beta
     loss = policy_loss + beta * kl
@@ -132,7 +316,39 @@ def policy_update(
     kl_value = float(kl.detach())
     state.baseline = rewards.ema_baseline(state.baseline, reward_mean, options.baseline_decay)
     state.beta = rewards.adaptive_kl_coefficient(beta, kl_value, options.kl_target, options.kl_adapt_rate)
-    return {"reward": reward_mean, "kl": kl_value, "beta": beta, "baseline": state.baseline, "loss": float(loss.detach())}
+    return {"reward": reward_mean, "kl": kl_value, "beta": beta, "baseline": state.baseline,
+            "loss": float(loss.detach()), "updates": 1}  # fmt: skip
+
+
+def role_update(
+    backbone,
+    role: str,
+    rollouts: Sequence[Rollout],
+    role_rewards: Sequence[float],
+    state: RoleState,
+    optimizer: torch.optim.Optimizer,
+    options: EvolmmConfig,
+) -> dict[str, Any]:
+    """``options.update``: ``batch`` is one :func:`policy_update` on all ``rollouts``;
+    ``per-completion`` is one per rollout in order, each against the baseline and beta the previous
+    one left (the reference's loop, train.py L993-999). Returns the mean reward, KL and loss, beta
+    before the first update, the baseline after the last, the number of optimizer steps and (per
+    completion) each update's record under ``"each"``."""
+    if options.update == "batch":
+        return policy_update(backbone, role, rollouts, role_rewards, state, optimizer, options)
+    each = [
+        policy_update(backbone, role, [rollout], [reward], state, optimizer, options)
+        for rollout, reward in zip(rollouts, role_rewards, strict=True)
+    ]
+    return {
+        "reward": sum(role_rewards) / len(role_rewards),
+        "kl": sum(u["kl"] for u in each) / len(each),
+        "beta": each[0]["beta"],
+        "baseline": state.baseline,
+        "loss": sum(u["loss"] for u in each) / len(each),
+        "updates": len(each),
+        "each": each,
+    }
 
 
 @register_method
@@ -143,7 +359,7 @@ class Evolmm(Method):
 
     def __init__(self, config: EvolmmConfig, lora, seed: int):
         super().__init__(config, lora, seed)
-        self.roles = {role: RoleState(beta=config.initial_kl_coef) for role in ROLES}
+        self.roles = {role: config.initial_role_state() for role in ROLES}
         self.step_log: list[dict[str, Any]] = []  # one record per training step, all stages
         self.examples: list[dict[str, Any]] = []  # a few (question, answers) per stage, for the report
         self.stage = 0
@@ -165,7 +381,7 @@ class Evolmm(Method):
         return [p for name, p in self.backbone.model.named_parameters() if marker in name]
 
     def train(self, samples: Sequence[Sample], config: TrainingConfig, work_dir: Path, seed: int) -> dict[str, Any]:
-        """``steps_per_task`` self-play steps on the stage's images (labels are never read)."""
+        """``steps_per_task`` self-play steps (unset: one pass) on the stage's images; labels are never read."""
         options: EvolmmConfig = self.config
         backbone = self.backbone
         assert backbone is not None
@@ -176,46 +392,63 @@ class Evolmm(Method):
         task_label = "+".join(self.stage_tasks) or f"stage {self.stage}"
         self.stage_tasks = []
         order = _image_cycle(len(items), seed)
+        images_per_step = options.images_per_step
+        steps = options.steps_per_task or -(-len(items) // images_per_step)  # unset: one pass over the images
         optimizers = {
-            role: torch.optim.Adam(self._role_parameters(role), lr=options.learning_rate) for role in ROLES
+            role: torch.optim.AdamW(
+                self._role_parameters(role), lr=options.learning_rate, weight_decay=options.weight_decay
+            )
+            for role in ROLES
         }
+        normalize = rewards.NORMALIZERS[options.answer_normalization]
+        tags = options.prompt_format == "tags"
         pending_questions: list[Rollout] = []
         pending_rewards: list[float] = []
         was_training = backbone.model.training
         backbone.model.eval()  # no dropout: log-probs are those of the sampled policy
         stage_log = []
-        for step in range(options.steps_per_task):
-            batch = [items[next(order)] for _ in range(options.images_per_step)]
+        for step in range(steps):
+            batch = [items[next(order)] for _ in range(images_per_step)]
             step_seed = seed * 1_000_003 + step * 2
             backbone.model.set_adapter(PROPOSER)
             questions = [group[0] for group in sample_rollouts(
                 backbone, [_proposal_prompt(item, options.proposer_prompt) for item in batch], 1,
                 options.question_max_new_tokens, options.temperature, seed=step_seed)]  # fmt: skip
+            asked = [_question_text(q, tags) or options.fallback_question for q in questions]
             backbone.model.set_adapter(SOLVER)
             groups = sample_rollouts(
-                backbone, [_question_prompt(item, _question_text(q)) for item, q in zip(batch, questions)],
+                backbone,
+                [_question_prompt(item, options.solver_prompt.replace("{question}", question))
+                 for item, question in zip(batch, asked)],
                 options.solver_samples, options.answer_max_new_tokens, options.temperature,
                 batch_size=max(32, options.solver_samples), seed=step_seed + 1,
             )  # fmt: skip
             answer_rewards, entropies, question_rewards = [], [], []
-            for question, group in zip(questions, groups):
+            for question, group in zip(asked, groups):
                 texts = [rollout.text for rollout in group]
+                answers = [rewards.parse_answer(text) for text in texts] if tags else texts
                 answer_rewards.append(rewards.solver_rewards(
-                    texts, options.solver_gamma, options.length_penalty, options.length_tau_words))  # fmt: skip
-                entropy = rewards.answer_entropy(rewards.empirical_distribution(texts))
+                    answers, options.solver_gamma, options.length_penalty, options.length_tau_words,
+                    word_counts=[rewards.pre_answer_word_count(text) for text in texts], normalize=normalize,
+                    capped=options.length_cap == "released",
+                ))  # fmt: skip
+                entropy = rewards.answer_entropy(rewards.empirical_distribution(answers, normalize))
                 entropies.append(entropy)
                 # an empty question asks nothing: no proposer reward whatever the answers
                 question_rewards.append(
                     rewards.proposer_reward(entropy, options.entropy_target, options.entropy_width)
-                    if _question_text(question) else 0.0
+                    if question else 0.0
                 )
             flat_rollouts = [rollout for group in groups for rollout in group]
             flat_rewards = [r for group in answer_rewards for r in group]
-            solver = policy_update(
+            solver = role_update(
                 backbone, SOLVER, flat_rollouts, flat_rewards, self.roles[SOLVER], optimizers[SOLVER], options
             )
-            pending_questions.extend(questions)
-            pending_rewards.extend(question_rewards)
+            if options.proposer_questions == "since-last":
+                pending_questions.extend(questions)
+                pending_rewards.extend(question_rewards)
+            else:
+                pending_questions, pending_rewards = list(questions), list(question_rewards)
             record: dict[str, Any] = {
                 "stage": self.stage,
                 "task": task_label,
@@ -225,6 +458,7 @@ class Evolmm(Method):
                 "solver_beta": solver["beta"],
                 "solver_baseline": solver["baseline"],
                 "solver_loss": solver["loss"],
+                "solver_updates": solver["updates"],
                 "proposer_reward": sum(question_rewards) / len(question_rewards),
                 "answer_entropy": sum(entropies) / len(entropies),
                 "distinct_questions": len({q.text for q in questions}) / len(questions),
@@ -233,7 +467,7 @@ class Evolmm(Method):
                 "proposer_baseline": None,
             }
             if (step + 1) % options.proposer_every == 0:
-                proposer = policy_update(
+                proposer = role_update(
                     backbone, PROPOSER, pending_questions, pending_rewards, self.roles[PROPOSER],
                     optimizers[PROPOSER], options,
                 )  # fmt: skip
@@ -242,7 +476,7 @@ class Evolmm(Method):
                 pending_questions, pending_rewards = [], []
             self.step_log.append(record)
             stage_log.append(record)
-            if step == options.steps_per_task - 1:
+            if step == steps - 1:
                 self.examples.append({
                     "stage": self.stage, "task": task_label,
                     "pairs": [{"question": q.text, "answers": [r.text for r in g]}
@@ -310,9 +544,11 @@ def _proposal_prompt(item: ImageItem, instruction: str) -> Sample:
     return Sample(id=f"{item.id}#propose", task=item.task, images=item.images, prompt=prompt, answer="")
 
 
-def _question_text(question: Rollout) -> str:
-    """The proposed question as the solver sees it (an image placeholder in it would ask for another image)."""
-    return " ".join(question.text.replace(IMAGE_PLACEHOLDER, " ").split())
+def _question_text(question: Rollout, tags: bool = False) -> str:
+    """The proposed question as the solver sees it: with ``tags`` the ``<question>`` tag's content (or
+    the whole output), on one line, without image placeholders (one would ask for another image)."""
+    text = rewards.parse_question(question.text) if tags else question.text
+    return " ".join(text.replace(IMAGE_PLACEHOLDER, " ").split())
 
 
 def _question_prompt(item: ImageItem, question: str) -> Sample:
