@@ -3,6 +3,8 @@ probes (format and content judged apart), as pure functions and through ``mmcl r
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -79,19 +81,40 @@ def test_probes_ask_another_style_with_the_same_content() -> None:
 
 
 def test_summary_splits_forgetting_into_essential_and_superficial() -> None:
-    def rates(fmt: float, content: float) -> dict[str, float]:
-        return {"format": fmt, "content": content, "probe_format": 0.0, "probe_content": 0.0}
+    def rates(fmt: float, content: float, right: float) -> dict[str, float]:
+        return {"format": fmt, "content": content, "right": right, "probe_format": 0.0, "probe_content": 0.0}
 
-    matrix = [[0.0, 0.0], [80.0, 10.0], [20.0, 90.0]]
-    table = [[None, None], [rates(100, 80), None], [rates(40, 50), rates(100, 90)]]
+    # the matrix holds the task scorer's numbers (here a soft score on another scale); the split uses
+    # only the judge's: right (format and content) fell 80 -> 20, content 80 -> 50
+    matrix = [[0.0, 0.0], [35.0, 10.0], [12.0, 90.0]]
+    table = [[None, None], [rates(100, 80, 80), None], [rates(40, 50, 20), rates(100, 90, 90)]]
     summary = summarize(matrix, table)
     assert summary is not None and summary["tasks"] == [0]
-    # accuracy fell 60 points; content only 30: the other 30 are answers with the right content in the wrong form
+    # right answers fell 60 points; content only 30: the other 30 are answers with the right content in the wrong form
     assert summary["forgetting"] == {"total": 60.0, "essential": 30.0, "superficial": 30.0}
+    assert summary["after_learning"]["accuracy"] == 35.0 and summary["final"]["accuracy"] == 12.0  # shown beside
     assert summary["final"]["format"] == 40.0
     assert summary["format_drift"] == 60.0  # 100% of the answers in the asked form, then 40%
-    assert summary["after_learning"]["accuracy_given_format"] == 80.0 and summary["final"]["accuracy_given_format"] == 50.0
+    assert summary["after_learning"]["right_given_format"] == 80.0 and summary["final"]["right_given_format"] == 50.0
     assert summarize(matrix[:2], table[:2]) is None  # one stage: nothing is old yet
+
+
+def test_right_is_format_and_content_of_the_same_answer(tmp_path: Path) -> None:
+    from mmcl.evaluation.superficial import judged_rates
+
+    own = {"style": "short", "content": "red", "answer": "red", "options": {}, "original_options": {}}
+    probe = {"style": "yesno", "content": "red", "answer": "yes", "options": {}, "original_options": {}}
+    records = [
+        {"id": "1", "own": own, "prediction": "red", "probe": probe, "probe_prediction": "yes"},  # right
+        {"id": "2", "own": own, "prediction": "It is red, I am quite sure of it.", "probe": probe,
+         "probe_prediction": "no"},  # content, wrong format
+        {"id": "3", "own": own, "prediction": "blue", "probe": probe, "probe_prediction": "yes"},  # format only
+    ]  # fmt: skip
+    path = tmp_path / "judged.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    rates = judged_rates(path)
+    assert rates["format"] == pytest.approx(200 / 3) and rates["content"] == pytest.approx(200 / 3)
+    assert rates["right"] == pytest.approx(100 / 3) and rates["probe_content"] == pytest.approx(200 / 3)
 
 
 def test_run_evaluates_general_set_probes_and_low_shot(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> None:

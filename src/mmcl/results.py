@@ -13,7 +13,7 @@ import yaml
 from mmcl.errors import RunDirError
 from mmcl.evaluation.evaluator import prediction_seconds, score_prediction_file
 from mmcl.evaluation.metrics import climb_average_forgetting, compute_all
-from mmcl.evaluation.superficial import judged_rates, summarize
+from mmcl.evaluation.superficial import RATES, judged_rates, summarize
 from mmcl.utils import git_commit, package_versions
 
 BASE_LABEL = "base"
@@ -72,7 +72,7 @@ def _superficial_results(run_dir: Path, row_labels: list[str], tasks: list[str],
         return None
     tables = {
         key: [[round(cell[key], 4) if cell else None for cell in row] for row in rates]
-        for key in ("format", "content", "probe_format", "probe_content")
+        for key in RATES
     }
     return {**tables, "summary": summarize(matrix, rates)}
 

@@ -19,13 +19,18 @@ anywhere; yes/no questions the first yes/no word; numbers compared numerically; 
 content words anywhere in the prediction; a bare option letter answered to an open question counts
 when it names the right option of the original question.
 
-Summary (from the judged files alone): with accuracy ``a``, original-format content ``c`` and the
-diagonal (score right after learning a task) vs the final stage, over the tasks before the last,
-total forgetting = mean(a_jj - a_Tj), essential = mean(c_jj - c_Tj), superficial = total - essential
-(answers whose content survived in the wrong format: an observed lower bound, since the content of
-an answer in the wrong form often cannot be read). Beside it: the format drift (share of answers
-in the asked form lost) and the accuracy among the answers still in the right form, right after
-learning and at the end.
+Summary (from the judged files alone). Both parts of the split are measured by the one lenient
+judge above, on one scale: an answer is *right* when its format and its content are both ok, and
+*knows* when its content is ok in any format. With the diagonal (right after learning a task) vs the
+final stage, over the tasks before the last: total forgetting = mean(right_jj - right_Tj), essential
+= mean(knows_jj - knows_Tj), superficial = total - essential (the growth of answers whose content
+survived in the wrong format: an observed lower bound, since the content of an answer in the wrong
+form often cannot be read). The task's own scorer is not used for the split: it cannot read the
+content of an answer in another form (an option-letter scorer given a sentence) and soft scores
+(VQA accuracy, ANLS) are on another scale than a yes/no content judgement; the matrix's accuracy on
+the same tasks is reported beside the split. Also reported: the format drift (share of answers in
+the asked form lost) and the share right among the answers in the asked form (right / format),
+right after learning and at the end.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ _BARE_LETTER = re.compile(r"^\(?([A-Z])\)?[.:)]?$")
 _LEADING_LETTER = re.compile(r"^\(?([A-Z])(?:[.:)]|\s|$)")
 _YES_NO_FIRST = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 MIN_SENTENCE_WORDS = 6
+RATES = ("format", "content", "right", "probe_format", "probe_content")
 MAX_SHORT_WORDS = 5
 
 
@@ -167,13 +173,15 @@ def write_judged(
 
 
 def judged_rates(path: Path) -> dict[str, float]:
-    """Percentages of a judged file: format, content (own question) and probe_format, probe_content."""
+    """Percentages of a judged file: format, content, right (format and content) of the answers to the
+    own questions, and probe_format, probe_content of the probe answers."""
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    counts = dict.fromkeys(("format", "content", "probe_format", "probe_content"), 0)
+    counts = dict.fromkeys(RATES, 0)
     for record in records:
         own_format, own_content = judge(record["prediction"], record["own"])
         probe_format, probe_content = judge(record["probe_prediction"], record["probe"])
-        for key, value in zip(counts, (own_format, own_content, probe_format, probe_content)):
+        judged = (own_format, own_content, own_format and own_content, probe_format, probe_content)
+        for key, value in zip(RATES, judged):
             counts[key] += value
     return {key: 100.0 * value / len(records) if records else 0.0 for key, value in counts.items()}
 
@@ -192,13 +200,13 @@ def summarize(matrix: list[list[float | None]], rates: list[list[dict[str, float
     out: dict[str, Any] = {"tasks": old}
     for when, row_of in (("after_learning", lambda j: j + 1), ("final", lambda j: stages)):
         entry = {"accuracy": mean([matrix[row_of(j)][j] for j in old])}
-        for key in ("format", "content", "probe_format", "probe_content"):
+        for key in RATES:
             entry[key] = mean([rates[row_of(j)][j][key] for j in old])
         out[when] = entry
-    total = out["after_learning"]["accuracy"] - out["final"]["accuracy"]
+    total = out["after_learning"]["right"] - out["final"]["right"]
     essential = out["after_learning"]["content"] - out["final"]["content"]
     out["forgetting"] = {"total": round(total, 4), "essential": round(essential, 4), "superficial": round(total - essential, 4)}
     for entry in (out["after_learning"], out["final"]):
-        entry["accuracy_given_format"] = round(100.0 * entry["accuracy"] / entry["format"], 4) if entry["format"] else None
+        entry["right_given_format"] = round(100.0 * entry["right"] / entry["format"], 4) if entry["format"] else None
     out["format_drift"] = round(out["after_learning"]["format"] - out["final"]["format"], 4)
     return out

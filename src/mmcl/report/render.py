@@ -294,7 +294,7 @@ def _superficial_html(results: Results) -> str:
     summary = superficial.get("summary") if isinstance(superficial, Mapping) else None
     if not isinstance(summary, Mapping):
         return ""
-    columns = [("accuracy", "score"), ("format", "format ok"), ("content", "content ok"),
+    columns = [("accuracy", "task score"), ("format", "format ok"), ("content", "content ok"), ("right", "both ok"),
                ("probe_format", "format ok"), ("probe_content", "content ok")]  # fmt: skip
     head = "".join(f"<th>{_e(title)}</th>" for _, title in columns)
     rows = ""
@@ -308,15 +308,16 @@ def _superficial_html(results: Results) -> str:
         f"<p>Old tasks ({names}), mean %. Own format: the task's test questions as trained. Other format: the same "
         "questions asked in another answer style (open question as multiple choice, multiple choice as an open "
         "question, yes/no question answered with a brief explanation). Format and content are judged "
-        "separately (rules in <code>mmcl.evaluation.superficial</code>).</p>"
-        '<table><tr><th></th><th colspan="3">own format</th><th colspan="2">other format</th></tr>'
+        "separately by one lenient judge (rules in <code>mmcl.evaluation.superficial</code>); the split below "
+        "uses only its judgements, the task score is the accuracy matrix's.</p>"
+        '<table><tr><th></th><th colspan="4">own format</th><th colspan="2">other format</th></tr>'
         f"<tr><th>when</th>{head}</tr>{rows}</table>"
-        f"<p>Forgetting {_e(_fmt(_num(split.get('total'))))} points = essential (content lost) "
+        f"<p>Forgetting of right answers (both ok) {_e(_fmt(_num(split.get('total'))))} points = essential (content lost) "
         f"{_e(_fmt(_num(split.get('essential'))))} + superficial (right content, wrong format) "
         f"{_e(_fmt(_num(split.get('superficial'))))}. Answers in the asked format fell by "
         f"{_e(_fmt(_num(summary.get('format_drift'))))} points; among the answers still in that format, "
-        f"accuracy went from {_e(_fmt(_num((summary.get('after_learning') or {}).get('accuracy_given_format'))))}% "
-        f"to {_e(_fmt(_num((summary.get('final') or {}).get('accuracy_given_format'))))}%.</p>"
+        f"the share right went from {_e(_fmt(_num((summary.get('after_learning') or {}).get('right_given_format'))))}% "
+        f"to {_e(_fmt(_num((summary.get('final') or {}).get('right_given_format'))))}%.</p>"
     )
 
 
