@@ -193,6 +193,23 @@ def test_peft_wrapped_model_ignores_the_checkpoint_generation_config(
     assert leaky.generate(samples, max_new_tokens=6) == clean.generate(samples, max_new_tokens=6)
 
 
+def test_rollout_sampling_ignores_the_checkpoint_generation_config(
+    model_dirs: dict[str, Path], data_root: Path, tmp_path: Path
+) -> None:
+    """GRPO/EvoLMM rollouts sample from the model's own distribution, not the checkpoint's penalties."""
+    from mmcl.training.rollouts import sample_rollouts
+
+    samples = samples_of(data_root, "med")[:2]
+    clean = load_backbone(str(model_dirs["llava"]), device="cpu")
+    leaky = load_backbone(str(with_leaky_generation_config(model_dirs["llava"], tmp_path / "leaky")), device="cpu")
+
+    def texts(backbone) -> list[list[int]]:
+        groups = sample_rollouts(backbone, samples, per_sample=3, max_new_tokens=6, temperature=1.0, seed=0)
+        return [rollout.completion_ids.tolist() for group in groups for rollout in group]
+
+    assert texts(leaky) == texts(clean)
+
+
 # -- images in later turns -----------------------------------------------------------------------
 
 END_OF_TURN = {"llava": "<|end|>", "qwen2-vl": "<|im_end|>", "qwen2.5-vl": "<|im_end|>", "smolvlm": "<end_of_utterance>"}

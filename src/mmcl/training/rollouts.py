@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from mmcl.backbones.backbone import Backbone
+from mmcl.backbones.backbone import Backbone, decoding_settings, only_generation_config
 from mmcl.data.sample import Sample
 
 
@@ -61,6 +61,21 @@ def placeholder_token_ids(backbone: Backbone) -> list[int]:
     return sorted(found)
 
 
+def sampling_config(
+    backbone: Backbone, max_new_tokens: int, per_sample: int, temperature: float, top_p: float, suppressed: list[int]
+):
+    """The explicit ``GenerationConfig`` of rollouts: the evaluation's decoding settings (no repetition
+    penalty, n-gram ban, length penalty or minimum length from a checkpoint's generation_config.json)
+    switched to pure ancestral sampling at ``temperature`` with nucleus ``top_p`` and no top-k."""
+    from transformers import GenerationConfig
+
+    settings = {**decoding_settings(max_new_tokens), "do_sample": True, "num_return_sequences": per_sample}
+    return GenerationConfig(
+        **settings, temperature=temperature, top_p=top_p, top_k=0, suppress_tokens=suppressed or None,
+        **backbone.special_token_ids(),
+    )  # fmt: skip
+
+
 def _cut_at_eos(ids: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     """``ids`` up to and including the first EOS; ``generate`` pads finished rows after it."""
     for position, token in enumerate(ids.tolist()):
@@ -91,6 +106,7 @@ def sample_rollouts(
     eos_ids = eos_token_ids(backbone)
     suppressed = placeholder_token_ids(backbone)
     prompts_per_call = max(1, batch_size // per_sample)
+    config = sampling_config(backbone, max_new_tokens, per_sample, temperature, top_p, suppressed)
     model = backbone.model
     was_training = model.training
     model.eval()
@@ -102,18 +118,8 @@ def sample_rollouts(
             for start in range(0, len(samples), prompts_per_call):
                 chunk = list(samples[start : start + prompts_per_call])
                 batch = backbone.prompt_batch(chunk)
-                output = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=0,
-                    suppress_tokens=suppressed or None,
-                    num_return_sequences=per_sample,
-                    use_cache=True,
-                    pad_token_id=backbone.tokenizer.pad_token_id,
-                )
+                with only_generation_config(model, config):
+                    output = model.generate(**batch, generation_config=config)
                 new_tokens = output[:, batch["input_ids"].shape[1] :].cpu()
                 for index, sample in enumerate(chunk):
                     group = []
