@@ -154,8 +154,15 @@ def test_jsonl_train_and_test(tmp_path: Path) -> None:
          r"record 0: conversations\[1\] from 'human' breaks"),
         ([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
                              {"from": "human", "value": "c"}]}], "train", r"record 0: conversation ends with a human turn"),
-        ([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": 3}]}], "train",
+        ([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": [3]}]}], "train",
          r"record 0: conversations\[1\] needs a string 'value'"),
+        ([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": True}]}], "train",
+         r"record 0: conversations\[1\] needs a string 'value'"),
+        ([{"image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "<image> q"},
+                                                          {"from": "gpt", "value": "b"}]}], "train",
+         r"record 0: 1 '<image>' placeholder\(s\) for 2 image\(s\)"),
+        ([qa_record(0), {"question_id": "q1", "text": "<image><image> q", "answer": "a"}], "test",
+         r"record 1: 2 '<image>' placeholder\(s\) for 0 image\(s\)"),
         ([conv_record(0), "not an object"], "train", r"record 1: expected an object"),
         ([{"id": "x", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}],
            "image": 5}], "train", r"record 0: 'image' must be a path"),
@@ -270,8 +277,10 @@ def test_problems_stop_after_max_problems(bad_data: Path) -> None:
 
 
 def test_cli_data_check_lists_every_problem(bad_data: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["data", "check", str(bad_data)]) == 1
+    assert main(["data", "check", str(bad_data)]) == 3
     captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "(and 4 more, listed above)" in err
     assert "Traceback" not in captured.out + captured.err
     lines = captured.out.splitlines()
     for folder, file, pattern in EXPECTED_PROBLEMS:
@@ -288,7 +297,8 @@ def test_cli_data_check_clean_folder_and_jsonl(tmp_path: Path, capsys: pytest.Ca
     (folder / "train.json").unlink()
     assert main(["data", "check", str(tmp_path / "data")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["one: ok", "two: ok", "2 task(s), 0 problem(s)"]
+    assert out == ["lengths measured with the tiny-llava processor, max_length 512", "one: ok", "two: ok",
+                   "2 task(s), 0 problem(s)"]
 
 
 def test_cli_data_check_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -354,7 +364,7 @@ def test_cli_run_refuses_a_truncated_test_image(tmp_path: Path, tiny_stream_conf
 def test_data_check_accepts_an_experiment_yaml(bad_data: Path, tiny_stream_config: dict, capsys) -> None:
     config = _files_stream_config(tiny_stream_config, ["d_ok", "b_missing"], bad_data)
     path = write_config(bad_data.parent / "exp.yaml", config)
-    assert main(["data", "check", str(path)]) == 1
+    assert main(["data", "check", str(path)]) == 3
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "2 task(s), 1 problem(s)"
     assert _matching(lines, bad_data, "b_missing", "train.json", "record 1:")
@@ -371,7 +381,7 @@ def test_run_on_declared_task_files(tmp_path: Path, tiny_stream_config: dict, ca
     run_dir = Path(config["output_dir"])
     plan = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     assert plan["stream"] == "files" and plan["stages"] == ["one"]
-    assert plan["tasks"] == [{"name": "one", "description": "one", "scorer": "yes_no", "max_new_tokens": 3}]
+    assert plan["tasks"] == [{"name": "one", "description": "one", "scorer": "yes_no", "max_new_tokens": 3, "chance": 50.0}]
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     assert results["row_labels"] == ["base", "one"] and results["scorers"] == {"one": "yes_no"}
     lines = (run_dir / "predictions" / "1_one" / "one.jsonl").read_text(encoding="utf-8").splitlines()

@@ -42,11 +42,16 @@ def command_run(args: argparse.Namespace) -> int:
     from mmcl.runner import ContinualRun
 
     config_path = Path(args.config) if args.config else None
-    config = load_config(config_path, _overrides(args))
+    if config_path is not None and config_path.is_dir():  # a folder of <task>/{train,test}.json: its stream
+        config = load_config(None, {**_folder_stream(config_path), **_overrides(args)})
+        config_path = None
+    else:
+        config = load_config(config_path, _overrides(args))
     base_dir = config_path.parent if config_path else Path.cwd()
     distributed.init_from_env()
     if not distributed.is_main():  # under torchrun, process 0 alone reports
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    _check_lengths_before_run(config, base_dir)
     run = ContinualRun(config, base_dir, overwrite=args.overwrite)
     print(f"run dir: {run.run_dir}  (method {config.method.name}, stream {config.stream.name}, backbone {config.backbone.name})")
     try:
@@ -62,6 +67,31 @@ def command_run(args: argparse.Namespace) -> int:
     print(format_table(results))
     print(f"\nreport: {report}\nresults: {run.run_dir / 'results.json'}")
     return 0
+
+
+def _folder_stream(folder: Path) -> dict[str, Any]:
+    """Overrides that make a folder of ``<task>/{train,test}.json`` the stream, labelled by the folder's name
+    (which also names the experiment when it is a safe name)."""
+    import dataclasses
+
+    from mmcl.benchmarks.stream import check_name, task_folders
+
+    label = folder.resolve().name or "files"
+    overrides: dict[str, Any] = {"stream.tasks": [dataclasses.asdict(entry) for entry in task_folders(folder)]}
+    try:
+        overrides["stream.name"] = overrides["name"] = check_name(label, "name")
+    except ConfigError:
+        overrides["stream.name"] = "files"
+    return overrides
+
+
+def _check_lengths_before_run(config: Any, base_dir: Path) -> None:
+    """Over-long training samples are refused before any work starts, as ``mmcl data check`` finds them
+    (training would refuse them in the middle of a stage)."""
+    from mmcl.benchmarks.stream import build_stream
+    from mmcl.data.lengths import check_lengths
+
+    check_lengths(build_stream(config.stream, base_dir), config.backbone)
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -108,44 +138,63 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def command_data_check(args: argparse.Namespace) -> int:
-    from mmcl.benchmarks.stream import StreamConfig, TaskFiles, build_stream
+    """Every problem ``mmcl run`` would refuse at data load, listed on stdout; the first one (and how many
+    more) is the error line. Lengths are measured with the config's backbone processor (tiny-llava's for a
+    folder or a stream name unless ``--set backbone.name=...``)."""
+    from mmcl.benchmarks.stream import build_stream
+    from mmcl.config import load_config
+    from mmcl.errors import DataError
 
     target = Path(args.target)
+    settings = _set_assignments(args.set)
     if target.is_dir():
-        entries = [
-            TaskFiles(name=folder.name, train=str(_data_file(folder, "train")), test=str(_data_file(folder, "test")))
-            for folder in sorted(p for p in target.iterdir() if p.is_dir() and not p.name.startswith("."))
-        ]
-        if not entries:
-            raise ConfigError(f"{target}: no task folders (expected <task>/train.json and <task>/test.json)")
-        tasks = build_stream(StreamConfig(tasks=entries), Path.cwd())
+        config = load_config(None, {**_folder_stream(target), **settings})
+        base_dir = Path.cwd()
     elif target.suffix in (".yaml", ".yml"):
-        from mmcl.config import load_config
-
-        config = load_config(target)
-        tasks = build_stream(config.stream, target.parent)
+        config = load_config(target, settings)
+        base_dir = target.parent
     else:
-        from mmcl.config import load_config
-
-        config = load_config(None, {"stream.name": args.target, **_set_assignments(args.set)})
-        tasks = build_stream(config.stream, Path.cwd())
-    total = 0
-    for task in tasks:
-        problems = task.problems()
-        total += len(problems)
-        status = "ok" if not problems else f"{len(problems)} problem(s)"
-        print(f"{task.name}: {status}")
+        config = load_config(None, {"stream.name": args.target, **settings})
+        base_dir = Path.cwd()
+    tasks = build_stream(config.stream, base_dir)
+    general = _general_file_task(config, base_dir)
+    lengths = _length_checker_or_note(config)
+    found: list[str] = []
+    for task, splits in [*((task, ("train", "test")) for task in tasks), *((general, ("test",)) for _ in [0] if general)]:
+        problems = task.problems(splits=splits)
+        if lengths is not None and "train" in splits:
+            problems += lengths.problems(task)
+        found += problems
+        print(f"{task.name}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
         for problem in problems:
             print(f"  {problem}")
-    print(f"{len(tasks)} task(s), {total} problem(s)")
-    return 1 if total else 0
+    print(f"{len(tasks) + (1 if general else 0)} task(s), {len(found)} problem(s)")
+    if found:
+        more = f" (and {len(found) - 1} more, listed above)" if len(found) > 1 else ""
+        raise DataError(found[0] + more)
+    return 0
 
 
-def _data_file(folder: Path, split: str) -> Path:
-    for suffix in (".json", ".jsonl"):
-        if (folder / f"{split}{suffix}").exists():
-            return folder / f"{split}{suffix}"
-    return folder / f"{split}.json"
+def _general_file_task(config: Any, base_dir: Path):
+    """The general-ability test file when the config names one (``auto`` is generated data, ``none`` is off)."""
+    if config.evaluation.general.strip().lower() in ("auto", "none"):
+        return None
+    from mmcl.evaluation.general import general_task
+
+    return general_task(config.evaluation, config.backbone, config.stream, base_dir)
+
+
+def _length_checker_or_note(config: Any):
+    """The over-long sample checker of the config's backbone, or None (with a note) if its processor is unavailable."""
+    from mmcl.data.lengths import length_checker
+
+    try:
+        checker = length_checker(config.backbone)
+    except MmclError as exc:
+        print(f"lengths not checked: {exc}")
+        return None
+    print(f"lengths measured with {checker.label}")
+    return checker
 
 
 def command_pretrain_tiny(args: argparse.Namespace) -> int:

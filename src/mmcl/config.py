@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,17 +16,46 @@ from typing import Any
 
 import yaml
 
-from mmcl.benchmarks.stream import StreamConfig
+from mmcl.benchmarks.stream import StreamConfig, check_name
 from mmcl.errors import ConfigError
+
+# A number as people write it: 1e-4, 1E-4, .5, 5., +1e3 (YAML 1.1 reads some of these as strings).
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+_RANGE = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])")
+
+
+def parse_range(text: str) -> tuple[float, bool, float, bool]:
+    """``"[1, inf)"`` -> (low, low included, high, high included)."""
+    match = _RANGE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"malformed range {text!r} (expected e.g. '[1, inf)' or '(0, 1]')")
+    opening, low, high, closing = match.groups()
+    return float(low), opening == "[", float(high), closing == "]"
+
+
+SEED_RANGE = "[0, 2147483647]"  # what numpy, torch and the HF Trainer accept as a seed (seed + stage too)
+
+
+def setting(default: Any = dataclasses.MISSING, range: str | None = None, help: str = "", **kwargs: Any) -> Any:
+    """A config field that documents itself: ``range`` is an interval such as ``"[1, inf)"`` or ``"(0, 1]"``
+    (checked by :func:`from_dict` for every number, None allowed when the type is optional), ``help``
+    says what it does."""
+    metadata = {"help": help}
+    if range is not None:
+        parse_range(range)  # a malformed declaration fails at import
+        metadata["range"] = range
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
 class LoraSettings:
     """LoRA adapter shape (Hu et al. 2021): W x + (alpha / rank) B A x on every targeted linear layer."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: int = setting(8, "[1, inf)", "rank r of every LoRA adapter")
+    alpha: float = setting(16.0, "(0, inf)", "LoRA scale numerator: the update is scaled by alpha / rank")
+    dropout: float = setting(0.0, "[0, 1)", "dropout on the LoRA input")
     targets: str | None = None  # regex over module names; None = the backbone's default (language model + projector)
 
 
@@ -32,21 +63,30 @@ class LoraSettings:
 class TrainingConfig:
     """Optimisation settings for one stage (one task) of supervised fine-tuning."""
 
-    epochs: float = 4.0  # passes over the task's training data
-    max_steps: int = -1  # if > 0, overrides epochs
-    batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 3e-3  # LoRA on the tiny model (calibrated); use ~2e-4 for 7B LoRA, 2e-5 for full FT
+    epochs: float = setting(4.0, "[0, inf)", "passes over the task's training data (> 0 unless max_steps > 0)")
+    max_steps: int = setting(-1, "[-1, inf)", "if > 0, optimizer steps per stage, overriding epochs")
+    batch_size: int = setting(8, "[1, inf)", "training samples per device and step")
+    grad_accum: int = setting(1, "[1, inf)", "gradient accumulation steps")
+    learning_rate: float = setting(
+        3e-3, "(0, inf)", "LoRA on the tiny model (calibrated); use ~2e-4 for 7B LoRA, 2e-5 for full FT"
+    )
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
+    warmup_ratio: float = setting(0.03, "[0, 1]", "share of the steps with a linear warm-up")
+    weight_decay: float = setting(0.0, "[0, inf)", "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "[0, inf)", "gradient clipping norm (0 = no clipping)")
+    logging_steps: int = setting(10, "[1, inf)", "log the loss every this many steps")
     progress_bar: bool = True
     bf16: bool = False
     activation_checkpointing: bool = False
     deepspeed: str | None = None  # DeepSpeed JSON config for the HF Trainer (GPU; see examples/deepspeed/)
     fsdp: str | None = None  # the HF Trainer's FSDP option string, e.g. "full_shard auto_wrap" (GPU)
+
+    def check_values(self, where: str = "training") -> None:
+        """Checks across fields (single fields' ranges are declared with them and checked by from_dict)."""
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(
+                f"{where}.epochs: must be > 0 when {where}.max_steps <= 0 (nothing would be trained), got {self.epochs:g}"
+            )
 
 
 @dataclass
@@ -56,7 +96,7 @@ class BackboneConfig:
     name: str = "tiny-llava"
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the preset's dtype on a GPU, else float32)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
-    max_length: int = 512  # longest tokenised training conversation accepted
+    max_length: int = setting(512, "[1, inf)", "longest tokenised training conversation accepted")
     load_in_4bit: bool = False  # NF4 language model via bitsandbytes (QLoRA); needs CUDA and bitsandbytes
     processor_options: dict[str, Any] = field(default_factory=dict)  # AutoProcessor kwargs, e.g. Qwen-VL size
 
@@ -73,17 +113,21 @@ class MethodConfig:
 class EvaluationConfig:
     """How the accuracy matrix is filled."""
 
-    batch_size: int = 64
-    max_new_tokens: int | None = None  # overrides every task's own max_new_tokens when set
+    batch_size: int = setting(64, "[1, inf)", "test samples generated at once")
+    max_new_tokens: int | None = setting(None, "[1, inf)", "overrides every task's own max_new_tokens when set")
     forward_transfer: bool = True  # after task t also evaluate tasks t+1..T (needed for FWT; costs T(T-1)/2 evals)
     evaluate_base: bool = True  # row 0: the backbone before any training
-    limit: int | None = None  # evaluate at most this many test samples per task (quick looks)
+    limit: int | None = setting(None, "[1, inf)", "evaluate at most this many test samples per task (quick looks)")
     limit_selection: str = "random"  # which `limit` samples: random (a seeded subset, in file order) | first
-    limit_seed: int = 0  # seed of the random subset (independent of the run seed: every seed sees the same test set)
+    limit_seed: int = setting(
+        0, SEED_RANGE, "seed of the random subset (independent of the run seed: every seed sees the same test set)"
+    )
     general: str = "auto"  # general-ability set after every stage: auto | none | a test file (mmcl.evaluation.general)
     general_scorer: str = "exact_match"  # scorer of a general test file named by path
     superficial: bool = False  # also ask seen tasks in another answer format; score format and content apart
-    low_shot: int = 0  # CLiMB low-shot transfer: after each stage, fine-tune a copy on this many samples of each unseen task (0 = off)
+    low_shot: int = setting(
+        0, "[0, inf)", "CLiMB low-shot transfer: after each stage, fine-tune a copy on this many samples of each unseen task (0 = off)"
+    )
 
     def __post_init__(self) -> None:
         if self.limit_selection not in ("random", "first"):
@@ -94,15 +138,18 @@ class EvaluationConfig:
 class ExperimentConfig:
     """One continual-learning experiment: stream + method + backbone + training + evaluation."""
 
-    name: str = "default"
+    name: str = field(default="default", metadata={"safe_name": True, "help": "names the run dir: runs/<name>"})
     output_dir: str | None = None  # default: runs/<name>
-    seed: int = 0
+    seed: int = setting(0, SEED_RANGE, "seed of everything random (stage k trains with seed + k)")
     stream: StreamConfig = field(default_factory=StreamConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "name")
 
     @property
     def run_dir(self) -> Path:
@@ -126,8 +173,22 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
+def check_range(value: Any, interval: str, key: str) -> None:
+    """Refuse a number outside ``interval`` (and NaN or infinity) with a line naming ``key`` and the range."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, low_in, high, high_in = parse_range(interval)
+    inside = math.isfinite(value) and (value > low or (low_in and value == low)) and (
+        value < high or (high_in and value == high)
+    )
+    if not inside:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        raise ConfigError(f"{key}: must be in {interval}, got {shown}")
+
+
 def coerce(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` checked against ``annotation`` (dataclasses recurse); ints are accepted for floats."""
+    """``value`` checked against ``annotation`` (dataclasses recurse); ints are accepted for floats, and so
+    are strings that spell a number (``1e-4`` is a string in YAML 1.1)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -146,38 +207,72 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         return from_dict(annotation, value, key)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {_shown(value)}")
         (item_type,) = typing.get_args(annotation) or (Any,)
         return [coerce(item, item_type, f"{key}[{index}]") for index, item in enumerate(value)]
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {_shown(value)}")
         return dict(value)
     if annotation is Any:
         return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: number too large, got {_shown(value)}") from None
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value.strip())
     if annotation in (int, float, str, bool):
         if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
             return value
-        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {type(value).__name__} {_shown(value)}")
     raise ConfigError(f"{key}: unsupported field type {annotation}")
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to one short line."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    """Instantiate dataclass ``cls`` from a mapping, refusing unknown keys, wrong types and numbers outside
+    a field's declared ``range`` (field metadata, see :func:`setting`)."""
     prefix = f"{where}." if where else ""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__} {_shown(data)}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
-        if key not in known:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(known))})")
-    values = {key: coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
-    return cls(**values)
+        if key not in fields:
+            shown = (key if isinstance(key, str) else repr(key)).replace("\n", " ")[:60]
+            raise ConfigError(f"unknown config key '{prefix}{shown}' (known: {', '.join(sorted(fields))})")
+    values = {}
+    for key, value in data.items():
+        values[key] = coerce(value, hints[key], f"{prefix}{key}")
+        interval = fields[key].metadata.get("range")
+        if interval is not None:
+            check_range(values[key], interval, f"{prefix}{key}")
+        if fields[key].metadata.get("safe_name"):
+            check_name(values[key], f"{prefix}{key}")
+    missing = [name for name, f in fields.items() if name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    if missing:
+        raise ConfigError(f"{where or 'config'}: missing required key(s) {', '.join(missing)}")
+    try:
+        instance = cls(**values)
+        check_values = getattr(instance, "check_values", None)
+        if callable(check_values):
+            check_values(where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+    return instance
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -198,8 +293,11 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> E
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"--set {dotted}: '{where}' is not a mapping (it is {_shown(node)})")
         node[leaf] = value
     try:
         return from_dict(ExperimentConfig, data)

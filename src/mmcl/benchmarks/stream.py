@@ -4,6 +4,7 @@ config resolve to the same :class:`Task` objects and are read by the same reader
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,21 +15,53 @@ from mmcl.data.readers import load_records, parse_test_record, parse_train_recor
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, DataError
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(name: object, key: str) -> str:
+    """``name`` if it is safe as one path component (letters, digits, '.', '_', '-'; not '.' or '..'):
+    task names and the experiment name become folder and file names inside the run dir."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise ConfigError(
+            f"{key}: {shown} is not a safe name (use letters, digits, '.', '_', '-'; not empty, '.' or '..')"
+        )
+    return name
+
+
+def task_folders(root: Path) -> list[TaskFiles]:
+    """A folder of ``<task>/{train,test}.json(l)``, one task per sub-folder in name order."""
+    def data_file(folder: Path, split: str) -> Path:
+        for suffix in (".json", ".jsonl"):
+            if (folder / f"{split}{suffix}").exists():
+                return folder / f"{split}{suffix}"
+        return folder / f"{split}.json"
+
+    entries = [
+        TaskFiles(name=folder.name, train=str(data_file(folder, "train")), test=str(data_file(folder, "test")))
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    ]
+    if not entries:
+        raise ConfigError(f"{root}: no task folders (expected <task>/train.json and <task>/test.json)")
+    return entries
+
 
 @dataclass
 class TaskFiles:
     """One task of a stream declared in a config (all paths relative to the config's folder or absolute)."""
 
-    name: str
+    name: str = field(metadata={"safe_name": True, "help": "names the task's files in the run dir"})
     train: str  # LLaVA conversation JSON/JSONL
     test: str  # test JSON/JSONL: question_id, image, text, answer (or conversations)
     description: str = ""
     image_root: str | None = None  # default: the folder of each file
     scorer: str = "exact_match"
-    max_new_tokens: int = 16
-    chance: float | None = None  # chance score in percent (CLiMB's S_rand); None = computed from the test answers
+    max_new_tokens: int = field(default=16, metadata={"range": "[1, inf)", "help": "longest generated answer"})
+    chance: float | None = field(default=None, metadata={
+        "range": "[0, 100]", "help": "chance score in percent (CLiMB's S_rand); None = computed from the test answers"})
 
     def __post_init__(self) -> None:
+        check_name(self.name, "stream task name")
         if self.chance is not None and not 0.0 <= self.chance <= 100.0:
             raise ConfigError(f"stream task {self.name}: chance must be a percentage in [0, 100], got {self.chance}")
 
@@ -72,6 +105,8 @@ class Task:
                 continue
             parse = parse_train_record if split == "train" else parse_test_record
             root = self.image_root if self.image_root is not None else path.parent
+            if not records:
+                found.append(f"{path}: no records (the {split} set of task {self.name} is empty)")
             for index, record in enumerate(records):
                 where = f"{path}: record {index}"
                 try:
@@ -131,10 +166,15 @@ def tasks_from_files(entries: list[TaskFiles], base_dir: Path) -> list[Task]:
 class StreamConfig:
     """Which stream to run: a registered ``name`` (with its ``options``) or an explicit list of ``tasks``."""
 
-    name: str = "synth-domain"
+    # a registered stream's name; with ``tasks``, a label (default "files"); None = synth-domain without tasks
+    name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     tasks: list[TaskFiles] = field(default_factory=list)
     cache_dir: str = "~/.cache/mmcl/streams"  # where generated streams are written
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = "files" if self.tasks else "synth-domain"
 
 
 def build_stream(config: StreamConfig, base_dir: Path) -> list[Task]:
@@ -148,7 +188,10 @@ def build_stream(config: StreamConfig, base_dir: Path) -> list[Task]:
         tasks = STREAMS[config.name].build(dict(config.options), cache)
     else:
         raise ConfigError(f"stream.name: unknown stream {config.name!r} (known: {', '.join(sorted(STREAMS))})")
+    if not tasks:
+        raise ConfigError(f"stream {config.name}: no tasks")
     for task in tasks:
+        check_name(task.name, f"stream {config.name}: task name")
         if task.scorer not in SCORERS:
             raise ConfigError(f"stream task {task.name}: unknown scorer {task.scorer!r} (known: {', '.join(sorted(SCORERS))})")
     return tasks
