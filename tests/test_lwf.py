@@ -41,11 +41,13 @@ def test_distillation_matches_hand_computed_value():
     teacher = torch.tensor([[[1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [9.0, 9.0, -9.0]]])
     student = torch.tensor([[[3.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-9.0, 9.0, 9.0]]])
     labels = torch.tensor([[IGNORE, 2, 0]])
-    expected = 4.0 * (
+    expected = (
         _kl_by_hand([1.0, 2.0, 3.0], [3.0, 2.0, 1.0], 2.0) + _kl_by_hand([0.5, -1.0, 2.0], [0.0, 0.0, 0.0], 2.0)
     ) / 2
-    assert expected == pytest.approx(0.9689, abs=1e-4)  # 2 * (0.3202 + 0.1643), worked out on paper
+    assert expected == pytest.approx(0.24222, abs=1e-4)  # (0.3202 + 0.1643) / 2, worked out on paper
+    # Li & Hoiem's loss (the default) has no T^2 factor; Hinton et al.'s scaling is the option
     assert distillation_loss(student, teacher, labels, 2.0).item() == pytest.approx(expected, rel=1e-6)
+    assert distillation_loss(student, teacher, labels, 2.0, t_squared=True).item() == pytest.approx(4 * expected, rel=1e-6)
 
 
 def test_distillation_ignores_positions_without_answer_token():
@@ -80,6 +82,7 @@ def test_config_rejects_bad_values():
         LwfConfig(temperature=0.0)
     with pytest.raises(ConfigError):
         LwfConfig(alpha=-1.0)
+    assert (LwfConfig().alpha, LwfConfig().temperature, LwfConfig().t_squared) == (1.0, 2.0, False)  # Li & Hoiem
 
 
 # -- the teacher adapter on the tiny model ---------------------------------------------------

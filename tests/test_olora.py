@@ -194,3 +194,16 @@ def test_cli_run_olora(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: P
     assert json.loads((stages[-1] / "state.json").read_text())["adapters"] == [f"olora_{i}" for i in range(5)]
     per_stage = {json.loads((stage / "stage.json").read_text())["trainable_parameters"] for stage in stages}
     assert len(per_stage) == 1  # one adapter's worth each stage, not a growing sum
+
+
+@pytest.mark.parametrize(("modules", "names"), [
+    ("attention-qv", {"q_proj", "v_proj"}),
+    ("backbone", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"}),
+])  # fmt: skip
+def test_adapted_modules(modules: str, names: set[str], tiny_model_dir: Path, tasks) -> None:
+    """By default the adapters sit on the language model's query and value projections, as in the
+    authors' LLaMA set-up; ``modules: backbone`` uses the backbone's default LoRA targets."""
+    method = set_up_on_tiny(OLora(OLoraConfig(modules=modules), LoraSettings(rank=4), seed=0), tiny_model_dir, tasks)
+    adapted = {name for name, module in method.backbone.model.named_modules() if hasattr(module, "lora_A")}
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == names
+    assert all("vision" not in name for name in adapted)

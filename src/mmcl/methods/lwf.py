@@ -9,13 +9,14 @@ is pulled towards the teacher's next-token distributions on the answer tokens:
 
     loss = CE + alpha * KD
 
-    KD = T^2 * (1 / |A|) * sum_{(b, p) in A} KL( softmax(z_teacher[b, p] / T) || softmax(z_student[b, p] / T) )
+    KD = s * (1 / |A|) * sum_{(b, p) in A} KL( softmax(z_teacher[b, p] / T) || softmax(z_student[b, p] / T) )
 
 where ``A`` holds the positions ``p`` whose *next* token is an answer token (``labels[b, p + 1] !=
 -100``: the logits at position p predict token p + 1, the same shift as the causal-LM
-cross-entropy), so KD is a mean over answer tokens of the micro-batch, like the CE. The T^2 factor
-(Hinton et al. 2015, "Distilling the Knowledge in a Neural Network") keeps the gradient scale
-independent of T. Li & Hoiem write the old-task term as the cross-entropy H(p_teacher, p_student)
+cross-entropy), so KD is a mean over answer tokens of the micro-batch, like the CE. Li & Hoiem's
+loss is ``lambda_o * L_old + L_new`` with lambda_o = 1 and T = 2 and no further factor (s = 1, the
+default); Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network") scale the soft-target
+term by s = T^2 to keep its gradient scale independent of T (``t_squared: true``). Li & Hoiem write the old-task term as the cross-entropy H(p_teacher, p_student)
 with T = 2; the KL used here differs from it only by the teacher's entropy, a constant for the
 student, so the gradients are the same, and the KL is exactly 0 when the student equals the
 teacher, which makes the value easy to read. The original paper distills the old task *heads* on
@@ -54,10 +55,12 @@ TEACHER = "teacher"
 
 @dataclass
 class LwfConfig:
-    """Distillation strength and temperature (defaults: T = 2 as in Li & Hoiem; alpha = 0.5)."""
+    """Distillation strength and temperature; defaults are Li & Hoiem's (TPAMI 2017, Sec. 3: "lambda_o
+    = 1", "T = 2", the old-task loss not rescaled by T^2)."""
 
-    temperature: float = 2.0  # softmax temperature T of both teacher and student; the KL is scaled by T^2
-    alpha: float = 0.5  # weight of the distillation term: loss = CE + alpha * KD
+    temperature: float = 2.0  # softmax temperature T of teacher and student (Li & Hoiem: T = 2)
+    alpha: float = 1.0  # weight lambda_o of the distillation term, loss = CE + alpha * KD (Li & Hoiem: 1)
+    t_squared: bool = False  # scale KD by T^2 as Hinton et al. 2015 (Li & Hoiem: no; mmcl before 2026-12 used T^2 with alpha 0.5)
     distill_from_base: bool = False  # on the first task, distill from the base model (no teacher otherwise)
 
     def __post_init__(self) -> None:
@@ -72,8 +75,9 @@ def distillation_loss(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
+    t_squared: bool = False,
 ) -> torch.Tensor:
-    """T^2 * mean over answer tokens of KL(softmax(teacher / T) || softmax(student / T)).
+    """Mean over answer tokens of KL(softmax(teacher / T) || softmax(student / T)), times T^2 if ``t_squared``.
 
     ``*_logits`` are (batch, length, vocab) and aligned with ``labels`` (batch, length); the logits
     at position p are compared where ``labels[:, p + 1] != -100`` (next-token alignment). The
@@ -92,7 +96,7 @@ def distillation_loss(
     student_log_probs = F.log_softmax(student, dim=-1)
     teacher_log_probs = F.log_softmax(teacher, dim=-1)
     per_token = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)
-    return per_token.mean() * temperature**2
+    return per_token.mean() * (temperature**2 if t_squared else 1.0)
 
 
 @contextmanager
@@ -181,4 +185,6 @@ class LearningWithoutForgetting(SequentialLora):
         if self.teacher is None or self.config.alpha == 0:
             return None
         teacher = self.teacher_logits(model, inputs)
-        return self.config.alpha * distillation_loss(outputs.logits, teacher, inputs["labels"], self.config.temperature)
+        return self.config.alpha * distillation_loss(
+            outputs.logits, teacher, inputs["labels"], self.config.temperature, self.config.t_squared
+        )

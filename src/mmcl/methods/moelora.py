@@ -47,7 +47,10 @@ from mmcl.methods.base import Method, register_method
 class MoeLoraConfig:
     """MoE-LoRA options; the rank ``r`` and ``alpha`` come from the run's ``lora`` settings."""
 
-    experts: int = 4  # E, LoRA experts per layer sharing the rank r (r/E each); CoIN uses 8, 4 suits tiny models
+    # E, LoRA experts per layer sharing the rank r (r/E each). CoIN (zackschen/CoIN,
+    # scripts/LLaVA/Train_MOE/*.sh) uses --expert_num 8 with r = 128 (rank 16 per expert); 4 here keeps
+    # rank 2 per expert at the tiny model's r = 8 (8 would leave rank-1 experts). Set 8 to match CoIN.
+    experts: int = 4
 
     def __post_init__(self) -> None:
         if self.experts < 1:

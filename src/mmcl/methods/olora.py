@@ -23,7 +23,7 @@ the newest adapter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -44,15 +44,29 @@ PREFIX = "olora_"
 
 @dataclass
 class OLoraConfig:
-    """O-LoRA loss weights (defaults from the paper and its released training scripts)."""
+    """O-LoRA options. Sources: the authors' scripts (cmnfriend/O-LoRA, ``scripts_llama/order_1.sh``:
+    ``--lamda_1 0.5 --lamda_2 0``) and ``src/run_uie_lora.py`` (LLaMA: PEFT's default LoRA modules for
+    LLaMA, ``q_proj`` and ``v_proj``; r = 8, alpha 32, dropout 0.1 -- rank, alpha and dropout come from the
+    run's ``lora`` settings here)."""
 
-    lambda1: float = 0.5  # weight of the orthogonality penalty sum |A_old A_new^T| (paper: 0.5)
-    lambda2: float = 0.0  # weight of the L2 (Frobenius norm) penalty on the new adapter's A and B (paper: 0 by default)
+    lambda1: float = 0.5  # weight of the orthogonality penalty sum |A_old A_new^T| (authors' scripts: 0.5)
+    lambda2: float = 0.0  # weight of the L2 (Frobenius norm) penalty on the new adapter's A and B (authors' scripts: 0)
+    # Which linear layers get the adapters when `lora.targets` is not set: "attention-qv" = the query and
+    # value projections of the language model (the authors' LLaMA set-up); "backbone" = the backbone's
+    # default LoRA targets (every language-model linear layer and the projector, as seq-lora).
+    modules: str = "attention-qv"
 
     def __post_init__(self) -> None:
         for key in ("lambda1", "lambda2"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"method.options.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.modules not in ("attention-qv", "backbone"):
+            raise ConfigError(f"method.options.modules: expected 'attention-qv' or 'backbone', got {self.modules!r}")
+
+
+def query_value_only(targets: str) -> str:
+    """``targets`` (a PEFT full-match regex over module names) narrowed to modules named ``q_proj``/``v_proj``."""
+    return rf"(?=.*\.(?:q_proj|v_proj)$)(?:{targets})"
 
 
 def adapter_name(task_index: int) -> str:
@@ -106,6 +120,8 @@ class OLora(Method):
     # -- PEFT bookkeeping ----------------------------------------------------------------------
     def setup(self, backbone, tasks) -> None:
         super().setup(backbone, tasks)
+        if self.lora.targets is None and self.config.modules == "attention-qv":
+            self.lora = replace(self.lora, targets=query_value_only(backbone.lora_targets))
         add_lora(backbone, self.lora, self.seed, adapter_name=adapter_name(0))
 
     def _ensure_adapter(self, name: str, init_seed: int) -> None:
