@@ -155,7 +155,7 @@ def test_full_run_stage_dirs(seq_lora_run: Experiment) -> None:
 
 def test_full_run_predictions(seq_lora_run: Experiment, stream_cache_dir: Path) -> None:
     results = seq_lora_run.results()
-    (data_root,) = (stream_cache_dir / "synth-domain").glob("seed0-n8-4-px48")
+    (data_root,) = (stream_cache_dir / "synth-domain").glob("*seed0-n8-4-px48")
     for row_index, row in enumerate(ROWS):
         for task_index, task in enumerate(TASKS):
             meta, records = prediction_records(seq_lora_run.run_dir / "predictions" / row / f"{task}.jsonl")

@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from mmcl.errors import ConfigError, MmclError
+from mmcl.errors import ConfigError, MmclError, OutputError
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -31,6 +29,8 @@ def _set_assignments(assignments: list[str] | None) -> dict[str, Any]:
         key, separator, raw = assignment.partition("=")
         if not separator or not key:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set training.epochs=2")
+        import yaml
+
         overrides[key] = yaml.safe_load(raw)
     return overrides
 
@@ -52,7 +52,7 @@ def command_run(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # under torchrun, process 0 alone reports
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
     _check_lengths_before_run(config, base_dir)
-    run = ContinualRun(config, base_dir, overwrite=args.overwrite)
+    run = ContinualRun(config, base_dir, overwrite=args.overwrite, recompute_changed=args.recompute_changed)
     print(f"run dir: {run.run_dir}  (method {config.method.name}, stream {config.stream.name}, backbone {config.backbone.name})")
     try:
         results = run.run()
@@ -60,6 +60,8 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; finished stages and evaluations are kept in {run.run_dir}. "
               "Run the same command again to continue.", file=sys.stderr)
         return 130
+    except (OutputError, OSError) as exc:  # full or read-only disk mid-run: what is finished stays
+        raise _kept_output_error(exc, run.run_dir) from None
     if not distributed.is_main():
         return 0
     report = write_report(run.run_dir, results)
@@ -67,6 +69,16 @@ def command_run(args: argparse.Namespace) -> int:
     print(format_table(results))
     print(f"\nreport: {report}\nresults: {run.run_dir / 'results.json'}")
     return 0
+
+
+def _kept_output_error(exc: BaseException, run_dir: Path) -> BaseException:
+    """An output failure in the middle of a run, saying that the finished work is kept (others: as they are)."""
+    from mmcl.utils import as_output_error
+
+    error = exc if isinstance(exc, OutputError) else as_output_error(exc)
+    if error is None:
+        return exc
+    return OutputError(f"{error}; finished stages and evaluations are kept in {run_dir}")
 
 
 def _folder_stream(folder: Path) -> dict[str, Any]:
@@ -105,6 +117,12 @@ def command_report(args: argparse.Namespace) -> int:
     report = write_report(run_dir, results)
     print(format_table(results))
     print(f"\nreport: {report}")
+    if not results["complete"]:
+        from mmcl.errors import UnfinishedRunError
+        from mmcl.report.render import unfinished_notice
+
+        raise UnfinishedRunError(f"{run_dir}: {unfinished_notice(results)}; the report holds the numbers so far "
+                                 "(run the same `mmcl run` command to finish it)")
     return 0
 
 
@@ -208,6 +226,8 @@ def command_pretrain_tiny(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="Continual learning of multimodal LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug output, dependencies' warnings and logs (also MMCL_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run an experiment (default: seq-lora on synth-domain with tiny-llava)")
@@ -219,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="override the experiment name")
     run.add_argument("--seed", type=int, help="override the seed")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key, e.g. training.epochs=2")
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="debug output, dependencies' warnings and logs (also MMCL_DEBUG=1)")
     run.add_argument("--overwrite", action="store_true", help="replace a run dir made by a different config")
+    run.add_argument("--recompute-changed", action="store_true",
+                     help="the data changed since the run dir was made: redo the stages and evaluations that depend on it")
     run.set_defaults(handler=command_run)
 
     listing = commands.add_parser("list", help="registered streams, methods and backbones")
@@ -251,13 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    # Ctrl-C at any point, the imports of torch and transformers included, is one line and exit code 130.
     try:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        args = build_parser().parse_args(argv)
+        from mmcl.log import setup_logging
+
+        setup_logging(verbose=getattr(args, "verbose", False))
         return args.handler(args)
     except MmclError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a read-only or full disk, a file where a folder should be: one line naming the path
+        from mmcl.utils import as_output_error
+
+        error = as_output_error(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -23,6 +23,19 @@ class DataError(MmclError):
 
 
 class RunDirError(MmclError):
-    """A run directory that belongs to a different config, or is unreadable."""
+    """A run directory that belongs to a different config or other data, is in use by another run, or is unreadable."""
 
     exit_code = 4
+
+
+class OutputError(MmclError):
+    """Cannot write the run directory or another output: read-only, full disk, no permission, a file in the way."""
+
+    exit_code = 6
+
+
+class UnfinishedRunError(MmclError):
+    """``mmcl report`` on a run whose stages or planned evaluations are not all done (the report is
+    still written; the exit code tells scripts that its numbers are not final)."""
+
+    exit_code = 5

@@ -39,6 +39,53 @@ def low_shot_file(run_dir: Path, row_label: str, task: str) -> Path:
     return run_dir / "low_shot" / row_label / f"{task}.jsonl"
 
 
+def planned_row(
+    row_index: int, n_tasks: int, joint: bool, forward_transfer: bool, general: bool, superficial: bool, low_shot: int
+) -> dict[str, Any]:
+    """What the runner evaluates after stage ``row_index`` (0 = the base model): task positions of the
+    matrix row, whether the general set, positions of the seen tasks probed for superficial forgetting,
+    and positions of the unseen tasks given low-shot fine-tuning. The runner and :func:`planned_files`
+    both use it, so "complete" means exactly what the runner would do."""
+    seen = n_tasks if joint else row_index
+    return {
+        "predictions": list(range(n_tasks if forward_transfer or row_index == 0 else seen)),
+        "general": general,
+        "superficial": list(range(seen)) if superficial and row_index > 0 else [],
+        "low_shot": list(range(seen, n_tasks)) if low_shot > 0 else [],
+    }
+
+
+def evaluation_plan(config: dict[str, Any], general: bool) -> dict[str, Any]:
+    """The switches that decide which evaluations a run plans, from its resolved config (``config.yaml``)."""
+    evaluation = config.get("evaluation") or {}
+    return {
+        "evaluate_base": bool(evaluation.get("evaluate_base", True)),
+        "forward_transfer": bool(evaluation.get("forward_transfer", True)),
+        "general": general,
+        "superficial": bool(evaluation.get("superficial", False)),
+        "low_shot": int(evaluation.get("low_shot", 0) or 0),
+    }
+
+
+def planned_files(run_dir: Path, tasks: list[str], stages: list[str], joint: bool, plan: dict[str, Any]) -> list[Path]:
+    """Every evaluation file a finished run holds (``plan`` from :func:`evaluation_plan`)."""
+    files: list[Path] = []
+    labels = [BASE_LABEL, *stages]
+    for row_index, label in enumerate(labels):
+        if row_index == 0 and not plan["evaluate_base"]:
+            continue
+        row = stage_name(row_index, label)
+        planned = planned_row(
+            row_index, len(tasks), joint, plan["forward_transfer"], plan["general"], plan["superficial"], plan["low_shot"]
+        )
+        files += [run_dir / "predictions" / row / f"{tasks[j]}.jsonl" for j in planned["predictions"]]
+        if planned["general"]:
+            files.append(general_file(run_dir, row))
+        files += [judged_file(run_dir, row, tasks[j]) for j in planned["superficial"]]
+        files += [low_shot_file(run_dir, row, tasks[j]) for j in planned["low_shot"]]
+    return files
+
+
 def _low_shot_results(run_dir: Path, row_labels: list[str], tasks: list[str]) -> dict[str, Any] | None:
     """The low-shot matrix L (row = stage fine-tuned from, column = unseen task) and the mean gain of
     low-shot fine-tuning from a trained stage over low-shot fine-tuning from the base model (row 0)."""
@@ -58,7 +105,7 @@ def _general_results(run_dir: Path, row_labels: list[str]) -> dict[str, Any] | N
     if not any(file.exists() for file in files):
         return None
     scores = [round(score_prediction_file(file), 4) if file.exists() else None for file in files]
-    base, last = scores[0], next((v for v in reversed(scores) if v is not None), None)
+    base, last = scores[0], scores[-1]  # the final stage only: an unfinished run has no drop yet
     drop = round(base - last, 4) if base is not None and last is not None and len(scores) > 1 else None
     return {"scores": scores, "drop": drop}
 
@@ -126,6 +173,17 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     low_shot = _low_shot_results(run_dir, row_labels, tasks)
     if low_shot is not None and low_shot["transfer"] is not None:
         metrics["low_shot_transfer"] = low_shot["transfer"]
+    stored_plan = (plan.get("evaluation") or {}).get("planned")
+    if stored_plan is None:  # a run dir from before the plan was recorded: derive it from its config
+        stored_plan = evaluation_plan(config, general_file(run_dir, stage_name(0, BASE_LABEL)).parent.is_dir())
+    expected = planned_files(run_dir, tasks, plan["stages"], plan["joint"], stored_plan)
+    progress = {
+        "stages_done": sum(stage_seconds.get(label) is not None for label in plan["stages"]),
+        "stages_planned": len(plan["stages"]),
+        "evaluations_done": sum(file.exists() for file in expected),
+        "evaluations_planned": len(expected),
+    }
+    complete = progress["stages_done"] == progress["stages_planned"] and progress["evaluations_done"] == progress["evaluations_planned"]
     summary_file = run_dir / METHOD_SUMMARY
     method_summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.exists() else {}
     return {
@@ -146,7 +204,8 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
         "general": general,
         "superficial": superficial,
         "low_shot": low_shot,
-        "complete": all(stage_seconds.get(label) is not None for label in plan["stages"]),
+        "complete": complete,
+        "progress": progress,
         "stage_seconds": stage_seconds,
         "train_seconds": round(sum(stage_seconds.values()), 3),
         "eval_seconds": round(eval_seconds, 3),

@@ -13,28 +13,34 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mmcl.backbones.backbone import GREEDY_DECODING
+from mmcl.backbones.registry import resolve_backbone
 from mmcl.benchmarks.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl.errors import ConfigError, DataError, RunDirError
 from mmcl import distributed
+from mmcl.log import info as log_info
 from mmcl.evaluation.chance import task_chance
 from mmcl.evaluation.evaluator import generate_answers, read_predictions, write_predictions
 from mmcl.evaluation.general import general_task
 from mmcl.evaluation.superficial import make_probes, probe_tokens, write_judged
+from mmcl.fingerprint import FINGERPRINT_FILE, Change, changes, data_fingerprints
+from mmcl.lock import LOCK_FILE, RunLock
 from mmcl.methods import METHODS, Method
 from mmcl.results import (
     BASE_LABEL,
     METHOD_SUMMARY,
     collect_results,
+    evaluation_plan,
     general_file,
     judged_file,
     low_shot_file,
+    planned_row,
     stage_name,
 )
-from mmcl.utils import atomic_write_text
+from mmcl.utils import atomic_write_text, save_tensors
 
 Log = Callable[[str], None]
 def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
@@ -48,8 +54,10 @@ def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
             raise RunDirError(
                 f"{run_dir}: holds a run of a different config; pick another --out or pass --overwrite to replace it"
             )
-        if not same:
-            shutil.rmtree(run_dir)
+        if not same:  # everything but the lock this run holds
+            for child in run_dir.iterdir():
+                if child.name != LOCK_FILE:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"fingerprint": config.fingerprint(), **config.to_dict()}
     atomic_write_text(config_file, yaml.safe_dump(resolved, sort_keys=False))
@@ -99,7 +107,13 @@ def limited(samples: list, limit: int | None, selection: str, seed: int, task_na
 
 
 def write_plan(
-    run_dir: Path, config: ExperimentConfig, method: Method, tasks: list[Task], stages: list, chance: dict[str, float | None]
+    run_dir: Path,
+    config: ExperimentConfig,
+    method: Method,
+    tasks: list[Task],
+    stages: list,
+    chance: dict[str, float | None],
+    general: bool = False,
 ) -> None:
     evaluation = config.evaluation
     plan = {
@@ -122,6 +136,7 @@ def write_plan(
             "max_new_tokens": evaluation.max_new_tokens,
             "batch_size": evaluation.batch_size,
             "decoding": dict(GREEDY_DECODING),  # plus each task's max_new_tokens (tasks above) unless overridden
+            "planned": evaluation_plan(config.to_dict(), general),  # which evaluations a finished run holds
         },
     }
     atomic_write_text(run_dir / "run.json", json.dumps(plan, indent=1))
@@ -130,9 +145,17 @@ def write_plan(
 class ContinualRun:
     """Drives one experiment in its run directory."""
 
-    def __init__(self, config: ExperimentConfig, base_dir: Path, overwrite: bool = False, log: Log = print):
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        base_dir: Path,
+        overwrite: bool = False,
+        log: Log = log_info,
+        recompute_changed: bool = False,
+    ):
         self.config = config
         self.log = log if distributed.is_main() else (lambda message: None)
+        resolve_backbone(config.backbone.name)  # an unknown name fails here, in seconds, before the run dir exists
         self.tasks = build_stream(config.stream, base_dir)
         self.general = general_task(config.evaluation, config.backbone, config.stream, base_dir)
         check_tasks(self.tasks, test_only=[self.general] if self.general else [])
@@ -140,19 +163,122 @@ class ContinualRun:
         self.method.log_dir = config.run_dir / "tensorboard" if distributed.is_main() else None
         self.stages = plan_stages(self.method, self.tasks)
         self.run_dir = config.run_dir
+        self.lock: RunLock | None = None
+        self.created_run_dir = False  # made by this invocation: removed again if it fails before computing anything
         refusal = None
         if distributed.is_main():
             try:
-                claim_run_dir(config, overwrite)
-                chance = {task.name: task_chance(self.test_samples(task), task.scorer, task.chance) for task in self.tasks}
-                write_plan(self.run_dir, config, self.method, self.tasks, self.stages, chance)
+                self.claim(overwrite, recompute_changed)
             except RunDirError as exc:
                 refusal = str(exc)
+            except BaseException:
+                self.abandon()
+                raise
         refusal = distributed.agree(refusal)
         if refusal is not None:
             raise RunDirError(refusal)
         self.loaded_stage = 0  # the stage whose weights the model holds (0 = the backbone as loaded)
         self.backbone = None
+
+    # -- the run dir -------------------------------------------------------------------------
+    def claim(self, overwrite: bool, recompute_changed: bool) -> None:
+        """Process 0: lock the run dir, check its config and data, write the plan; on refusal leave it as it was."""
+        self.created_run_dir = not self.run_dir.exists()
+        try:
+            self.lock = RunLock(self.run_dir).acquire()
+            if self.lock.taken_over:
+                self.log(f"took over a stale lock on {self.run_dir} ({self.lock.taken_over})")
+            claim_run_dir(self.config, overwrite)
+            self.reconcile_data(recompute_changed)
+            chance = {task.name: task_chance(self.test_samples(task), task.scorer, task.chance) for task in self.tasks}
+            write_plan(self.run_dir, self.config, self.method, self.tasks, self.stages, chance, self.general is not None)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def reconcile_data(self, recompute_changed: bool) -> None:
+        """Compare the data with the fingerprints the run dir recorded (``data.json``); refuse on a change,
+        or with ``recompute_changed`` delete exactly the stages and evaluations that depend on it. A run dir
+        from before fingerprints were recorded gets the current data's fingerprints (trusted on first use)."""
+        current = data_fingerprints(self.tasks, self.general)
+        stored_file = self.run_dir / FINGERPRINT_FILE
+        stored = json.loads(stored_file.read_text(encoding="utf-8")) if stored_file.is_file() else None
+        if stored is None and (self.run_dir / "run.json").exists():
+            self.log(f"{self.run_dir}: made before data fingerprints were recorded; recording the current data's "
+                     f"(results computed earlier are taken to come from it)")
+        found = changes(stored, current) if stored is not None else []
+        if found and not recompute_changed:
+            more = f" (and {len(found) - 1} more file(s))" if len(found) > 1 else ""
+            raise RunDirError(
+                f"{self.run_dir}: data changed since its results were computed: {found[0].describe()}{more}; "
+                "pass --recompute-changed to redo what depends on it, or use another --out"
+            )
+        if found:
+            stale = self.stale_outputs(found)
+            for change in found:
+                self.log(f"data changed: {change.describe()}")
+            self.log(f"recomputing what depends on it: {sum(1 for p in stale if p.parent.name == 'stages')} stage(s), "
+                     f"{sum(1 for p in stale if p.parent.name != 'stages')} evaluation file(s)/folder(s)")
+            for path in stale:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            (self.run_dir / "results.json").unlink(missing_ok=True)
+        atomic_write_text(stored_file, json.dumps(current, indent=1))
+
+    def stale_outputs(self, found: list[Change]) -> list[Path]:
+        """Existing stage dirs and evaluation files that depend on the changed files: a changed train file of
+        a task invalidates the stage training it, every later stage and their rows (and low-shot files of
+        the task, whose shots it holds); a changed test file, every evaluation of that task in every row;
+        a changed general set, every general file."""
+        train = {change.task for change in found if change.split == "train"}
+        test = {change.task for change in found if change.split == "test"}
+        general = any(change.task is None for change in found)
+        first = next(
+            (index for index, (_, stage_tasks) in enumerate(self.stages, start=1) if train & {t.name for t in stage_tasks}),
+            len(self.stages) + 1,
+        )
+        stale: list[Path] = []
+        for index in range(first, len(self.stages) + 1):
+            final = self.stage_dir(index)
+            stale += [final, final.with_name(f".tmp_{final.name}")]
+        labels = [BASE_LABEL, *(label for label, _ in self.stages)]
+        for row_index, label in enumerate(labels):
+            row = stage_name(row_index, label)
+            if row_index >= first:
+                stale += [self.run_dir / "predictions" / row, general_file(self.run_dir, row)]
+                stale += [judged_file(self.run_dir, row, "x").parent, low_shot_file(self.run_dir, row, "x").parent]
+                continue
+            for task in self.tasks:
+                if task.name in test:
+                    stale += [self.prediction_file(row, task), judged_file(self.run_dir, row, task.name)]
+                if task.name in test or task.name in train:
+                    stale.append(low_shot_file(self.run_dir, row, task.name))
+            if general:
+                stale.append(general_file(self.run_dir, row))
+        return [path for path in stale if path.exists()]
+
+    def holds_results(self) -> bool:
+        """Whether the run dir holds a finished stage or evaluation file."""
+        stages = self.run_dir / "stages"
+        if stages.is_dir() and any(not p.name.startswith(".") for p in stages.iterdir()):
+            return True
+        return any(
+            (self.run_dir / folder).is_dir() and any((self.run_dir / folder).rglob("*.jsonl"))
+            for folder in ("predictions", "general", "superficial", "low_shot")
+        )
+
+    def abandon(self) -> None:
+        """After a failure: remove the run dir if this invocation created it and nothing was computed in it;
+        release the lock."""
+        if not distributed.is_main():
+            return
+        if self.created_run_dir and self.run_dir.exists() and not self.holds_results():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- paths -----------------------------------------------------------------------------
     def stage_dir(self, index: int) -> Path:
@@ -221,7 +347,7 @@ class ContinualRun:
 
     def save_stage(self, work_dir: Path, final_dir: Path, label: str, n_samples: int, seconds: float, metrics: dict) -> None:
         shutil.rmtree(work_dir / "trainer", ignore_errors=True)
-        save_file(self.method.state_tensors(), str(work_dir / "state.safetensors"))
+        save_tensors(self.method.state_tensors(), work_dir / "state.safetensors")
         atomic_write_text(work_dir / "state.json", json.dumps(self.method.state_json()))
         info = {
             "label": label,
@@ -236,17 +362,20 @@ class ContinualRun:
     def evaluate_row(self, row_index: int, row_label: str, tasks: list[Task]) -> None:
         """Row ``row_index`` of the matrix for ``tasks``, then the general set and, if on, the probes of
         the tasks seen so far; each file is written once and skipped when it exists."""
+        evaluation = self.config.evaluation
+        plan = planned_row(
+            row_index, len(self.tasks), self.method.trains_jointly, evaluation.forward_transfer,
+            self.general is not None, evaluation.superficial, evaluation.low_shot,
+        )  # fmt: skip
         for task in tasks:
             self.evaluate_file(row_index, task, self.test_samples(task), self.prediction_file(row_label, task))
-        if self.general is not None:
+        if plan["general"]:
             file = general_file(self.run_dir, row_label)
             self.evaluate_file(row_index, self.general, self.test_samples(self.general), file)
-        if self.config.evaluation.superficial and row_index > 0:
-            for task in self.tasks[: self.seen_tasks(row_index)]:
-                self.evaluate_probes(row_index, row_label, task)
-        if self.config.evaluation.low_shot > 0:
-            for task in self.tasks[self.seen_tasks(row_index) :]:
-                self.evaluate_low_shot(row_index, row_label, task)
+        for position in plan["superficial"]:
+            self.evaluate_probes(row_index, row_label, self.tasks[position])
+        for position in plan["low_shot"]:
+            self.evaluate_low_shot(row_index, row_label, self.tasks[position])
 
     def test_samples(self, task: Task) -> list:
         evaluation = self.config.evaluation
@@ -324,6 +453,18 @@ class ContinualRun:
             atomic_write_text(self.run_dir / METHOD_SUMMARY, json.dumps(stored, indent=1))
 
     def run(self) -> dict[str, Any]:
+        """Train and evaluate what is missing, then write ``results.json``; the run-dir lock is released at
+        the end, also on errors and Ctrl-C, and a run dir this invocation created is removed again when it
+        fails before anything was computed in it."""
+        try:
+            return self._run()
+        except BaseException:
+            self.abandon()
+            raise
+        finally:
+            self.release()
+
+    def _run(self) -> dict[str, Any]:
         started = time.perf_counter()
         if self.config.evaluation.evaluate_base:
             self.evaluate_row(0, stage_name(0, BASE_LABEL), self.tasks)

@@ -13,7 +13,7 @@ SYNTH_DOMAIN_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task":
 
 
 def _synth_domain(options: dict[str, Any], cache: Path) -> list[Task]:
-    from mmcl.benchmarks.synth import SYNTH_DOMAIN_TASKS, write_synth_domain
+    from mmcl.benchmarks.synth import GENERATOR_VERSION, SYNTH_DOMAIN_TASKS, write_synth_domain
 
     unknown = sorted(set(options) - set(SYNTH_DOMAIN_DEFAULTS))
     if unknown:
@@ -22,8 +22,8 @@ def _synth_domain(options: dict[str, Any], cache: Path) -> list[Task]:
     for key, value in settings.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
             raise ConfigError(f"stream.options.{key}: expected a positive integer, got {value!r}")
-    folder = cache / "synth-domain" / (
-        f"seed{settings['seed']}-n{settings['train_per_task']}-{settings['test_per_task']}-px{settings['image_size']}"
+    folder = cache / "synth-domain" / (  # keyed by the generator's version too: a new generator never reuses old files
+        f"{GENERATOR_VERSION}-seed{settings['seed']}-n{settings['train_per_task']}-{settings['test_per_task']}-px{settings['image_size']}"
     )
     root = write_synth_domain(folder, **settings)
     return [

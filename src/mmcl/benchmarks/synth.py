@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from mmcl.data.sample import IMAGE_PLACEHOLDER
 from mmcl.errors import ConfigError, DataError
 
-GENERATOR_VERSION = "synth-2"  # the synth-domain stream
+GENERATOR_VERSION = "synth-2"  # the synth-domain stream; part of its cache key: bump it whenever the output changes (tests/test_integrity.py pins the output)
 PRETRAIN_VERSION = "synth-1"  # the pretraining mix behind the shipped tiny-llava weights
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCD"

@@ -56,9 +56,10 @@ def general_task(
 
 
 def _tiny_pretrain_task(cache: Path) -> Task:
-    from mmcl.benchmarks.synth import PRETRAIN_TASK, write_synth_pretrain
+    from mmcl.benchmarks.synth import PRETRAIN_TASK, PRETRAIN_VERSION, write_synth_pretrain
 
-    root = write_synth_pretrain(cache / "synth-pretrain" / f"general-n{TINY_GENERAL_SIZE}", n_train=0, n_test=TINY_GENERAL_SIZE)
+    folder = cache / "synth-pretrain" / f"general-{PRETRAIN_VERSION}-n{TINY_GENERAL_SIZE}"  # keyed by generator version
+    root = write_synth_pretrain(folder, n_train=0, n_test=TINY_GENERAL_SIZE)
     test_file = root / PRETRAIN_TASK / "general.json"
     if not test_file.is_file():
         records = json.loads((root / PRETRAIN_TASK / "test.json").read_text(encoding="utf-8"))

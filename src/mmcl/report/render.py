@@ -213,6 +213,20 @@ def _title(results: Results) -> str:
     return f"{results.get('method') or 'unknown method'} on {results.get('stream') or 'unknown stream'}"
 
 
+def unfinished_notice(results: Results) -> str | None:
+    """``"UNFINISHED run: N of M stages, K of L evaluations"`` when ``results`` says the run is not
+    complete, else ``None``."""
+    if results.get("complete") is not False:
+        return None
+    progress = results.get("progress")
+    if not isinstance(progress, Mapping):
+        return "UNFINISHED run"
+    return (
+        f"UNFINISHED run: {progress.get('stages_done')} of {progress.get('stages_planned')} stages, "
+        f"{progress.get('evaluations_done')} of {progress.get('evaluations_planned')} evaluations"
+    )
+
+
 # --------------------------------------------------------------------------- text / csv
 
 
@@ -245,7 +259,9 @@ def format_table(results: Results) -> str:
         return "  ".join([first, *rest]).rstrip()
 
     rule = "-" * len(line(header))
-    out = [line(header), rule, *(line(r) for r in body)]
+    notice = unfinished_notice(results)
+    out = [f"{notice} (numbers are not final)"] if notice else []
+    out += [line(header), rule, *(line(r) for r in body)]
     if ref_body:
         out.append(rule)
         out.extend(line(r) for r in ref_body)
@@ -472,6 +488,7 @@ tr.ref td, tr.ref th { font-style: italic; border-top: 2px solid #888; }
 td.null { background: #eee; color: #999; text-align: center; }
 th { background: #f4f4f4; text-align: left; }
 .muted { color: #666; font-size: 0.9em; }
+.unfinished { background: #fde8e8; border: 1px solid #e0a0a0; padding: 6px 10px; color: #8a1f1f; }
 img { max-width: 100%; border: 1px solid #eee; }
 code { background: #f4f4f4; padding: 0 3px; }
 """
@@ -607,6 +624,9 @@ def _render_html(results: Results, heatmap_png: bytes, curves_png: bytes) -> str
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
     ]
+    notice = unfinished_notice(results)
+    if notice:
+        parts.append(f'<p class="unfinished"><strong>{_e(notice)}</strong>: the numbers below are not final.</p>')
     if name or sub:
         run = f"run <code>{_e(name)}</code>" if name else ""
         parts.append(f'<p class="muted">{run}{"; " if run and sub else ""}{sub}</p>')
