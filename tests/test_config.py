@@ -279,3 +279,91 @@ def test_cli_refuses_unknown_stream_option(tiny_stream_config: dict, tmp_path: P
     assert main(["run", str(path)]) == 2
     _assert_one_line_error(capsys, "train_per_tsk")
 
+
+
+# -- numbers as people write them, and ranges ---------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["1e-4", "1E-4", "1.0e-4", ".0001", "+1e-4", "'1e-4'", "0.0001"])
+def test_float_fields_take_every_spelling_of_a_number(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"training:\n  learning_rate: {text}\n", encoding="utf-8")
+    assert load_config(path).training.learning_rate == pytest.approx(1e-4)
+    config = load_config(None, _overrides(_parse(["run", "--set", f"training.learning_rate={text}"])))
+    assert config.training.learning_rate == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("text", ["5.", "+1e3", " 1e3 "])
+def test_more_number_spellings(text: str) -> None:
+    expected = {"5.": 5.0, "+1e3": 1000.0, " 1e3 ": 1000.0}[text]
+    assert load_config(None, {"lora.alpha": text}).lora.alpha == expected
+
+
+@pytest.mark.parametrize(("value", "pattern"), [
+    ("abc", "expected float, got str 'abc'"), (True, "expected float, got bool"), ("1e-4x", "expected float"),
+    ("inf", r"must be in \(0, inf\), got inf"), (".nan", "expected float"), (float("nan"), "got nan"),
+    (10**400, "number too large"),
+])  # fmt: skip
+def test_float_fields_refuse_what_is_not_a_finite_number(value, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=rf"training\.learning_rate: .*{pattern}|training\.learning_rate: {pattern}"):
+        load_config(None, {"training.learning_rate": value})
+
+
+def _config_dataclasses() -> list[type]:
+    import dataclasses
+
+    from mmcl.benchmarks.stream import StreamConfig, TaskFiles
+
+    found, todo = [], [ExperimentConfig, StreamConfig, TaskFiles]
+    while todo:
+        cls = todo.pop()
+        if cls in found:
+            continue
+        found.append(cls)
+        todo += [f.type for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.type)]
+    return found
+
+
+def test_every_numeric_field_declares_its_range() -> None:
+    import dataclasses
+    import typing
+
+    from mmcl.config import parse_range
+
+    missing = []
+    for cls in _config_dataclasses():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = set(typing.get_args(hints[f.name])) | {hints[f.name]}
+            if kinds & {int, float} and bool not in kinds:
+                if "range" not in f.metadata:
+                    missing.append(f"{cls.__name__}.{f.name}")
+                else:
+                    parse_range(f.metadata["range"])
+    assert not missing, missing
+
+
+def test_epochs_zero_is_fine_with_max_steps() -> None:
+    assert load_config(None, {"training.epochs": 0, "training.max_steps": 3}).training.max_steps == 3
+    with pytest.raises(ConfigError, match=r"training\.epochs: must be > 0 when training\.max_steps <= 0"):
+        load_config(None, {"training.epochs": 0})
+
+
+@pytest.mark.parametrize("name", ["exp-1", "a.b_c", "run2", "..a"])
+def test_safe_names_are_accepted(name: str) -> None:
+    assert load_config(None, {"name": name}).name == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a b", "é", "a\\b", "x\n"])
+def test_unsafe_names_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"^name: .* is not a safe name"):
+        load_config(None, {"name": name})
+    tasks = [{"name": name, "train": "a.json", "test": "b.json"}]
+    with pytest.raises(ConfigError, match=r"^stream\.tasks\[0\]\.name: .* is not a safe name"):
+        load_config(None, {"stream.tasks": tasks})
+
+
+def test_a_stream_of_files_is_labelled_files() -> None:
+    config = load_config(None, {"stream.tasks": [{"name": "a", "train": "a.json", "test": "b.json"}]})
+    assert config.stream.name == "files" and config.to_dict()["stream"]["name"] == "files"
+    assert load_config(None).stream.name == "synth-domain"

@@ -485,3 +485,44 @@ def test_encode_errors_name_the_sample(backbone: Backbone, tmp_path: Path) -> No
     missing = Sample(id="s7", task="med", images=(tmp_path / "gone.png",), prompt="<image>\nq", answer="yes")
     with pytest.raises(DataError, match=r"task med: sample s7: image not found"):
         backbone.encode_for_training(missing)
+
+
+# -- issue 12: data check and run agree; numbers as answers; a folder as the stream -------------
+
+
+def test_data_check_and_run_agree_on_every_data_case() -> None:
+    """Every data case of the catalogue is a pair: ``mmcl data check`` and ``mmcl run`` on the same files,
+    same exit code, same problem (the catalogue test runs both halves)."""
+    from catalogue_config_data import DATA_CASES, DATA_PAIRS
+
+    by_name = {case.name: case for case in DATA_PAIRS}
+    assert len(by_name) == 2 * len(DATA_CASES)
+    for name in DATA_CASES:
+        check, run = by_name[f"data-check-{name}"], by_name[f"data-run-{name}"]
+        assert (check.exit_code, check.message) == (run.exit_code, run.message) == (3, DATA_CASES[name][1])
+
+
+def test_numeric_answers_are_text_in_training_and_test_records(tmp_path: Path) -> None:
+    train = write_json(tmp_path / "train.json", [conv_record(0, answer=7), conv_record(1, answer=2.5)])
+    assert [s.answer for s in read_samples(train, "t")] == ["7", "2.5"]
+    test = write_json(tmp_path / "test.json", [qa_record(0, answer=7), qa_record(1, answer=2.5)])
+    assert [s.answer for s in read_samples(test, "t", split="test")] == ["7", "2.5"]
+
+
+def test_run_a_folder_of_task_files(tmp_path: Path, tiny_model_dir: Path, stream_cache_dir: Path, capsys) -> None:
+    """``mmcl run FOLDER`` runs the stream declared by ``FOLDER/<task>/{train,test}.json``, labelled by the folder."""
+    root = tmp_path / "mydata"
+    good_task(root / "one", n_train=2, n_test=2)
+    out = tmp_path / "run"
+    settings = [f"backbone.name={tiny_model_dir}", "training.max_steps=1", "training.progress_bar=false",
+                "evaluation.general=none", "evaluation.forward_transfer=false", f"stream.cache_dir={stream_cache_dir}"]
+    assert main(["run", str(root), "--out", str(out), *[a for s in settings for a in ("--set", s)]]) == 0
+    printed = capsys.readouterr().out
+    assert "stream mydata" in printed and "synth-domain" not in printed
+    import yaml
+
+    stored = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    stored = stored.get("config", stored)
+    assert stored["stream"]["name"] == "mydata" and stored["name"] == "mydata"
+    assert [t["name"] for t in stored["stream"]["tasks"]] == ["one"]
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["row_labels"] == ["base", "one"]

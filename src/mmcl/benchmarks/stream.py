@@ -38,9 +38,10 @@ def task_folders(root: Path) -> list[TaskFiles]:
         return folder / f"{split}.json"
 
     entries = [
-        TaskFiles(name=folder.name, train=str(data_file(folder, "train")), test=str(data_file(folder, "test")))
+        TaskFiles(name=check_name(folder.name, f"{folder}: task folder name"), train=str(data_file(folder, "train")),
+                  test=str(data_file(folder, "test")))
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    ]
+    ]  # fmt: skip
     if not entries:
         raise ConfigError(f"{root}: no task folders (expected <task>/train.json and <task>/test.json)")
     return entries
@@ -107,6 +108,7 @@ class Task:
             root = self.image_root if self.image_root is not None else path.parent
             if not records:
                 found.append(f"{path}: no records (the {split} set of task {self.name} is empty)")
+            seen: dict[str, int] = {}  # test ids name predictions: duplicates are refused (as read_samples does)
             for index, record in enumerate(records):
                 where = f"{path}: record {index}"
                 try:
@@ -114,6 +116,9 @@ class Task:
                 except DataError as exc:
                     found.append(str(exc))
                     continue
+                if split == "test" and sample.id in seen:
+                    found.append(f"{where}: duplicate id {sample.id!r} (first at record {seen[sample.id]})")
+                seen.setdefault(sample.id, index)
                 found.extend(p for p in (check_image(image, where) for image in sample.images) if p)
                 if max_problems is not None and len(found) >= max_problems:
                     return found[:max_problems]
