@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from mmcl.benchmarks.stream import StreamConfig, build_stream
 from mmcl.config import LoraSettings
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import METHODS
-from mmcl.methods.ewc import Ewc, EwcConfig, ewc_penalty, online_fisher
+from mmcl.methods.ewc import Ewc, EwcConfig, diagonal_fisher, ewc_penalty, online_fisher
 
 STREAM_OPTIONS = {"train_per_task": 8, "test_per_task": 4}  # as in make_stream_config: the cache is shared
 
@@ -87,7 +88,90 @@ def test_config_validation():
         EwcConfig(gamma=1.5)
     with pytest.raises(ConfigError, match="fisher_samples"):
         EwcConfig(fisher_samples=0)
+    assert EwcConfig().fisher == "true"
+    with pytest.raises(ConfigError, match="fisher"):
+        EwcConfig(fisher="exact")
     assert METHODS["ewc"] is Ewc
+
+
+# -- (1b) the Fisher estimate on toy modules ---------------------------------------------------------
+class _Toy(torch.nn.Module):
+    """A causal-LM stand-in: each position's logits from its own token (embedding, tanh, linear head)."""
+
+    def __init__(self, vocab: int = 7, width: int = 5):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Parameter(torch.randn(vocab, width, generator=generator))
+        self.head = torch.nn.Parameter(torch.randn(width, vocab, generator=generator))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=torch.tanh(self.embed[input_ids]) @ self.head)
+
+
+class _BiasOnly(torch.nn.Module):
+    """Logits = one bias vector at every position, whatever the input."""
+
+    def __init__(self, bias: list[float]):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor(bias))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
+
+
+def _batch(tokens: list[int], answer_from: int) -> dict[str, torch.Tensor]:
+    """One sample: the tokens from position ``answer_from`` on are the answer (labelled), the rest prompt."""
+    ids = torch.tensor([tokens])
+    labels = ids.clone()
+    labels[:, :answer_from] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_fisher_is_squared_gradient_of_summed_answer_nll():
+    model = _Toy()
+    batches = [_batch([1, 2, 3, 4, 5, 6], 3), _batch([6, 0, 2, 2], 1)]
+    params = dict(model.named_parameters())
+    fisher = diagonal_fisher(model, batches, params, kind="empirical")
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
+    for batch in batches:  # by hand: -sum over answer positions t of log softmax(logits[t - 1])[token t]
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        logits = torch.tanh(model.embed[ids]) @ model.head
+        nll = -sum(torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(len(ids)) if labels[t] != -100)
+        for name, grad in zip(params, torch.autograd.grad(nll, list(params.values()))):
+            expected[name] += grad**2 / len(batches)
+    for name in params:
+        assert torch.allclose(fisher[name], expected[name], rtol=1e-5, atol=1e-7), name
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+def test_fisher_no_longer_shrinks_with_answer_length():
+    """Same token, same gradient at every answer position: the summed NLL's gradient doubles with the answer
+    length, so F quadruples (with the old token mean it stayed the same, i.e. F/4 relative to the sum)."""
+    model = _BiasOnly([0.3, -0.2, 0.5, 0.0])
+    params = dict(model.named_parameters())
+    short = diagonal_fisher(model, [_batch([1, 2, 2, 2], 1)], params, kind="empirical")["bias"]
+    long = diagonal_fisher(model, [_batch([1, 2, 2, 2, 2, 2, 2], 1)], params, kind="empirical")["bias"]
+    assert torch.allclose(long, 4 * short, rtol=1e-5)
+    probs = torch.softmax(model.bias.detach(), -1)
+    one_token = (probs - torch.nn.functional.one_hot(torch.tensor(2), 4)) ** 2
+    assert torch.allclose(short, 9 * one_token, rtol=1e-5)  # three answer tokens: (3 g)^2
+
+
+def test_true_fisher_matches_the_model_distribution_and_is_seeded():
+    """One answer position under a fixed softmax p: the Fisher information of the bias is p (1 - p)
+    (E_y[(p - e_y)^2]); the Monte-Carlo estimate of ``kind="true"`` converges to it, whatever the data's
+    label, while the empirical one is (p - e_label)^2."""
+    model = _BiasOnly([1.0, 0.0, -0.5, 0.2])
+    params = dict(model.named_parameters())
+    batches = [_batch([0, 3], 1)] * 3000
+    true = diagonal_fisher(model, batches, params, kind="true", generator=torch.Generator().manual_seed(4))["bias"]
+    probs = torch.softmax(model.bias.detach(), -1)
+    assert torch.allclose(true, probs * (1 - probs), atol=0.02)
+    empirical = diagonal_fisher(model, batches[:1], params, kind="empirical")["bias"]
+    assert torch.allclose(empirical, (probs - torch.nn.functional.one_hot(torch.tensor(3), 4)) ** 2)
+    few = batches[:20]
+    again = [diagonal_fisher(model, few, params, kind="true", generator=torch.Generator().manual_seed(s)) for s in (4, 4, 5)]
+    assert torch.equal(again[0]["bias"], again[1]["bias"]) and not torch.equal(again[0]["bias"], again[2]["bias"])
 
 
 # -- (2, 3) the method on the tiny model ----------------------------------------------------------
@@ -146,6 +230,55 @@ def test_fisher_on_tiny_model(trained):
     assert all(torch.equal(params[name].float(), value) for name, value in method.consolidated[1][1].items())
     assert ewc_penalty(params, method.consolidated[1:], 1.0).item() == 0.0
     assert ewc_penalty(params, method.consolidated, 1.0).item() > 0.0
+
+
+def test_fisher_of_one_sample_on_tiny_model(trained):
+    """On the real model: F of one sample = (grad of the summed answer NLL)^2 = L^2 (grad of the model's own
+    token-mean loss)^2, with L the number of answer tokens (the model's loss computed by transformers)."""
+    method, tasks = trained
+    params = method.trainable()
+    sample = tasks[0].train_samples[0]
+    batch = next(method.single_batches([sample]))
+    answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert answer_tokens >= 2
+    fisher = diagonal_fisher(method.backbone.model, [batch], params, kind="empirical")
+    method.backbone.model.eval()
+    mean_loss = method.backbone.model(**batch).loss
+    grads = torch.autograd.grad(mean_loss, list(params.values()))
+    method.backbone.model.train()
+    for (name, value), grad in zip(fisher.items(), grads):
+        expected = (answer_tokens * grad.float()) ** 2
+        assert torch.allclose(value, expected, rtol=1e-4, atol=1e-12 + 1e-4 * float(expected.max())), name
+
+
+def test_true_fisher_on_tiny_model_is_seeded_and_differs_from_empirical(trained):
+    method, tasks = trained
+    true_first, true_again = method.compute_fisher(0, tasks[0]), method.compute_fisher(0, tasks[0])
+    assert method.config.fisher == "true"
+    assert all(torch.equal(true_first[name], true_again[name]) for name in true_first)  # seeded by run seed and task
+    other_task = method.compute_fisher(5, tasks[0])  # other draw of samples and labels
+    assert any(not torch.equal(true_first[name], other_task[name]) for name in true_first)
+    method.config.fisher = "empirical"
+    try:
+        empirical = method.compute_fisher(0, tasks[0])
+    finally:
+        method.config.fisher = "true"
+    assert set(empirical) == set(true_first)
+    assert any(not torch.allclose(true_first[name], empirical[name]) for name in true_first)
+    assert all(bool((empirical[name] >= 0).all()) for name in empirical)
+
+
+def test_old_and_mismatched_states_are_refused(trained, tiny_model_dir):
+    method, tasks = trained
+    state = method.state_json()
+    assert state["fisher"] == "true" and state["fisher_nll"] == "sum"
+    old = {"mode": "per_task", "tasks_done": [0], "penalty": []}  # written before the summed NLL
+    with pytest.raises(RunDirError, match="token-mean"):
+        method.load_state_json(old)
+    other = _method(tiny_model_dir, tasks, fisher="empirical")
+    with pytest.raises(RunDirError, match="Fisher"):
+        other.load_state_json(state)
+    other.load_state_json({"mode": "per_task", "tasks_done": [], "penalty": []})  # nothing consolidated: fine
 
 
 def _displaced(method: Ewc) -> dict[str, torch.Tensor]:

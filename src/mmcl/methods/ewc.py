@@ -1,11 +1,26 @@
 """``ewc``: Elastic Weight Consolidation (Kirkpatrick et al. 2017, PNAS) on the trainable parameters
 (one LoRA adapter continued across tasks, as in ``seq-lora``).
 
-After each task, a diagonal *empirical* Fisher F is estimated on ``fisher_samples`` training samples of
-that task: the per-sample gradient g of the sample's token cross-entropy (mean over its answer tokens,
-labels from the data, model in eval mode so no dropout), squared element-wise and averaged over the
-samples, F = mean_n g_n ** 2. The parameters theta* at that moment become the anchor. While training a
-later task the loss gets the quadratic penalty (no 1/2 factor, no penalty on the first task)
+After each task, a diagonal Fisher F is estimated on ``fisher_samples`` training samples of that task,
+one sample at a time, model in eval mode (no dropout). For a sample x with answer tokens y_1..y_L
+(teacher-forced on the data's prompt and answer prefix), the per-sample gradient is that of the
+*summed* answer-token log-likelihood, as in Kirkpatrick et al. 2017 (F_i = E[(d log p / d theta_i)^2],
+the log-likelihood of the sample, not a per-token mean, which would scale F by 1/L^2):
+
+    g_n = grad_theta sum_t log p_theta(yhat_t | x, y_<t),        F = mean_n g_n ** 2   (float32)
+
+with yhat_t, by ``fisher``:
+
+    true      (default) yhat_t ~ p_theta( . | x, y_<t), one draw per answer position from the model's own
+              predictive distribution (seeded by the run seed and the task), so F is an unbiased Monte-Carlo
+              estimate of the Fisher information sum_t E_yhat[g_t g_t^T] (diagonal) that the paper defines;
+              the cross terms between positions vanish in expectation because the score has zero mean.
+              Difference to the exact sequence-level Fisher: the prefix y_<t is the data's, not sampled.
+    empirical yhat_t = y_t, the data's answer (the "empirical Fisher"; cheaper to reason about, but not the
+              Fisher information away from a perfect fit, see Kunstner et al. 2019).
+
+The parameters theta* at that moment become the anchor. While training a later task the loss gets the
+quadratic penalty (no 1/2 factor, no penalty on the first task)
 
     per_task (Kirkpatrick et al. 2017):  lambda_ * sum_k sum_i F_k,i (theta_i - theta*_k,i) ** 2
                                           one (F_k, theta*_k) pair kept per finished task k;
@@ -16,7 +31,6 @@ later task the loss gets the quadratic penalty (no 1/2 factor, no penalty on the
 
 With gamma = 1 the two modes share the total curvature sum_k F_k and differ only in the anchors.
 """
-
 from __future__ import annotations
 
 import random
@@ -25,6 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from mmcl.backbones.backbone import IGNORE_INDEX
 from mmcl.benchmarks.stream import Task
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, RunDirError
@@ -34,6 +49,7 @@ from mmcl.methods.seq_lora import SequentialLora
 FISHER_PREFIX = "fisher::"
 ANCHOR_PREFIX = "anchor::"
 MODES = ("per_task", "online")
+FISHER_KINDS = ("true", "empirical")
 
 Consolidated = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # (Fisher diagonal, anchor) by name
 
@@ -42,19 +58,25 @@ Consolidated = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # (Fishe
 class EwcConfig:
     """Penalty weight, Fisher estimate and how several tasks are combined."""
 
-    # Penalty weight of lambda_ * sum F (theta - theta*)^2. Calibrated for rank-8 LoRA on the tiny LLaVA
-    # with the default training (synth-domain, 300 samples x 3 epochs, lr 2e-3): after a normal,
-    # unpenalised stage sum F (theta - theta*)^2 is ~2.5e-4, so 5000 puts the penalty at ~1, the order of
-    # the CE loss (~2). The scale depends on the model, LoRA rank, learning rate and stage length:
+    # Penalty weight of lambda_ * sum F (theta - theta*)^2. Calibrated for rank-8 LoRA on the tiny LLaVA with
+    # the default experiment (synth-domain, 300 samples x 4 epochs, lr 3e-3, seed 0) to keep the penalty scale
+    # of the former default (5000 with F from the token-mean CE). Measured with the same stage-1 anchor: after
+    # an unpenalised stage 2, sum F (theta - theta*)^2 = 1.48e-3 (old F), 5.91e-3 (empirical, x4.0: the rs
+    # answers are L = 2 tokens, F grows by L^2), 1.04e-2 (true, x7.05), so 5000 / 7.05 ~ 700 for the default
+    # true Fisher (empirical: 5000 / 4 = 1250). Penalised stage 2: mean penalty 0.156 (old F, 5000) and 0.156
+    # (true F, 700). The scale depends on the model, LoRA rank, learning rate, stage length and answer lengths:
     # re-calibrate elsewhere; every stage's mean penalty is written to state.json under "penalty".
-    lambda_: float = 5000.0
+    lambda_: float = 700.0
     fisher_samples: int = 200  # training samples of the finished task used for the Fisher (fewer if the task has fewer)
     mode: str = "per_task"  # per_task (Kirkpatrick 2017) | online (Schwarz 2018)
     gamma: float = 1.0  # online mode: decay of the accumulated Fisher, F <- gamma * F + F_new
+    fisher: str = "true"  # true (answer tokens drawn from the model, the Fisher of the paper) | empirical (the data's)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"method.options.mode: expected 'per_task' or 'online', got {self.mode!r}")
+        if self.fisher not in FISHER_KINDS:
+            raise ConfigError(f"method.options.fisher: expected 'true' or 'empirical', got {self.fisher!r}")
         if self.lambda_ < 0:
             raise ConfigError(f"method.options.lambda_: expected a weight >= 0, got {self.lambda_}")
         if self.fisher_samples < 1:
@@ -87,12 +109,43 @@ def online_fisher(
     return {name: gamma * old[name] + value for name, value in new.items()}
 
 
-def empirical_fisher(
-    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], params: Mapping[str, torch.nn.Parameter]
+def answer_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-sum_t log p(targets_t)`` over the positions whose target is not ``IGNORE_INDEX``; the logits at
+    position t - 1 predict the token at position t (causal shift), computed in float32."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def sampled_targets(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``labels`` with every answer token (label not ``IGNORE_INDEX``) replaced by a draw from the model's
+    predictive distribution at that position (softmax of the logits one position earlier). Drawn on the
+    CPU with ``generator``, so the draw depends on the seed only, not on the device."""
+    targets = labels.clone()
+    answer = labels[:, 1:] != IGNORE_INDEX
+    if bool(answer.any()):
+        probs = torch.softmax(logits[:, :-1][answer].detach().float(), dim=-1).cpu()
+        draws = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        targets[:, 1:][answer] = draws.to(labels.device)
+    return targets
+
+
+def diagonal_fisher(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    params: Mapping[str, torch.nn.Parameter],
+    kind: str = "empirical",
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher: the mean over ``batches`` (one sample each) of the squared gradient of
-    the model's loss w.r.t. ``params``, in float32. Runs in eval mode; leaves no gradients behind.
-    Batches whose loss is not finite (no answer token) are skipped."""
+    """Diagonal Fisher: the mean over ``batches`` (one sample each, with ``labels``) of the squared gradient
+    w.r.t. ``params`` of the sample's summed answer-token negative log-likelihood, in float32, the answer
+    tokens being the data's (``kind="empirical"``) or drawn from the model with ``generator``
+    (``kind="true"``). Runs in eval mode; leaves no gradients behind. Samples without an answer token
+    are skipped."""
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"EWC: unknown Fisher {kind!r}, expected one of {FISHER_KINDS}")
+    if kind == "true" and generator is None:
+        generator = torch.Generator().manual_seed(0)
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     names, tensors = list(params), list(params.values())
     was_training = model.training
@@ -101,10 +154,18 @@ def empirical_fisher(
     try:
         with torch.enable_grad():
             for batch in batches:
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
+                inputs = dict(batch)
+                labels = inputs.pop("labels")
+                if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
                     continue
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                logits = model(**inputs).logits
+                if logits.shape[:2] != labels.shape:
+                    raise RuntimeError(
+                        f"EWC: logits of shape {tuple(logits.shape)} do not line up with labels {tuple(labels.shape)}"
+                    )
+                targets = labels if kind == "empirical" else sampled_targets(logits, labels, generator)
+                nll = answer_nll_sum(logits, targets)
+                grads = torch.autograd.grad(nll, tensors, allow_unused=True)
                 for name, grad in zip(names, grads):
                     if grad is not None:
                         sums[name] += grad.detach().float().pow(2)
@@ -113,7 +174,7 @@ def empirical_fisher(
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     if used == 0:
-        raise RuntimeError("EWC: no sample with a finite loss to estimate the Fisher from")
+        raise RuntimeError("EWC: no sample with an answer token to estimate the Fisher from")
     return {name: value / used for name, value in sums.items()}
 
 
@@ -149,9 +210,14 @@ class Ewc(SequentialLora):
         for sample in samples:
             yield {k: v.to(device) for k, v in backbone.collate([backbone.encode_for_training(sample)]).items()}
 
+    def fisher_generator(self, task_index: int) -> torch.Generator:
+        """The generator of the true Fisher's label draws for a task: a function of the run seed and the task."""
+        return torch.Generator().manual_seed(random.Random(f"ewc-fisher-{self.seed}-{task_index}").getrandbits(63))
+
     def compute_fisher(self, task_index: int, task: Task) -> dict[str, torch.Tensor]:
         batches = self.single_batches(self.draw_fisher_samples(task_index, task))
-        return empirical_fisher(self.backbone.model, batches, self.trainable())
+        generator = self.fisher_generator(task_index)
+        return diagonal_fisher(self.backbone.model, batches, self.trainable(), self.config.fisher, generator)
 
     # -- hooks ------------------------------------------------------------------------------------
     def before_task(self, task_index: int, task: Task) -> None:
@@ -225,12 +291,27 @@ class Ewc(SequentialLora):
         return len(self.tasks_done) if self.config.mode == "per_task" else 1
 
     def state_json(self) -> dict[str, Any]:
-        return {"mode": self.config.mode, "tasks_done": list(self.tasks_done), "penalty": list(self.penalty_log)}
+        return {
+            "mode": self.config.mode,
+            "fisher": self.config.fisher,
+            "fisher_nll": "sum",
+            "tasks_done": list(self.tasks_done),
+            "penalty": list(self.penalty_log),
+        }
 
     def load_state_json(self, state: dict[str, Any]) -> None:
         mode = state.get("mode", self.config.mode)
         if mode != self.config.mode:
             raise RunDirError(f"EWC state: saved with mode {mode!r}, config asks for {self.config.mode!r}")
+        if state.get("tasks_done") and state.get("fisher_nll") != "sum":
+            raise RunDirError(
+                "EWC state: saved by an older mmcl whose Fisher took the gradient of the token-mean cross-entropy "
+                "(1/L^2 of the current one, calibrated for another lambda_); it cannot be continued. Start the "
+                "run again in a new output directory (or with --overwrite)."
+            )
+        fisher = state.get("fisher", self.config.fisher)
+        if fisher != self.config.fisher:
+            raise RunDirError(f"EWC state: saved with the {fisher!r} Fisher, config asks for {self.config.fisher!r}")
         self.tasks_done = [int(i) for i in state.get("tasks_done", [])]
         self.penalty_log = [dict(entry) for entry in state.get("penalty", [])]
 
