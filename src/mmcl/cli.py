@@ -31,7 +31,11 @@ def _set_assignments(assignments: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set training.epochs=2")
         import yaml
 
-        overrides[key] = yaml.safe_load(raw)
+        try:
+            overrides[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
+            raise ConfigError(f"--set {key}: {raw[:40]!r} is not a YAML value ({problem})") from None
     return overrides
 
 

@@ -33,6 +33,7 @@ def parse_range(text: str) -> tuple[float, bool, float, bool]:
     return float(low), opening == "[", float(high), closing == "]"
 
 
+_INT64_MAX = 2**63 - 1  # what torch and numpy hold in an integer
 SEED_RANGE = "[0, 2147483647]"  # what numpy, torch and the HF Trainer accept as a seed (seed + stage too)
 
 
@@ -178,11 +179,11 @@ def check_range(value: Any, interval: str, key: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     low, low_in, high, high_in = parse_range(interval)
-    inside = math.isfinite(value) and (value > low or (low_in and value == low)) and (
+    inside = (isinstance(value, int) or math.isfinite(value)) and (value > low or (low_in and value == low)) and (
         value < high or (high_in and value == high)
     )
     if not inside:
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        shown = f"{value:g}" if isinstance(value, float) else _shown(value)
         raise ConfigError(f"{key}: must be in {interval}, got {shown}")
 
 
@@ -224,6 +225,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
                 raise ConfigError(f"{key}: number too large, got {_shown(value)}") from None
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             return float(value.strip())
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64_MAX:
+        raise ConfigError(f"{key}: number too large (at most {_INT64_MAX}), got {_shown(value)}")
     if annotation in (int, float, str, bool):
         if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
             return value
@@ -284,6 +287,12 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> E
             raise ConfigError(f"{path}: config file not found")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: YAML nested too deeply") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

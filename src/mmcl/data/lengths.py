@@ -12,19 +12,31 @@ from typing import Any
 
 from mmcl.errors import DataError, MmclError
 
+_PROCESSORS: dict[tuple[str, str], Any] = {}  # (source, options) -> processor: loaded once per process
+
+
+def _processor(source: str, options: dict[str, Any]):
+    import json
+
+    from mmcl.backbones.processors import load_processor
+
+    key = (source, json.dumps(options, sort_keys=True, default=str))
+    if key not in _PROCESSORS:
+        _PROCESSORS[key] = load_processor(source, options)
+    return _PROCESSORS[key]
+
 
 class LengthChecker:
     """Counts the tokens of a training sample exactly as training does (chat template, images expanded)."""
 
     def __init__(self, backbone_name: str, max_length: int, processor_options: dict[str, Any] | None = None):
         from mmcl.backbones.backbone import Backbone
-        from mmcl.backbones.processors import load_processor
         from mmcl.backbones.registry import PRESETS, resolve_source
 
         source, _ = resolve_source(backbone_name)
         options = {**(PRESETS[backbone_name].processor_options if backbone_name in PRESETS else {}), **(processor_options or {})}
         try:
-            processor = load_processor(source, options)
+            processor = _processor(source, options)
         except (OSError, ValueError, KeyError) as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise MmclError(f"backbone {backbone_name}: cannot load its processor from {source!r} ({first_line})") from None

@@ -73,7 +73,14 @@ def _image_paths(record: dict[str, Any], image_root: Path, where: str) -> tuple[
     names = [raw] if isinstance(raw, str) else raw
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise DataError(f"{where}: 'image' must be a path or a list of paths")
-    return tuple((image_root / name) for name in names)
+    paths = tuple((image_root / name) for name in names)
+    for name, path in zip(names, paths):
+        if "\x00" in name or len(str(path).encode("utf-8", "surrogatepass")) > 4096 or any(
+            len(part.encode("utf-8", "surrogatepass")) > 255 for part in path.parts
+        ):
+            shown = repr(name) if len(name) <= 40 else repr(name[:37]) + "..."
+            raise DataError(f"{where}: unusable image path {shown} (a NUL byte, or a name longer than the file system allows)")
+    return paths
 
 
 def _text(value: Any) -> str | None:
