@@ -68,11 +68,16 @@ def test_changed_train_file_redoes_its_stage_and_every_later_one(experiment: Pat
 def test_changed_test_file_redoes_that_task_in_every_row_only(experiment: Path) -> None:
     run_dir = experiment / "run"
     before = mtimes(run_dir)
+    # a method's per-row, per-task evaluation facts (MR-LoRA's routing counts) lose the redone entries
+    facts = {"stages": {row: {"tasks": {task: {"n": 3} for task in TASKS}} for row in ROWS[1:]}}
+    (run_dir / "method_summary.json").write_text(json.dumps({"summary": facts, "sections": []}), encoding="utf-8")
     edit_records(experiment / "data" / "rs" / "test.json", lambda records: records.pop())
     code, out, err = mmcl(run_argv(experiment, "--recompute-changed"))
     assert code == 0, err
     changed = redone(before, mtimes(run_dir))
     assert changed == {f"predictions/{row}/rs.jsonl" for row in ROWS}
+    kept = json.loads((run_dir / "method_summary.json").read_text(encoding="utf-8"))["summary"]["stages"]
+    assert {row: sorted(entry["tasks"]) for row, entry in kept.items()} == {row: ["ad", "med"] for row in ROWS[1:]}
     header = json.loads((run_dir / "predictions" / "3_ad" / "rs.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert header["meta"]["n"] == 2  # scored on the edited file (3 records, one deleted)
 
@@ -175,6 +180,20 @@ def test_complete_needs_every_planned_evaluation(experiment: Path) -> None:
     code, out, err = mmcl(["report", str(run_dir)])
     assert code == 5 and err.startswith("error: ") and "UNFINISHED run" in err
     assert (run_dir / "report.html").is_file()
+
+
+def test_complete_counts_probes_and_low_shot_files(experiment: Path, tmp_path: Path) -> None:
+    out = tmp_path / "probed"
+    more = ["--set", "evaluation.superficial=true", "--set", "evaluation.low_shot=2", "--set", "evaluation.forward_transfer=false"]
+    code, _, err = mmcl(["run", str(experiment / "config.yaml"), "--out", str(out), *more])
+    assert code == 0, err
+    progress = results(out)["progress"]
+    # predictions: base row 3 + lower triangle 1+2+3; probes 1+2+3; low-shot (unseen tasks) 3+2+1+0
+    assert progress["evaluations_planned"] == progress["evaluations_done"] == 9 + 6 + 6
+    assert results(out)["complete"] is True
+    (out / "low_shot" / "1_rs" / "ad.jsonl").unlink()
+    code, _, err = mmcl(["report", str(out)])
+    assert code == 5 and "20 of 21 evaluations" in err
 
 
 def test_general_drop_only_from_the_final_stage(tmp_path: Path) -> None:

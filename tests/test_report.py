@@ -123,3 +123,14 @@ def test_csv_standalone(tmp_path: Path) -> None:
     results.pop("reference_rows")
     path = write_matrix_csv(results, tmp_path / "m.csv")
     assert Path(path).read_text().splitlines()[-1] == "ad,50.0,70.25,95.0"
+
+
+def test_unfinished_run_is_said_first(tmp_path: Path) -> None:
+    results = {**_fake_results(), "complete": False,
+               "progress": {"stages_done": 2, "stages_planned": 3, "evaluations_done": 7, "evaluations_planned": 12}}
+    notice = "UNFINISHED run: 2 of 3 stages, 7 of 12 evaluations"
+    assert format_table(results).splitlines()[0].startswith(notice)
+    page = write_report(tmp_path, results).read_text(encoding="utf-8")
+    assert notice in page and page.index(notice) < page.index("<h2>")
+    finished = {**_fake_results(), "complete": True}
+    assert "UNFINISHED" not in format_table(finished) and "UNFINISHED" not in write_report(tmp_path, finished).read_text()

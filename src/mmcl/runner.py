@@ -19,7 +19,8 @@ from mmcl.backbones.backbone import GREEDY_DECODING
 from mmcl.backbones.registry import resolve_backbone
 from mmcl.benchmarks.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
-from mmcl.errors import ConfigError, DataError, RunDirError
+from mmcl import errors
+from mmcl.errors import ConfigError, DataError, MmclError, RunDirError
 from mmcl import distributed
 from mmcl.log import info as log_info
 from mmcl.evaluation.chance import task_chance
@@ -169,14 +170,12 @@ class ContinualRun:
         if distributed.is_main():
             try:
                 self.claim(overwrite, recompute_changed)
-            except RunDirError as exc:
-                refusal = str(exc)
-            except BaseException:
-                self.abandon()
-                raise
+            except MmclError as exc:  # told to every process, so all of them stop with the same error
+                refusal = [type(exc).__name__, str(exc)]
         refusal = distributed.agree(refusal)
         if refusal is not None:
-            raise RunDirError(refusal)
+            error_class = getattr(errors, refusal[0], RunDirError)
+            raise error_class(refusal[1])
         self.loaded_stage = 0  # the stage whose weights the model holds (0 = the backbone as loaded)
         self.backbone = None
 
@@ -219,6 +218,7 @@ class ContinualRun:
                 self.log(f"data changed: {change.describe()}")
             self.log(f"recomputing what depends on it: {sum(1 for p in stale if p.parent.name == 'stages')} stage(s), "
                      f"{sum(1 for p in stale if p.parent.name != 'stages')} evaluation file(s)/folder(s)")
+            self.prune_method_summary(found)
             for path in stale:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
             (self.run_dir / "results.json").unlink(missing_ok=True)
@@ -255,6 +255,27 @@ class ContinualRun:
             if general:
                 stale.append(general_file(self.run_dir, row))
         return [path for path in stale if path.exists()]
+
+    def prune_method_summary(self, found: list[Change]) -> None:
+        """Drop the method's evaluation facts of the evaluations that are redone, so a resumed method does
+        not add new counts to stale ones. Summaries laid out as ``stages -> row label -> tasks -> task``
+        (MR-LoRA's routing) lose exactly those entries; any other layout is kept as it is."""
+        file = self.run_dir / METHOD_SUMMARY
+        if not file.is_file():
+            return
+        stored = json.loads(file.read_text(encoding="utf-8"))
+        rows = (stored.get("summary") or {}).get("stages") if isinstance(stored.get("summary"), dict) else None
+        if not isinstance(rows, dict):
+            return
+        stale = {path.relative_to(self.run_dir).parts for path in self.stale_outputs(found)}
+        for row, entry in list(rows.items()):
+            if ("predictions", row) in stale or any(parts[0] == "stages" and parts[1] == row for parts in stale):
+                del rows[row]
+            elif isinstance(entry, dict) and isinstance(entry.get("tasks"), dict):
+                for task in list(entry["tasks"]):
+                    if ("predictions", row, f"{task}.jsonl") in stale:
+                        del entry["tasks"][task]
+        atomic_write_text(file, json.dumps(stored, indent=1))
 
     def holds_results(self) -> bool:
         """Whether the run dir holds a finished stage or evaluation file."""
