@@ -170,7 +170,7 @@ def rewrite(sample: Sample, style: str, parsed: Parsed, distractors: Sequence[st
     stem, content = parsed.stem, parsed.content
     facts = sample.metadata.get("facts") or {}
     if style == "yesno":
-        truth = rng.random() < 0.5
+        truth = not distractors or rng.random() < 0.5  # no other answer to ask about: ask about the true one
         asked = content if truth else rng.choice(list(distractors))
         prompt, answer = f"{stem}\nIs the answer {asked}? {YESNO_INSTRUCTION}", "yes" if truth else "no"
     elif style == "mc":
