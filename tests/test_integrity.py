@@ -132,6 +132,40 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path) ->
     assert not lock_file.exists()
 
 
+def test_lock_held_by_another_process_then_taken_over_when_it_dies(tmp_path: Path) -> None:
+    script = (
+        "import sys, time; from mmcl.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        stored = json.loads((tmp_path / LOCK_FILE).read_text(encoding="utf-8"))
+        assert stored["pid"] == holder.pid and stored["host"] == socket.gethostname() and stored["started"]
+        with pytest.raises(RunDirError, match=rf"pid {holder.pid}, since "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # no chance to release: the lock stays behind with a dead pid
+        holder.wait()
+    assert (tmp_path / LOCK_FILE).exists()
+    lock = RunLock(tmp_path).acquire()
+    assert f"process {holder.pid} is gone" in (lock.taken_over or "")
+    lock.release()
+
+
+def test_lock_heartbeat_keeps_it_fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("MMCL_LOCK_STALE_AFTER", "0.4")  # heartbeat every 0.1 s
+    lock = RunLock(tmp_path).acquire()
+    try:
+        os.utime(tmp_path / LOCK_FILE, (0, 0))
+        time.sleep(0.35)
+        assert time.time() - (tmp_path / LOCK_FILE).stat().st_mtime < 1
+    finally:
+        lock.release()
+
+
 def test_lock_goes_stale_by_age(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lock_file = tmp_path / LOCK_FILE
     lock_file.write_text(json.dumps({"host": "another-host", "pid": 1}), encoding="utf-8")
