@@ -225,3 +225,119 @@ def read_json_yaml(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+# -- resolving a backbone name before any work (no network: the hub probe is mocked) ----------------
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hub probe replaced: ids in ``known`` exist; every probe is recorded. Nothing is cached locally."""
+    from mmcl.backbones import registry
+
+    probed: list[str] = []
+    known = {"someone/real-vlm"}
+
+    def probe(repo_id: str) -> str | None:
+        probed.append(repo_id)
+        return None if repo_id in known else "no such model on the Hugging Face hub"
+
+    monkeypatch.setattr(registry, "probe_hub", probe)
+    monkeypatch.setattr(registry, "in_hub_cache", lambda repo_id: repo_id == "someone/cached-vlm")
+    monkeypatch.setattr(registry, "_RESOLVED", {})
+    return probed
+
+
+def test_resolve_backbone_accepts_presets_dirs_cached_and_known_ids(hub: list[str], tiny_model_dir: Path) -> None:
+    from mmcl.backbones.registry import TINY_LLAVA_DIR, resolve_backbone
+
+    assert resolve_backbone("tiny-llava") == str(TINY_LLAVA_DIR)
+    assert resolve_backbone(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert resolve_backbone("someone/cached-vlm") == "someone/cached-vlm"
+    assert hub == []  # presets shipped, local dirs and cached ids never touch the network
+    assert resolve_backbone("someone/real-vlm") == "someone/real-vlm"
+    assert resolve_backbone("someone/real-vlm") == "someone/real-vlm"
+    assert hub == ["someone/real-vlm"]  # one probe, then remembered
+
+
+def test_unknown_backbone_lists_presets_and_the_closest_name(hub: list[str]) -> None:
+    from mmcl.backbones.registry import resolve_backbone
+
+    with pytest.raises(ConfigError) as caught:
+        resolve_backbone("tiny-lava")
+    message = str(caught.value)
+    assert "\n" not in message and "unknown backbone 'tiny-lava'" in message and "did you mean tiny-llava?" in message
+    assert all(name in message for name in PRESETS)
+    assert hub == ["tiny-lava"]
+    with pytest.raises(ConfigError, match="presets: ") as caught:
+        resolve_backbone("nothing/like-it")
+    assert "did you mean" not in str(caught.value)
+
+
+def test_backbone_paths_are_checked_without_the_hub(hub: list[str], tmp_path: Path) -> None:
+    from mmcl.backbones.registry import resolve_backbone
+
+    with pytest.raises(ConfigError, match="no such directory"):
+        resolve_backbone(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"not a model directory \(no config.json\)"):
+        resolve_backbone(str(tmp_path))
+    assert hub == []
+
+
+def test_hub_preset_offline_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from mmcl.backbones import registry
+
+    monkeypatch.setattr(registry, "_RESOLVED", {})
+    monkeypatch.setattr(registry, "in_hub_cache", lambda repo_id: False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=r"backbone qwen2-vl-2b: cannot use Qwen/Qwen2-VL-2B-Instruct: .*HF_HUB_OFFLINE"):
+        registry.resolve_backbone("qwen2-vl-2b")
+
+
+def test_probe_hub_asks_once_with_a_short_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request, a timeout of a few seconds, no retry; gated models exist; network errors are one line."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from mmcl.backbones.registry import probe_hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls: list[tuple[str, float]] = []
+    outcomes: dict[str, BaseException | None] = {
+        "org/exists": None,
+        "org/gated": GatedRepoError.__new__(GatedRepoError),
+        "org/missing": RepositoryNotFoundError.__new__(RepositoryNotFoundError),
+        "org/offline": ConnectionError("[Errno -2] Name or service not known\nmore"),
+    }
+
+    def model_info(repo_id: str, timeout: float | None = None, **_):
+        calls.append((repo_id, timeout))
+        if outcomes[repo_id] is not None:
+            raise outcomes[repo_id]
+        return object()
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    assert probe_hub("org/exists") is None and probe_hub("org/gated") is None
+    assert probe_hub("org/missing") == "no such model on the Hugging Face hub"
+    assert probe_hub("org/offline") == (
+        "not in the local Hugging Face cache and the hub cannot be reached ([Errno -2] Name or service not known)"
+    )
+    assert [name for name, _ in calls] == list(outcomes)
+    assert all(timeout is not None and timeout <= 10 for _, timeout in calls)
+
+
+def test_data_check_does_not_need_the_backbone(hub: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An unknown backbone in the experiment is a note in ``data check`` (lengths unchecked), not an error."""
+    from mmcl.benchmarks.synth import write_synth_domain
+    from mmcl.cli import main
+
+    root = write_synth_domain(tmp_path / "data", seed=1, train_per_task=2, test_per_task=1)
+    config = {"backbone": {"name": "tiny-lava"}, "stream": {"tasks": [
+        {"name": "med", "train": str(root / "med" / "train.json"), "test": str(root / "med" / "test.json")}]}}
+    code = main(["data", "check", str(write_config(tmp_path / "config.yaml", config))])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "lengths not checked: backbone.name: unknown backbone 'tiny-lava'" in out and "med: ok" in out

@@ -104,9 +104,11 @@ def _folder_stream(folder: Path) -> dict[str, Any]:
 def _check_lengths_before_run(config: Any, base_dir: Path) -> None:
     """Over-long training samples are refused before any work starts, as ``mmcl data check`` finds them
     (training would refuse them in the middle of a stage)."""
+    from mmcl.backbones.registry import resolve_backbone
     from mmcl.benchmarks.stream import build_stream
     from mmcl.data.lengths import check_lengths
 
+    resolve_backbone(config.backbone.name)  # an unknown backbone: one line in seconds, not minutes of retries
     check_lengths(build_stream(config.stream, base_dir), config.backbone)
 
 
@@ -208,9 +210,11 @@ def _general_file_task(config: Any, base_dir: Path):
 
 def _length_checker_or_note(config: Any):
     """The over-long sample checker of the config's backbone, or None (with a note) if its processor is unavailable."""
+    from mmcl.backbones.registry import resolve_backbone
     from mmcl.data.lengths import length_checker
 
     try:
+        resolve_backbone(config.backbone.name)  # data check does not need the backbone: an unknown one is a note
         checker = length_checker(config.backbone)
     except MmclError as exc:
         print(f"lengths not checked: {exc}")

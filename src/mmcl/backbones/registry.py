@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,88 @@ def resolve_source(name: str) -> tuple[str, str]:
     if name in PRESETS:
         return PRESETS[name].source, PRESETS[name].lora_targets
     return name, DEFAULT_LORA_TARGETS
+
+
+HUB_PROBE_TIMEOUT = 5.0  # seconds for the one request that asks the hub whether a model id exists
+
+
+def probe_hub(repo_id: str) -> str | None:
+    """Ask the hub once, without retries, whether model ``repo_id`` exists: None if it does (or is gated,
+    i.e. exists behind a licence), else the reason it cannot be used (unknown id, hub unreachable)."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    try:
+        model_info(repo_id, timeout=HUB_PROBE_TIMEOUT)
+    except GatedRepoError:
+        return None
+    except RepositoryNotFoundError:
+        return "no such model on the Hugging Face hub"
+    except Exception as exc:  # noqa: BLE001  (network errors of any HTTP client: one line, no retry)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"not in the local Hugging Face cache and the hub cannot be reached ({reason})"
+    return None
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s config.json (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001  (an id the hub would refuse, e.g. with spaces: not cached)
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def resolve_backbone(name: str) -> str:
+    """Check before any work that ``name`` can be loaded, and return its source: a preset, a local model
+    directory, a hub id in the local Hugging Face cache, or (one short probe, no retries) a hub id the hub
+    knows. Anything else is a one-line :class:`ConfigError` listing the presets and the closest name.
+    A hub id found once is not probed again in the same process."""
+    if name in _RESOLVED:
+        return _RESOLVED[name]
+    source = _resolve_backbone(name)
+    if not Path(source).expanduser().is_dir():  # hub ids only: a local dir is checked again each time
+        _RESOLVED[name] = source
+    return source
+
+
+_RESOLVED: dict[str, str] = {}
+
+
+def _resolve_backbone(name: str) -> str:
+    source = PRESETS[name].source if name in PRESETS else name
+    if name == "tiny-llava":
+        return source  # shipped with the package; load_backbone says how to rebuild missing weights
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"backbone.name: {local} is a directory but not a model directory (no config.json)")
+        return str(local)
+    if _looks_like_path(source) or local.exists():
+        reason = "not a directory" if local.exists() else "no such directory"
+        raise ConfigError(f"backbone.name: {source}: {reason}{_known_backbones(name)}")
+    if in_hub_cache(source):
+        return source
+    reason = probe_hub(source)
+    if reason is None:
+        return source
+    if name in PRESETS:
+        raise ConfigError(f"backbone {name}: cannot use {source}: {reason}")
+    raise ConfigError(f"backbone.name: unknown backbone {name!r}: not a preset or a local model directory, "
+                      f"{reason}{_known_backbones(name)}")  # fmt: skip
+
+
+def _known_backbones(name: str) -> str:
+    closest = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.6)
+    hint = f"; did you mean {closest[0]}?" if closest else ""
+    return f"{hint} (presets: {', '.join(sorted(PRESETS))}; or a local model directory or Hugging Face hub id)"
 
 
 def resolve_dtype(name: str, dtype: str, device: str):
