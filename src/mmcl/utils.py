@@ -1,19 +1,127 @@
-"""Small file helpers: atomic writes and run metadata."""
+"""Small file helpers: atomic writes and run metadata.
+
+Every write of mmcl's outputs goes through these helpers, which turn the operating system's refusals
+(read-only file system, full disk, no permission, a file where a folder should be) into one-line
+:class:`~mmcl.errors.OutputError` naming the path."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import subprocess
 from pathlib import Path
+from typing import Iterator
+
+from mmcl.errors import OutputError
+
+# errno values that mean "this output cannot be written here", as opposed to a bug.
+OUTPUT_ERRNOS = frozenset(
+    code
+    for code in (
+        errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EACCES, errno.EPERM, errno.ENOTDIR,
+        errno.EEXIST, errno.EISDIR, errno.EFBIG, errno.ENAMETOOLONG,
+    )
+    if code is not None
+)  # fmt: skip
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists and is not a folder."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def describe_output_error(exc: OSError, path: Path | str | None = None) -> str:
+    """One line for an OSError met while writing ``path`` (default: the error's own file name)."""
+    target = Path(path if path is not None else exc.filename or "?")
+    code = exc.errno
+    if code == errno.ENOSPC:
+        return f"disk full writing {target}"
+    if code == getattr(errno, "EDQUOT", None):
+        return f"disk quota exceeded writing {target}"
+    if code == errno.EROFS:
+        return f"read-only file system: cannot write {target}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {target}"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        blocker = _blocking_file(Path(exc.filename)) if exc.filename else None
+        blocker = blocker or _blocking_file(target)
+        if blocker is not None:
+            return f"cannot write {target}: {blocker} is a file, not a folder"
+    if code == errno.EISDIR:
+        return f"{target} is a folder, not a file"
+    return f"{target}: {exc.strerror or exc}"
+
+
+def as_output_error(exc: BaseException, path: Path | str | None = None) -> OutputError | None:
+    """The :class:`OutputError` for an OSError of :data:`OUTPUT_ERRNOS` (None for any other exception)."""
+    if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+        return OutputError(describe_output_error(exc, path))
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Turn an output OSError raised inside the block into an :class:`OutputError` naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        error = as_output_error(exc, path)
+        if error is None:
+            raise
+        raise error from None
+
+
+def make_dirs(path: Path | str) -> Path:
+    """``mkdir -p path``; a file in the way, a read-only or full disk is an :class:`OutputError`."""
+    path = Path(path)
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    """The one low-level text write (tests inject disk faults here)."""
+    path.write_text(text, encoding="utf-8")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_text(temporary, text)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise
+
+
+def save_tensors(tensors: dict, path: Path | str) -> None:
+    """``safetensors.torch.save_file`` (itself a temp file and a rename) with its I/O failures as
+    :class:`OutputError` naming ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            save_file(tensors, str(path))
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors' SafetensorError carries the OS error in its text only
+            found = re.search(r"os error (\d+)", str(exc))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def git_commit() -> str | None:

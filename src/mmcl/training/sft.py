@@ -4,19 +4,21 @@ continual-learning method's extra loss term."""
 from __future__ import annotations
 
 import math
-
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from mmcl import distributed
 from mmcl.backbones.backbone import Backbone
 from mmcl.config import TrainingConfig
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError
+from mmcl.log import get_logger
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], Optional[torch.Tensor]]
 
@@ -55,6 +57,47 @@ class ContinualTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def step_line(state, logs: dict) -> str | None:
+    """``  step 10/40 loss 1.23 lr 2e-04 grad norm 0.8`` for a logging step's ``logs`` (None for the
+    end-of-training summary, which the runner reports itself)."""
+    if "loss" not in logs:
+        return None
+    parts = [f"  step {state.global_step}/{state.max_steps}"]
+    for key, label, spec in (("loss", "loss", ".4g"), ("learning_rate", "lr", ".3g"), ("grad_norm", "grad norm", ".3g")):
+        if key in logs:
+            try:
+                parts.append(f"{label} {float(logs[key]):{spec}}")
+            except (TypeError, ValueError):
+                parts.append(f"{label} {logs[key]}")
+    return " ".join(parts)
+
+
+class StepLogCallback(TrainerCallback):
+    """One line per logging step through the ``mmcl.training`` logger (instead of the Trainer's dicts)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        line = step_line(state, logs or {})
+        if line is not None and state.is_world_process_zero:
+            get_logger("training").info(line)
+
+
+class StepBarCallback(ProgressCallback):
+    """The Trainer's tqdm bar, writing :func:`step_line` above it instead of a dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        line = step_line(state, logs or {})
+        if line is not None and state.is_world_process_zero and self.training_bar is not None:
+            self.training_bar.write(line)
+
+
+def _show_bar(config: TrainingConfig) -> bool:
+    """The bar only on a terminal (tqdm draws on stderr); logs and pipes get one line per logging step."""
+    try:
+        return config.progress_bar and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def train_on_samples(
     backbone: Backbone,
     samples: Sequence[Sample],
@@ -72,6 +115,7 @@ def train_on_samples(
         raise ConfigError(f"training.batch_size: {config.batch_size} does not split over {processes} processes")
     steps_per_epoch = math.ceil(len(samples) / (config.batch_size * config.grad_accum))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
+    show_bar = _show_bar(config)
     arguments = TrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
@@ -90,7 +134,7 @@ def train_on_samples(
         data_seed=seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=not config.progress_bar,
+        disable_tqdm=not show_bar,
         bf16=config.bf16,
         activation_checkpointing=config.activation_checkpointing,
         deepspeed=config.deepspeed,
@@ -104,5 +148,11 @@ def train_on_samples(
         data_collator=backbone.collate,
         extra_loss=extra_loss,
     )
+    trainer.remove_callback(PrinterCallback)  # no raw {'loss': ...} dicts on stdout
+    if show_bar:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(StepBarCallback)
+    else:
+        trainer.add_callback(StepLogCallback)
     result = trainer.train()
     return dict(result.metrics)
