@@ -175,6 +175,8 @@ CONFIG_CASES = [
     config_case("unknown-method-option", r"unknown config key 'method\.options\.rank'", method={"name": "seq-lora", "options": {"rank": 4}}),
     config_case("unknown-stream-option", r"train_per_tsk", stream__options={"train_per_tsk": 8}),
     config_case("unknown-stream", r"stream\.name: unknown stream 'nope'", stream={"name": "nope"}),
+    config_case("registered-stream-name-with-tasks", r"stream\.name: 'synth-domain' is a registered stream, but stream\.tasks",
+                stream={"name": "synth-domain", "tasks": _tasks("a")}),
     yaml_text_case("invalid-yaml", "name: x\ntraining: {epochs: 1\n", r"exp\.yaml: line \d+ invalid YAML"),
     yaml_text_case("not-a-mapping", "- a\n- b\n", r"exp\.yaml: the config must be a mapping"),
     Case("config-file-missing", lambda fx: Invocation(["run", str(fx.tmp_path / "nope.yaml")]), 2,

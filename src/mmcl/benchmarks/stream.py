@@ -186,6 +186,11 @@ def build_stream(config: StreamConfig, base_dir: Path) -> list[Task]:
     from mmcl.benchmarks import registry  # noqa: F401  (registers the built-in streams)
     from mmcl.evaluation.scorers import SCORERS
 
+    if config.tasks and config.name in STREAMS:
+        raise ConfigError(
+            f"stream.name: {config.name!r} is a registered stream, but stream.tasks declares the tasks; "
+            "drop the name (the stream is then labelled 'files') or give it a label of its own"
+        )
     if config.tasks:
         tasks = tasks_from_files(config.tasks, base_dir)
     elif config.name in STREAMS:
