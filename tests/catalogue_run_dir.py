@@ -151,6 +151,12 @@ def _touched_image(fixtures: Fixtures) -> Invocation:
     return Invocation(run_argv(folder))
 
 
+def _damaged_fingerprints(fixtures: Fixtures) -> Invocation:
+    folder = copy_experiment(fixtures)
+    (folder / "run" / "data.json").write_text('{"version": 1, "tasks": {', encoding="utf-8")
+    return Invocation(run_argv(folder))
+
+
 def _locked_by_live_process(fixtures: Fixtures) -> Invocation:
     folder = copy_experiment(fixtures)
     holder = {"host": socket.gethostname(), "pid": os.getppid(), "started": "2026-01-01T00:00:00+00:00"}
@@ -182,11 +188,19 @@ def _report_written(fixtures: Fixtures) -> None:
     assert results["complete"] is False and results["progress"]["stages_done"] == 2
 
 
+def _damaged_run_json(fixtures: Fixtures) -> Invocation:
+    folder = copy_experiment(fixtures)
+    (folder / "run" / "run.json").write_text('{"name": "integrity", "tasks": [', encoding="utf-8")
+    return Invocation(["report", str(folder / "run")])
+
+
 CASES: list[Case] = [
     Case("run-dir-stale-train-data", _stale_train, 4, r"data changed.*med/train\.json \(task med train file: content changed\).*--recompute-changed", nothing_lost),
     Case("run-dir-stale-test-data", _stale_test, 4, r"data changed.*rs/test\.json \(task rs test file: content changed\)", nothing_lost),
     Case("run-dir-deleted-test-records", _deleted_records, 4, r"data changed.*ad/test\.json", nothing_lost),
     Case("run-dir-touched-image", _touched_image, 4, r"rs/train\.json \(task rs train file: an image it references changed", nothing_lost),
+    Case("run-dir-damaged-data-fingerprints", _damaged_fingerprints, 4, r"data\.json: unreadable data fingerprints", nothing_lost),
     Case("run-dir-locked-by-live-run", _locked_by_live_process, 4, rf"in use by another mmcl run \(host {socket.gethostname()}, pid {os.getppid()}", _lock_untouched),
+    Case("report-of-damaged-run-json", _damaged_run_json, 4, r"run: unreadable run\.json or config\.yaml", nothing_lost),
     Case("report-of-unfinished-run", _report_unfinished, 5, r"UNFINISHED run: 2 of 3 stages, \d+ of \d+ evaluations", _report_written),
 ]  # fmt: skip

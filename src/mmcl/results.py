@@ -129,8 +129,17 @@ def collect_results(run_dir: Path) -> dict[str, Any]:
     plan_file = run_dir / "run.json"
     if not plan_file.is_file():
         raise RunDirError(f"{run_dir}: not a run directory (no run.json)")
-    plan = json.loads(plan_file.read_text(encoding="utf-8"))
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    try:
+        plan = json.loads(plan_file.read_text(encoding="utf-8"))
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        if not isinstance(plan, dict) or not isinstance(config, dict):
+            raise ValueError("expected a mapping")
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunDirError(f"{run_dir}: unreadable run.json or config.yaml ({reason})") from None
+    missing = [key for key in ("name", "method", "stream", "backbone", "seed", "tasks", "stages", "joint") if key not in plan]
+    if missing:
+        raise RunDirError(f"{plan_file}: not a run plan written by mmcl (missing {', '.join(missing)})")
     tasks = [task["name"] for task in plan["tasks"]]
     row_labels = [BASE_LABEL, *plan["stages"]]
     matrix: list[list[float | None]] = []

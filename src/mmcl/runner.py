@@ -201,7 +201,15 @@ class ContinualRun:
         from before fingerprints were recorded gets the current data's fingerprints (trusted on first use)."""
         current = data_fingerprints(self.tasks, self.general)
         stored_file = self.run_dir / FINGERPRINT_FILE
-        stored = json.loads(stored_file.read_text(encoding="utf-8")) if stored_file.is_file() else None
+        try:
+            stored = json.loads(stored_file.read_text(encoding="utf-8")) if stored_file.is_file() else None
+            if stored is not None and not isinstance(stored, dict):
+                raise ValueError(f"expected an object, found {type(stored).__name__}")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise RunDirError(
+                f"{stored_file}: unreadable data fingerprints ({exc}); delete it to trust the current data, "
+                "or use another --out"
+            ) from None
         if stored is None and (self.run_dir / "run.json").exists():
             self.log(f"{self.run_dir}: made before data fingerprints were recorded; recording the current data's "
                      f"(results computed earlier are taken to come from it)")
@@ -263,8 +271,12 @@ class ContinualRun:
         file = self.run_dir / METHOD_SUMMARY
         if not file.is_file():
             return
-        stored = json.loads(file.read_text(encoding="utf-8"))
-        rows = (stored.get("summary") or {}).get("stages") if isinstance(stored.get("summary"), dict) else None
+        try:
+            stored = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return  # unreadable: the next evaluation rewrites it
+        summary = stored.get("summary") if isinstance(stored, dict) else None
+        rows = summary.get("stages") if isinstance(summary, dict) else None
         if not isinstance(rows, dict):
             return
         stale = {path.relative_to(self.run_dir).parts for path in self.stale_outputs(found)}
