@@ -182,17 +182,20 @@ def test_step_lines() -> None:
     assert step_line(state, {"train_runtime": 3.9, "train_loss": 1.2}) is None  # the runner reports the stage
 
 
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
 def test_training_prints_one_line_per_logging_step_and_no_dicts(
-    tiny_model_dir: Path, tmp_path: Path, mmcl_logger: logging.Logger
+    terminal: bool, tiny_model_dir: Path, tmp_path: Path, mmcl_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Output not on a terminal: no tqdm frames, no ``{'loss': ...}`` dicts, one ``step k/n`` line per log."""
+    """Output not on a terminal: no tqdm frames, no ``{'loss': ...}`` dicts, one ``step k/n`` line per log.
+    On a terminal the bar stays (on stderr) and the same lines are written above it."""
     from mmcl.backbones.registry import load_backbone
     from mmcl.benchmarks.synth import write_synth_domain
     from mmcl.config import TrainingConfig
     from mmcl.data.readers import read_samples
     from mmcl.log import setup_logging
-    from mmcl.training.sft import train_on_samples
+    from mmcl.training import sft
 
+    monkeypatch.setattr(sft, "_show_bar", lambda config: terminal)
     setup_logging(verbose=False, is_main=True)
     root = write_synth_domain(tmp_path / "data", seed=2, train_per_task=4, test_per_task=1)
     samples = read_samples(root / "med" / "train.json", "med")
@@ -200,7 +203,8 @@ def test_training_prints_one_line_per_logging_step_and_no_dicts(
     config = TrainingConfig(max_steps=2, batch_size=2, logging_steps=1, progress_bar=True, warmup_ratio=0.0)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        train_on_samples(backbone, samples, config, tmp_path / "trainer", seed=0)
+        sft.train_on_samples(backbone, samples, config, tmp_path / "trainer", seed=0)
     lines = out.getvalue().splitlines()
     assert [line.split(" loss ")[0] for line in lines] == ["  step 1/2", "  step 2/2"], out.getvalue()
-    assert "{" not in out.getvalue() and "\r" not in out.getvalue() + err.getvalue() and "it/s" not in err.getvalue()
+    assert "{" not in out.getvalue() + err.getvalue() and "\r" not in out.getvalue()
+    assert ("it/s" in err.getvalue()) == terminal
