@@ -214,6 +214,11 @@ def test_complete_needs_every_planned_evaluation(experiment: Path) -> None:
     code, out, err = mmcl(["report", str(run_dir)])
     assert code == 5 and err.startswith("error: ") and "UNFINISHED run" in err
     assert (run_dir / "report.html").is_file()
+    # a run.json from before the plan was recorded: the plan is derived from config.yaml
+    plan = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    del plan["evaluation"]["planned"]
+    (run_dir / "run.json").write_text(json.dumps(plan), encoding="utf-8")
+    assert collect_results(run_dir)["progress"] == partial["progress"]
 
 
 def test_complete_counts_probes_and_low_shot_files(experiment: Path, tmp_path: Path) -> None:
