@@ -26,7 +26,7 @@ from mmcl.config import ExperimentConfig, load_config
 from mmcl.data.readers import read_samples
 from mmcl.errors import MmclError
 
-# 150 + 150 + 150 + 80 + 40 = 570 examples
+# 150 + 80 + 150 + 150 + 80 + 40 = 650 examples
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 
 # -- value strategies -----------------------------------------------------------------------------
@@ -131,6 +131,24 @@ def test_fuzzed_config_files_load_or_are_refused_in_one_line(tmp_path_factory, d
     folder = tmp_path_factory.mktemp("cfg")
     path = folder / "exp.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    try:
+        config = load_config(path)
+    except Exception as exc:  # noqa: BLE001
+        _is_one_line_refusal(exc)
+        return
+    _loaded_config_is_sane(config)
+
+
+YAML_PIECES = ["training:", "  epochs: ", "  learning_rate: ", "lora: {rank: ", "}", "name: ", "- ", "!!python/object:os.system",
+               "&a [*a]", "2020-01-01", "1e-4", "? [a, b]\n: 1", "\t", "'", '"', "{", "[", ":", "\n", "~", "<<: *x", "é🙂",
+               "stream: {tasks: [{name: ", "!!binary aGk=", "0o17", "0x1F", ".inf", "-.nan", "yes", "null"]
+
+
+@settings(FUZZ, max_examples=80)
+@given(st.lists(st.one_of(st.sampled_from(YAML_PIECES), st.text(max_size=8)), max_size=12).map("".join))
+def test_fuzzed_yaml_text_loads_or_is_refused_in_one_line(tmp_path_factory, text: str) -> None:
+    path = tmp_path_factory.mktemp("yaml") / "exp.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
         config = load_config(path)
     except Exception as exc:  # noqa: BLE001

@@ -296,7 +296,11 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> E
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+            if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+                where, problem = f" character {exc.position}", f"{exc.reason}, code {exc.character!r}"
+            else:
+                problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+            raise ConfigError(f"{path}:{where} invalid YAML ({' '.join(str(problem).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     for dotted, value in (overrides or {}).items():
