@@ -37,7 +37,8 @@ def _blocking_file(path: Path) -> Path | None:
 
 def describe_output_error(exc: OSError, path: Path | str | None = None) -> str:
     """One line for an OSError met while writing ``path`` (default: the error's own file name)."""
-    target = Path(path if path is not None else exc.filename or "?")
+    filename = exc.filename if isinstance(exc.filename, (str, os.PathLike)) else None
+    target = Path(path if path is not None else filename) if (path is not None or filename) else "an output file"
     code = exc.errno
     if code == errno.ENOSPC:
         return f"disk full writing {target}"
@@ -48,8 +49,8 @@ def describe_output_error(exc: OSError, path: Path | str | None = None) -> str:
     if code in (errno.EACCES, errno.EPERM):
         return f"permission denied: {target}"
     if code in (errno.ENOTDIR, errno.EEXIST):
-        blocker = _blocking_file(Path(exc.filename)) if exc.filename else None
-        blocker = blocker or _blocking_file(target)
+        blocker = _blocking_file(Path(filename)) if filename else None
+        blocker = blocker or (_blocking_file(target) if isinstance(target, Path) else None)
         if blocker is not None:
             return f"cannot write {target}: {blocker} is a file, not a folder"
     if code == errno.EISDIR:
