@@ -163,12 +163,17 @@ def _bomb_in_run(fixtures: Fixtures) -> Invocation:
     return Invocation(run_argv(folder))
 
 
-def _interrupt_during_import(fixtures: Fixtures) -> Invocation:
-    hook = fixtures.tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
-    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
-    return Invocation(["list"], subprocess=True, env={"PYTHONPATH": path, "MMCL_TEST_INTERRUPT_IMPORT": "torch"})
+def interrupt_during_import(module: str, argv: list[str]) -> Callable[[Fixtures], Invocation]:
+    """``mmcl <argv>`` in a real process that gets SIGINT when ``module`` starts importing."""
+
+    def build(fixtures: Fixtures) -> Invocation:
+        hook = fixtures.tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+        path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+        return Invocation(argv, subprocess=True, env={"PYTHONPATH": path, "MMCL_TEST_INTERRUPT_IMPORT": module})
+
+    return build
 
 
 CASES = [
@@ -183,5 +188,7 @@ CASES = [
     Case("decompression-bomb-data-check", _bomb_in_data_check, 3,
          r"data/med/test\.json: record 0: image too large .*\.png \(over PIL's decompression-bomb limit.*\(and 1 more"),
     Case("decompression-bomb-run", _bomb_in_run, 3, r"data/med/train\.json: record 0: image too large .*\.png", no_run_dir),
-    Case("ctrl-c-during-import", _interrupt_during_import, 130, r"^error: interrupted"),
+    # torch: imported by the command; argparse: by the command-line module itself, before main() runs
+    Case("ctrl-c-during-import", interrupt_during_import("torch", ["list"]), 130, r"^error: interrupted$"),
+    Case("ctrl-c-while-importing-the-cli", interrupt_during_import("argparse", ["list"]), 130, r"^error: interrupted$"),
 ]  # fmt: skip

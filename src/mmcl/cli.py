@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-from pathlib import Path
-from typing import Any, Sequence
 
-from mmcl.errors import ConfigError, MmclError, OutputError
+try:  # Ctrl-C while this module is still importing: one line and exit code 130, as main() does later
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+    from typing import Any, Sequence
+
+    from mmcl.errors import ConfigError, MmclError, OutputError
+except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
