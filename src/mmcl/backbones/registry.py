@@ -116,7 +116,7 @@ def probe_hub(repo_id: str) -> str | None:
     except GatedRepoError:
         return None
     except RepositoryNotFoundError:
-        return "no such model on the Hugging Face hub"
+        return "no such model on the Hugging Face hub (a private one needs `hf auth login` or HF_TOKEN)"
     except Exception as exc:  # noqa: BLE001  (network errors of any HTTP client: one line, no retry)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"not in the local Hugging Face cache and the hub cannot be reached ({reason})"
