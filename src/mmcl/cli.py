@@ -60,7 +60,6 @@ def command_run(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     if not distributed.is_main():  # under torchrun, process 0 alone reports
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
-    _check_lengths_before_run(config, base_dir)
     run = ContinualRun(config, base_dir, overwrite=args.overwrite, recompute_changed=args.recompute_changed)
     print(f"run dir: {run.run_dir}  (method {config.method.name}, stream {config.stream.name}, backbone {config.backbone.name})")
     try:
@@ -104,17 +103,6 @@ def _folder_stream(folder: Path) -> dict[str, Any]:
     except ConfigError:
         overrides["stream.name"] = "files"
     return overrides
-
-
-def _check_lengths_before_run(config: Any, base_dir: Path) -> None:
-    """Over-long training samples are refused before any work starts, as ``mmcl data check`` finds them
-    (training would refuse them in the middle of a stage)."""
-    from mmcl.backbones.registry import resolve_backbone
-    from mmcl.benchmarks.stream import build_stream
-    from mmcl.data.lengths import check_lengths
-
-    resolve_backbone(config.backbone.name)  # an unknown backbone: one line in seconds, not minutes of retries
-    check_lengths(build_stream(config.stream, base_dir), config.backbone)
 
 
 def command_report(args: argparse.Namespace) -> int:

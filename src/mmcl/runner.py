@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from mmcl.backbones.backbone import GREEDY_DECODING
 from mmcl.backbones.registry import resolve_backbone
+from mmcl.data.lengths import check_lengths
 from mmcl.benchmarks.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl import errors
@@ -120,7 +121,7 @@ def write_plan(
     plan = {
         "name": config.name,
         "method": config.method.name,
-        "stream": config.stream.name if not config.stream.tasks else "files",
+        "stream": config.stream.name,
         "backbone": config.backbone.name,
         "seed": config.seed,
         "joint": method.trains_jointly,
@@ -160,6 +161,7 @@ class ContinualRun:
         self.tasks = build_stream(config.stream, base_dir)
         self.general = general_task(config.evaluation, config.backbone, config.stream, base_dir)
         check_tasks(self.tasks, test_only=[self.general] if self.general else [])
+        check_lengths(self.tasks, config.backbone)  # as `mmcl data check` does; training would refuse them mid-stage
         self.method = create_method(config)
         self.method.log_dir = config.run_dir / "tensorboard" if distributed.is_main() else None
         self.stages = plan_stages(self.method, self.tasks)
