@@ -20,10 +20,12 @@ from mmcl.methods.mrlora import (
     MrLoraConfig,
     choose_experts,
     common_prefix_length,
+    fallback_expert,
     generate_grouped,
     group_by_expert,
     letter_token_ids,
     raw_stage,
+    read_router_answer,
     router_prompt,
     summarize_stage,
 )
@@ -69,7 +71,8 @@ def test_router_prompt_lists_letters_and_descriptions_and_keeps_the_image():
     assert "B. Medical scans" in routed.prompt and "C. Finance charts" in routed.prompt
     assert routed.prompt.count("<image>") == 1 and "How many bars are in the chart?" in routed.prompt
     assert routed.prompt.index("C. Finance") < routed.prompt.index("How many bars")
-    assert "letter" in routed.prompt.splitlines()[-1]
+    assert "letter" in routed.prompt.splitlines()[0]
+    assert routed.prompt.endswith("How many bars are in the chart?")  # the question right before the answer
     assert routed.images == original.images and routed.id == original.id and routed.task == "fin"
     assert routed.answer == "C" and routed.history == ()
     assert router_prompt(original, ["x"]).answer == ""
@@ -95,15 +98,31 @@ def test_config_defaults_and_checks():
         MrLoraConfig(router_samples_per_task=0)
     with pytest.raises(ConfigError, match="router_learning_rate"):
         MrLoraConfig(router_learning_rate=0.0)
+    assert config.router_protocol == "per-stage" and config.router_max_new_tokens == 16
+    with pytest.raises(ConfigError, match="router_protocol"):
+        MrLoraConfig(router_protocol="once")
+    with pytest.raises(ConfigError, match="router_max_rounds"):
+        MrLoraConfig(router_max_rounds=0)
+
+
+def test_reading_a_generated_router_answer_like_the_paper_repo():
+    assert read_router_answer("B", 3) == 1 and read_router_answer(" C\n", 3) == 2
+    assert read_router_answer("B.", 3) == 1  # one character that is not a letter is tolerated
+    assert read_router_answer("B A", 3) == 0  # two letters: the first in letter order wins
+    assert read_router_answer("D", 3) is None  # not an expert's letter
+    assert read_router_answer("The answer is B", 3) is None  # illegal: many other characters
+    assert read_router_answer("", 3) is None
+    draws = {fallback_expert(0, f"s{i}", 3) for i in range(30)}
+    assert draws == {0, 1, 2} and fallback_expert(0, "s1", 3) == fallback_expert(0, "s1", 3)
 
 
 def test_summary_of_hand_made_counts():
     raw = {
         "experts": ["a", "b"],
         "tasks": {
-            "a": {"n": 4, "routed": {"a": 3, "b": 1}, "score_sum": 2.0, "score_n": 4, "oracle_sum": 3.0, "oracle_n": 4},
-            "b": {"n": 2, "routed": {"b": 2}, "score_sum": 1.0, "score_n": 2, "oracle_sum": 1.0, "oracle_n": 2},
-            "c": {"n": 2, "routed": {"a": 2}, "score_sum": 0.0, "score_n": 2, "oracle_sum": 0.0, "oracle_n": 0},
+            "a": {"n": 4, "routed": {"a": 3, "b": 1}, "score_sum": 2.0, "score_n": 4, "oracle_sum": 3.0, "oracle_n": 4, "fallback": 0},
+            "b": {"n": 2, "routed": {"b": 2}, "score_sum": 1.0, "score_n": 2, "oracle_sum": 1.0, "oracle_n": 2, "fallback": 0},
+            "c": {"n": 2, "routed": {"a": 2}, "score_sum": 0.0, "score_n": 2, "oracle_sum": 0.0, "oracle_n": 0, "fallback": 0},
         },
     }
     summary = summarize_stage(raw)
@@ -115,6 +134,9 @@ def test_summary_of_hand_made_counts():
     back = raw_stage(summary)
     assert back["tasks"]["a"] == raw["tasks"]["a"] and back["tasks"]["c"]["routed"] == {"a": 2, "b": 0}
     assert summarize_stage(back) == summary
+    skipped = summarize_stage({"experts": ["a"], "evaluated": False, "tasks": {"a": {**raw["tasks"]["c"], "routed": {"not-evaluated": 2}}}})
+    assert skipped["evaluated"] is False and skipped["router_accuracy"] is None
+    assert skipped["confusion"]["columns"] == ["not-evaluated"] and skipped["tasks"]["a"]["router_accuracy"] is None
 
 
 # -- on the tiny model ---------------------------------------------------------------------------
@@ -292,4 +314,64 @@ def test_cli_run_mrlora(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: 
     assert sorted(routing) == ["1_rs", "2_med", "3_ad", "4_sci", "5_fin"]
     assert sum(map(sum, routing["5_fin"]["confusion"]["counts"])) == 5 * 2
     assert "MR-LoRA routing" in (tmp_path / "run" / "report.html").read_text()
+    assert main(["run", str(path), "--method", "mrlora"]) == 0  # resumes: everything is done
+
+
+# -- tasks that share their images ---------------------------------------------------------------
+def test_router_tells_apart_tasks_on_the_same_images(tiny_model_dir: Path, tmp_path: Path):
+    """maps and mapdesc show the same aerial maps and differ only in the question (as CoIN's VQAv2 and
+    Grounding share COCO). The router alone is trained (it never looks at the experts, so they are left
+    untrained here); at every stage it must send >= 95% of each seen task's test samples to its expert."""
+    from shared_images import write_shared_image_stream
+    from mmcl.benchmarks.stream import StreamConfig, TaskFiles, build_stream
+
+    entries = write_shared_image_stream(tmp_path / "data", train=8, test=8)
+    stream = build_stream(StreamConfig(tasks=[TaskFiles(**entry) for entry in entries]), tmp_path)
+    assert stream[0].test_samples[0].images[0].name.split("-")[-1] == stream[2].test_samples[0].images[0].name.split("-")[-1]
+    options = {"router_samples_per_task": 8, "router_epochs": 10.0, "router_learning_rate": 5e-3, "router_batch_size": 8}
+    method = set_up_on_tiny(MrLora(MrLoraConfig(**options), LoraSettings(rank=8, alpha=16.0), seed=0), tiny_model_dir, stream)
+    accuracy = {}
+    for index, task in enumerate(stream):
+        method.before_task(index, task)
+        method.after_task(index, task)
+        if index == 0:
+            continue
+        for seen, own in zip(stream[: index + 1], range(index + 1)):
+            choices = method.route(seen.test_samples)
+            accuracy[(index + 1, seen.name)] = 100.0 * float((choices == own).float().mean())
+    assert min(accuracy.values()) >= 95.0, accuracy
+    record = method.router_training[-1]
+    assert record["rounds"] == len(record["round_losses"]) == len(record["routing_set_accuracy"]) >= 1
+    assert min(record["routing_set_accuracy"][-1].values()) == 100.0
+
+
+# -- the paper's protocol ------------------------------------------------------------------------
+def test_cli_run_mrlora_paper_protocol(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path):
+    from conftest import make_stream_config, write_config
+    from mmcl.cli import main
+
+    options = {"router_protocol": "paper", "router_samples_per_task": 2, "router_epochs": 1.0, "router_batch_size": 4,
+               "router_max_new_tokens": 3}  # fmt: skip
+    config = make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / "run", method={"name": "mrlora", "options": options})
+    config["stream"]["options"] = {"train_per_task": 4, "test_per_task": 2}
+    config["training"] = {"max_steps": 1, "batch_size": 4, "progress_bar": False}
+    config["evaluation"] = {"batch_size": 8, "forward_transfer": False, "evaluate_base": False, "max_new_tokens": 4}
+    path = write_config(tmp_path / "mrlora.yaml", config)
+    assert main(["run", str(path), "--method", "mrlora"]) == 0
+    run = tmp_path / "run"
+    stages = sorted((run / "stages").iterdir())
+    assert [json.loads((s / "state.json").read_text())["router_experts"] for s in stages] == [0, 0, 0, 0, 5]
+    results = json.loads((run / "results.json").read_text())
+    report = results["method_summary"]
+    assert report["protocol"] == "paper" and "NOT evaluated" in report["protocol_note"]
+    assert [r["experts"] for r in report["router_training"]] == [5] and report["router_training"][0]["rounds"] == 1
+    for key in ("1_rs", "2_med", "3_ad", "4_sci"):  # no router yet: placeholders, flagged
+        assert report["stages"][key]["evaluated"] is False and report["stages"][key]["router_accuracy"] is None
+    final = report["stages"]["5_fin"]
+    assert final["evaluated"] is True and sum(map(sum, final["confusion"]["counts"])) == 5 * 2
+    assert sum(entry["fallback"] for entry in final["tasks"].values()) <= 5 * 2
+    records = [json.loads(line) for line in (run / "predictions" / "2_med" / "rs.jsonl").read_text().splitlines()[1:]]
+    assert records and all(record["prediction"] == "" for record in records)
+    html = (run / "report.html").read_text()
+    assert "not evaluated" in html and "NOT evaluated" in html
     assert main(["run", str(path), "--method", "mrlora"]) == 0  # resumes: everything is done

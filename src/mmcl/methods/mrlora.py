@@ -8,13 +8,20 @@ Training, per task t (1-based):
 * a small **routing set**: ``router_samples_per_task`` samples of task t's training set, drawn with a
   seed-determined generator and kept (as ids) in the method state;
 * from t = 2 on, the **router** LoRA (adapter ``router``, on the base model, experts switched off) is
-  trained further on the routing set of all tasks seen so far. Its prompt lists the experts as
-  option letters, each with a short description taken from its task's description (see
-  ``router_description``), then the user's question (images kept), and asks for the letter only;
-  the target is the letter of the sample's own expert.
+  trained further on the routing set of all tasks seen so far. Its prompt asks for the letter only,
+  lists the experts as option letters, each with a short description taken from its task's
+  description (see ``router_description``), and ends with the user's question (images kept), so the
+  letter is read right after the question; the target is the letter of the sample's own expert.
+  Training runs in rounds until the router routes its own routing set correctly (at most
+  ``router_max_rounds``; misrouted prompts are repeated in the next round): tasks that share their
+  images and differ only in the question are otherwise left confused (see ``MrLoraConfig``).
 
-Two-stage inference (no task identity is used): (1) one forward pass of base + router over the
-router prompts of the whole batch; at the last prompt position the logits of the letter tokens of
+``router_protocol: paper`` follows the MLLM-CL repo instead: one router training after the last task
+on the routing sets of every task, and a *generated* router answer (illegal -> random expert); the rows
+of the stages before the last are then not evaluated (placeholders, flagged in the routing report).
+
+Two-stage inference (no task identity is used; "per-stage" protocol): (1) one forward pass of base +
+router over the router prompts of the whole batch; at the last prompt position the logits of the letter tokens of
 the existing experts are compared (constrained choice, no text parsing); (2) the batch is split by
 chosen expert and each group is answered by one batched ``generate`` call with its expert active.
 The cost is about one extra prompt forward pass per batch, not one generation per expert; the
@@ -59,39 +66,79 @@ BASE_ROUTE = "base"  # the route of samples answered by the base model (no exper
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ROUTER_INIT_SEED_OFFSET = 7919  # the router adapter's init seed is seed + this (experts use seed + task index)
 ROUTER_TRAIN_SEED_OFFSET = 1000  # router training after task index i uses seed + this + i
+ROUTER_ROUND_SEED_STEP = 100  # ... plus this per extra round (see MrLora.train_router)
 DESCRIPTION_MODES = ("line", "title", "name")
+ROUTER_PROTOCOLS = ("per-stage", "paper")
+NOT_EVALUATED = "not-evaluated"  # the route of samples of a row the protocol does not define (paper protocol)
 
 
 @dataclass
 class MrLoraConfig:
-    """Router settings. The experts use the run's ``lora`` and ``training`` settings (paper: one LoRA per
-    task, r=128, alpha=256, 1 epoch at lr 2e-5 on LLaVA-1.5-7B)."""
+    """Router settings; the experts use the run's ``lora`` and ``training`` settings. Sources: "paper" =
+    Zhao et al. 2025 (arXiv:2506.05453), "repo" = github.com/bjzhb666/MLLM-CL at commit 80bf389; the
+    paper's experts are one LoRA per task, r=128, alpha=256 (repo scripts/LLaVA/Train_dom_single/
+    12_Sci.sh: ``--lora_r 128``, alpha = 2 r, 3 epochs at lr 2e-5, batch 4 x 8 GPUs)."""
 
-    router_samples_per_task: int = 20  # routing-set size per task (paper: 20 per task)
-    router_rank: int | None = None  # router LoRA rank; None = the experts' rank (paper: 128, same as the experts)
-    router_alpha: float | None = None  # router LoRA alpha; None = the experts' alpha (paper: 256, same as the experts)
-    # Paper: 40 epochs at lr 5e-6 (a quarter of the experts' 2e-5), batch 32, continued from stage to stage.
-    # Ours, calibrated on the shipped tiny-llava and synth-domain (router accuracy 100% on every task's 100
-    # test samples at every stage): 20 epochs at lr 5e-3, batch 8. With 10 epochs stage 5 fell to 96%;
-    # with batch 4 training was unstable. Router training still costs more than an expert stage there
-    # (20 epochs of 40-100 prompts of ~190 tokens, against a few epochs of 300 prompts of ~60 tokens).
+    # Routing-set size per task. Repo: the router's data is ``task5Router_train20.json`` with images
+    # ``num5sample_images20`` (README "MR-LoRA training and evaluation", scripts/LLaVA/Train_dom_single/
+    # 0_train_router.sh): 20 samples of every task.
+    router_samples_per_task: int = 20
+    # Router LoRA rank and alpha; None = the experts'. Repo 0_train_router.sh: ``--lora_r 128 --lora_alpha
+    # 256``, the same as the experts.
+    router_rank: int | None = None
+    router_alpha: float | None = None
+    # Router training. Repo 0_train_router.sh: 40 epochs (35 for the ability stream,
+    # Train_ability_single/0_train_router.sh) at lr 5e-6, batch 4 per GPU x 8 GPUs = 32, cosine schedule,
+    # warmup 3%. Ours, calibrated on the shipped tiny-llava and synth-domain (router accuracy 100% on every
+    # task's 100 test samples at every stage): 20 epochs at lr 5e-3, batch 8. With 10 epochs stage 5 fell
+    # to 96%; with batch 4 training was unstable. Router training still costs more than an expert stage
+    # there (20 epochs of 40-100 prompts of ~190 tokens, against a few epochs of 300 prompts of ~60 tokens).
     router_epochs: float = 20.0
     router_learning_rate: float = 5e-3
     router_batch_size: int = 8
+    # "per-stage" protocol: at most this many rounds of ``router_epochs``; a round follows the first only
+    # while the router still sends some of its own routing-set samples to a wrong expert. Ours: tasks that
+    # share their images and differ only in the question (CoIN's VQAv2 and Grounding) are told apart much
+    # later in training than tasks with different images (the router first learns "this kind of image ->
+    # this letter"), so a fixed budget calibrated on synth-domain stopped with a whole task routed to its
+    # image twin's expert. Misrouted prompts are repeated in the next round (see MrLora.train_router).
+    # Synth-domain needs one round (100% on its routing set), so it costs nothing there but one routing pass
+    # over the routing set per stage. The repo trains a fixed 40 epochs without a check.
+    router_max_rounds: int = 4
     # How each expert is described in the router prompt: "line" = the first line of the task's description,
     # "title" = that line's part before its first colon, or all of it if it has none ("Remote sensing: count
     # buildings ..." -> "Remote sensing"), "name" = the task's name. Ours: "title", a short label; the full
     # line doubles router training time on the tiny model (its tokenizer spells unknown words letter by
     # letter), while at test time it costs little (the prompt prefix is shared, see MrLora.next_token_logits).
+    # Repo (ETrain/Eval/LLaVA/CoIN/model_agents_select_lora.py, ROUTING_PROMPT): hand-written
+    # one-sentence descriptions of each expert ("A financial expert specializing in ...").
     router_description: str = "title"
-    oracle_scores: bool = True  # also score oracle routing in the report (extra generation for misrouted samples only)
+    # When the router is trained and how it picks an expert (see ROUTER_PROTOCOLS):
+    # "per-stage" (ours, the default): after every task from the second on, the router is trained further
+    # on the routing sets of all tasks so far, and it picks an expert by comparing the logits of the
+    # experts' letters at its first answer token (never an illegal output); every row of the matrix is an
+    # MR-LoRA result. "paper" (repo README steps 3-4, 0_train_router.sh, model_agents_select_lora.py): the
+    # router is trained once, after the last task, on the routing sets of every task, and *generates* its
+    # answer (greedy); the answer is read like the repo's ``choose_ans``: more than one character that is
+    # not an expert letter = illegal, else the first expert letter (in letter order) found in it, and an
+    # illegal answer or one without a letter goes to a random expert (seeded per sample here). It needs
+    # every task's routing samples, so only the last row of the matrix is an MR-LoRA result: earlier rows
+    # are not evaluated (empty answers as placeholders, flagged in the routing report; see
+    # MrLora.evaluates_stage).
+    router_protocol: str = "per-stage"
+    # "paper" protocol only: how many tokens the router may generate. Repo model_agents_select_lora.py:
+    # ``--max_new_tokens`` default 16, greedy (``--temperature 0``).
+    router_max_new_tokens: int = 16
+    # Also score oracle routing in the report (an extra generation for misrouted samples only). Ours: a
+    # diagnostic that separates routing errors from expert errors; the paper reports router accuracy apart.
+    oracle_scores: bool = True
 
     def __post_init__(self) -> None:
         if self.router_samples_per_task < 1:
             raise ConfigError(
                 f"method.options.router_samples_per_task: must be >= 1, got {self.router_samples_per_task}"
             )
-        for key in ("router_rank", "router_batch_size"):
+        for key in ("router_rank", "router_batch_size", "router_max_new_tokens", "router_max_rounds"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"method.options.{key}: must be >= 1, got {value}")
@@ -99,6 +146,11 @@ class MrLoraConfig:
             raise ConfigError(
                 f"method.options.router_description: expected one of {', '.join(DESCRIPTION_MODES)}, "
                 f"got {self.router_description!r}"
+            )
+        if self.router_protocol not in ROUTER_PROTOCOLS:
+            raise ConfigError(
+                f"method.options.router_protocol: expected one of {', '.join(ROUTER_PROTOCOLS)}, "
+                f"got {self.router_protocol!r}"
             )
         for key in ("router_alpha", "router_epochs", "router_learning_rate"):
             value = getattr(self, key)
@@ -119,17 +171,19 @@ def describe(task: Task, mode: str = "line") -> str:
 
 
 def router_prompt(sample: Sample, descriptions: Sequence[str], answer: str = "") -> Sample:
-    """The router's view of ``sample``: the experts as option letters with one-line descriptions, the
-    user's question (its ``<image>`` placeholders and images kept), and a request for the letter only.
+    """The router's view of ``sample``: a request for the letter only, the experts as option letters with
+    one-line descriptions, then the user's question (its ``<image>`` placeholders and images kept).
     ``answer`` is the training target (the expert's letter); earlier turns are dropped."""
     if len(descriptions) > len(LETTERS):
         raise MmclError(f"mrlora: at most {len(LETTERS)} experts can be routed, got {len(descriptions)}")
     options = "\n".join(f"{letter}. {text}" for letter, text in zip(LETTERS, descriptions))
+    # The question comes last, right before the answer: the letter is read at the next position, and a
+    # fixed instruction between the question and that position (as the prompt had it first) left a weak
+    # router's letter logits the same for every prompt (see MrLoraConfig.router_max_rounds).
     text = (
-        "Which expert should answer the question below?\n"
+        "Which expert should answer the question below? Answer with the letter only.\n"
         f"{options}\n"
-        f"Question: {sample.prompt}\n"
-        "Answer with the letter only."
+        f"Question: {sample.prompt}"
     )
     return replace(sample, prompt=text, answer=answer, history=())
 
@@ -139,6 +193,25 @@ def choose_experts(letter_logits: torch.Tensor) -> torch.Tensor:
     if letter_logits.ndim != 2 or letter_logits.shape[1] == 0:
         raise ValueError(f"expected (batch, experts) letter logits, got shape {tuple(letter_logits.shape)}")
     return letter_logits.argmax(dim=1)
+
+
+def read_router_answer(text: str, count: int) -> int | None:
+    """The expert (0-based) that a *generated* router answer names, or None if the answer is illegal
+    ("paper" protocol). Read as the repo's ``choose_ans`` (ETrain/Eval/LLaVA/CoIN/
+    model_agents_select_lora.py) reads it: the stripped text is illegal if more than one of its
+    characters is not one of the ``count`` expert letters; otherwise the first expert letter *in letter
+    order* that occurs in it wins ("B A" -> A), and a text without any is illegal too."""
+    letters = LETTERS[:count]
+    text = text.strip()
+    if sum(1 for char in text if char not in letters) > 1:
+        return None
+    return next((index for index, letter in enumerate(letters) if letter in text), None)
+
+
+def fallback_expert(seed: int, sample_id: str, count: int) -> int:
+    """The random expert an illegal router answer goes to (repo: ``random.randint`` over the experts);
+    here drawn from a generator seeded by the run seed and the sample id, so reruns and resumes agree."""
+    return random.Random(f"mrlora-fallback-{seed}-{sample_id}").randrange(count)
 
 
 def group_by_expert(choices: Sequence[int] | torch.Tensor) -> dict[int, list[int]]:
@@ -203,25 +276,28 @@ def letter_token_ids(backbone, count: int) -> list[int]:
     return ids
 
 
-RAW_KEYS = ("n", "routed", "score_sum", "score_n", "oracle_sum", "oracle_n")
+RAW_KEYS = ("n", "routed", "score_sum", "score_n", "oracle_sum", "oracle_n", "fallback")
 
 
 def new_entry() -> dict[str, Any]:
-    return {"n": 0, "routed": {}, "score_sum": 0.0, "score_n": 0, "oracle_sum": 0.0, "oracle_n": 0}
+    """Raw counters of one (stage, task); ``fallback`` counts illegal generated router answers sent to a
+    random expert ("paper" protocol)."""
+    return {"n": 0, "routed": {}, "score_sum": 0.0, "score_n": 0, "oracle_sum": 0.0, "oracle_n": 0, "fallback": 0}
 
 
 def summarize_stage(raw: dict[str, Any]) -> dict[str, Any]:
     """The readable report of one stage from its raw counters (see :meth:`MrLora.routing_report`); the
     counters stay in it, so :func:`raw_stage` recovers them."""
     experts: list[str] = raw["experts"]
-    columns = experts or [BASE_ROUTE]
+    evaluated = raw.get("evaluated", True)
+    columns = (experts or [BASE_ROUTE]) if evaluated else [NOT_EVALUATED]
     tasks_out: dict[str, Any] = {}
     rows, counts = [], []
     seen_total = seen_correct = 0
     for task_name, entry in raw["tasks"].items():
         n = entry["n"]
         routed = {column: entry["routed"].get(column, 0) for column in columns}
-        seen = task_name in experts
+        seen = evaluated and task_name in experts
         correct = routed.get(task_name, 0) if seen else None
         if seen:
             seen_total += n
@@ -237,6 +313,7 @@ def summarize_stage(raw: dict[str, Any]) -> dict[str, Any]:
         counts.append([routed[column] for column in columns])
     return {
         "experts": experts,
+        "evaluated": evaluated,
         "router_accuracy": 100.0 * seen_correct / seen_total if seen_total else None,
         "tasks": tasks_out,
         "confusion": {"rows": rows, "columns": columns, "counts": counts},
@@ -245,8 +322,8 @@ def summarize_stage(raw: dict[str, Any]) -> dict[str, Any]:
 
 def raw_stage(summary: dict[str, Any]) -> dict[str, Any]:
     """The raw counters of one stage back from its :func:`summarize_stage` report."""
-    tasks = {name: {key: entry[key] for key in RAW_KEYS} for name, entry in summary["tasks"].items()}
-    return {"experts": list(summary["experts"]), "tasks": tasks}
+    tasks = {name: {key: entry.get(key, new_entry()[key]) for key in RAW_KEYS} for name, entry in summary["tasks"].items()}
+    return {"experts": list(summary["experts"]), "evaluated": summary.get("evaluated", True), "tasks": tasks}
 
 
 # -- the method -----------------------------------------------------------------------------------
@@ -263,8 +340,10 @@ class MrLora(TaskExperts):
         self.routing: dict[str, dict[str, Any]] = {}  # stage key -> raw routing counters
         self.router_training: list[dict[str, Any]] = []  # one record per router training (size, loss, seconds)
         self.last_routes: list[str] = []  # the route (expert task name or "base") of each sample of the last batch
+        self.last_fallbacks: list[bool] = []  # per sample of the last batch: an illegal router answer sent it to a random expert
         self._letter_ids: list[int] | None = None
         self._prefix_sharing: bool | None = None  # None until checked on this backbone (see route)
+        self._shared_prefix = 0  # the shared prefix length of the last next_token_logits call (0 = not shared)
 
     # -- set-up and training ---------------------------------------------------------------------
     def setup(self, backbone, tasks) -> None:
@@ -302,27 +381,47 @@ class MrLora(TaskExperts):
         rng = random.Random(f"mrlora-routing-{self.seed}-{task.name}")
         return rng.sample(ids, min(self.config.router_samples_per_task, len(ids)))
 
-    def router_training_samples(self) -> list[Sample]:
-        """The routing set of every task with an expert, as router prompts with their expert's letter."""
-        descriptions = self.descriptions()
-        samples = []
-        for letter, task in zip(LETTERS, self.expert_tasks):
+    def routing_set_samples(self) -> list[tuple[Sample, int]]:
+        """The routing set of every task with an expert: (training sample, index of its own expert)."""
+        pairs = []
+        for expert, task in enumerate(self.expert_tasks):
             by_id = {sample.id: sample for sample in task.train_samples}
             for sample_id in self.routing_set.get(task.name, []):
                 if sample_id not in by_id:
                     raise MmclError(
                         f"mrlora: routing-set sample {sample_id!r} is not in task {task.name}'s training set"
                     )
-                samples.append(router_prompt(by_id[sample_id], descriptions, answer=letter))
-        return samples
+                pairs.append((by_id[sample_id], expert))
+        return pairs
+
+    def router_training_samples(self) -> list[Sample]:
+        """The routing set of every task with an expert, as router prompts with their expert's letter."""
+        descriptions = self.descriptions()
+        return [router_prompt(sample, descriptions, answer=LETTERS[e]) for sample, e in self.routing_set_samples()]
+
+    def routing_set_check(self) -> tuple[dict[str, float], list[int]]:
+        """How the router routes its own routing set (the constrained letter choice used at test time):
+        per expert task the percentage of its samples sent to its own expert, and the positions (in
+        :meth:`routing_set_samples` order) of the misrouted samples."""
+        pairs = self.routing_set_samples()
+        step = max(1, 4 * self.config.router_batch_size)
+        choices = torch.cat([self.route([s for s, _ in pairs[i : i + step]]) for i in range(0, len(pairs), step)]).tolist()
+        accuracy = {}
+        for expert, task in enumerate(self.expert_tasks):
+            mine = [int(c) == expert for (_, e), c in zip(pairs, choices) if e == expert]
+            accuracy[task.name] = 100.0 * sum(mine) / len(mine) if mine else 100.0
+        wrong = [i for i, ((_, e), c) in enumerate(zip(pairs, choices)) if int(c) != e]
+        return accuracy, wrong
 
     def train_router(self, task_index: int) -> dict[str, float]:
-        """Continue training the router on the routing set of all tasks so far (base + router LoRA only)."""
+        """Train the router (base + router LoRA only) on the routing set of all tasks so far, continuing
+        from its last state. "per-stage" protocol: in rounds of ``router_epochs``; after each round the
+        router routes its own routing set and another round follows while some task's samples are not all
+        sent to their own expert (at most ``router_max_rounds`` rounds). "paper" protocol: one round."""
         from mmcl.training.sft import train_on_samples
 
         self._ensure_router()
         model = self.backbone.model
-        model.set_adapter(ROUTER)  # the router is the only active adapter, and the only trainable one
         settings = TrainingConfig(
             epochs=self.config.router_epochs,
             batch_size=self.config.router_batch_size,
@@ -331,17 +430,32 @@ class MrLora(TaskExperts):
             logging_steps=10**6,
         )
         samples = self.router_training_samples()
+        rounds = self.config.router_max_rounds if self.config.router_protocol == "per-stage" else 1
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="mmcl-router-") as work:
-            metrics = train_on_samples(
-                self.backbone, samples, settings, Path(work), seed=self.seed + ROUTER_TRAIN_SEED_OFFSET + task_index
-            )
-        self.router_experts = len(self.trained)
+        losses, fits = [], []
+        extra: list[Sample] = []  # misrouted routing-set prompts, repeated in the following rounds
+        for round_index in range(rounds):
+            model.set_adapter(ROUTER)  # the router is the only active adapter, and the only trainable one
+            seed = self.seed + ROUTER_TRAIN_SEED_OFFSET + task_index + ROUTER_ROUND_SEED_STEP * round_index
+            with tempfile.TemporaryDirectory(prefix="mmcl-router-") as work:
+                metrics = train_on_samples(self.backbone, samples + extra, settings, Path(work), seed=seed)
+            losses.append(metrics.get("train_loss"))
+            self.router_experts = len(self.trained)
+            if rounds == 1:
+                break
+            accuracy, wrong = self.routing_set_check()
+            fits.append(accuracy)
+            if not wrong:
+                break
+            extra += [samples[i] for i in wrong]
         self.router_training.append(
             {
                 "experts": self.router_experts,
                 "samples": len(samples),
-                "train_loss": metrics.get("train_loss"),
+                "rounds": len(losses),
+                "train_loss": losses[-1],
+                "round_losses": losses,
+                "routing_set_accuracy": fits,  # per round (per-stage protocol): task -> % routed to its own expert
                 "seconds": round(time.perf_counter() - started, 3),
             }
         )
@@ -350,9 +464,18 @@ class MrLora(TaskExperts):
     def after_task(self, task_index: int, task: Task) -> None:
         super().after_task(task_index, task)
         self.routing_set[task.name] = self.pick_routing_ids(task)
-        if len(self.trained) >= 2:
+        last = task_index == len(self.tasks) - 1
+        if len(self.trained) >= 2 and (self.config.router_protocol == "per-stage" or last):
             self.train_router(task_index)
         self.backbone.model.set_adapter(adapter_name(task))
+
+    def evaluates_stage(self, index: int) -> bool:
+        """Whether the model after stage ``index`` (0 = the base model) is an MR-LoRA model that can be
+        evaluated. Under the "paper" protocol the router exists only after the last task, so the stages
+        1 .. T-1 are not; :meth:`generate` then gives empty answers (placeholders, scored 0 by the runner)
+        and the routing report marks the stage ``"evaluated": false``. A runner that asks this before
+        evaluating a row can skip those rows and leave their cells empty instead."""
+        return self.config.router_protocol == "per-stage" or index == 0 or index >= len(self.tasks)
 
     def trainable_parameters(self) -> int:
         """Parameters trained in the last stage: the newest expert, plus the router from task 2 on."""
@@ -371,10 +494,12 @@ class MrLora(TaskExperts):
             if count > 1:
                 raise MmclError(f"mrlora: {count} experts but no trained router (state incomplete?)")
             return torch.zeros(len(samples), dtype=torch.long)
-        if self._letter_ids is None or len(self._letter_ids) < count:
-            self._letter_ids = letter_token_ids(self.backbone, max(count, len(self.tasks)))
         descriptions = self.descriptions()
         model = self.backbone.model
+        if self.config.router_protocol == "paper":
+            return self.route_by_generation([router_prompt(sample, descriptions) for sample in samples], samples)
+        if self._letter_ids is None or len(self._letter_ids) < count:
+            self._letter_ids = letter_token_ids(self.backbone, max(count, len(self.tasks)))
         model.set_adapter(ROUTER, inference_mode=True)
         was_training = model.training
         model.eval()
@@ -382,15 +507,32 @@ class MrLora(TaskExperts):
         if self._prefix_sharing is None and len(prompts) > 1:
             # check once that the shared-prefix pass reproduces the plain one on this backbone (models
             # with their own position scheme, e.g. Qwen2-VL's M-RoPE, may not); if not, never use it
-            shared, plain = self.next_token_logits(prompts), self.next_token_logits(prompts, share_prefix=False)
-            self._prefix_sharing = bool(torch.allclose(shared, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())))
+            shared = self.next_token_logits(prompts)
+            really_shared = self._shared_prefix >= 2  # decide only on a batch where the shared pass really ran
+            plain = self.next_token_logits(prompts, share_prefix=False)
+            if really_shared:
+                self._prefix_sharing = bool(torch.allclose(shared, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max())))
             logits = plain
         else:
             logits = self.next_token_logits(prompts, share_prefix=bool(self._prefix_sharing))
         if was_training:
             model.train()
         letter_ids = torch.tensor(self._letter_ids[:count], device=logits.device)
+        self.last_fallbacks = [False] * len(samples)
         return choose_experts(logits.float().index_select(1, letter_ids)).cpu()
+
+    def route_by_generation(self, prompts: Sequence[Sample], samples: Sequence[Sample]) -> torch.Tensor:
+        """"paper" protocol: the router generates its answer (greedy, ``router_max_new_tokens``), which is
+        read by :func:`read_router_answer`; an illegal answer goes to :func:`fallback_expert`."""
+        count = len(self.trained)
+        self.backbone.model.set_adapter(ROUTER, inference_mode=True)
+        outputs = self.backbone.generate(list(prompts), self.config.router_max_new_tokens)
+        choices = [read_router_answer(text, count) for text in outputs]
+        self.last_fallbacks = [choice is None for choice in choices]
+        return torch.tensor(
+            [fallback_expert(self.seed, s.id, count) if c is None else c for s, c in zip(samples, choices)],
+            dtype=torch.long,
+        )
 
     @torch.inference_mode()
     def next_token_logits(self, prompts: Sequence[Sample], share_prefix: bool = True) -> torch.Tensor:
@@ -406,7 +548,8 @@ class MrLora(TaskExperts):
         batch = self.backbone.prompt_batch(prompts)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         image_token = getattr(self.backbone.model.config, "image_token_id", None)
-        prefix = common_prefix_length(ids, mask, image_token) if share_prefix else 0
+        prefix = common_prefix_length(ids, mask, image_token) if share_prefix and ids.shape[0] > 1 else 0
+        self._shared_prefix = prefix
         if prefix < 2 or ids.shape[0] < 2:
             return model(**batch, logits_to_keep=1).logits[:, -1, :]
         width = ids.shape[1]
@@ -445,10 +588,14 @@ class MrLora(TaskExperts):
         del task  # routing never looks at the task identity
         samples = list(samples)
         model = self.backbone.model
+        self.last_fallbacks = [False] * len(samples)
         if not self.trained:
             with model.disable_adapter():
                 answers = self.backbone.generate(samples, max_new_tokens)
             self.last_routes = [BASE_ROUTE] * len(samples)
+        elif not self.evaluates_stage(len(self.trained)):
+            answers = [""] * len(samples)  # placeholders: the protocol defines no model at this stage
+            self.last_routes = [NOT_EVALUATED] * len(samples)
         else:
             choices = self.route(samples)
             answers = generate_grouped(samples, choices, lambda e, group: self._run_expert(e, group, max_new_tokens))
@@ -468,8 +615,15 @@ class MrLora(TaskExperts):
 
         tasks = {task.name: task for task in self.tasks}
         experts = [task.name for task in self.expert_tasks]
-        stage = self.routing.setdefault(self.stage_key(), {"experts": experts, "tasks": {}})
+        evaluated = self.evaluates_stage(len(self.trained))
+        stage = self.routing.setdefault(self.stage_key(), {"experts": experts, "evaluated": evaluated, "tasks": {}})
         oracle_answers = dict(enumerate(answers))
+        if not evaluated:
+            for sample in samples:
+                entry = stage["tasks"].setdefault(sample.task, new_entry())
+                entry["n"] += 1
+                entry["routed"][NOT_EVALUATED] = entry["routed"].get(NOT_EVALUATED, 0) + 1
+            return
         if self.config.oracle_scores and experts:
             wrong = [i for i, s in enumerate(samples) if s.task in experts and self.last_routes[i] != s.task]
             if wrong:
@@ -483,6 +637,7 @@ class MrLora(TaskExperts):
             entry["n"] += 1
             route = self.last_routes[index]
             entry["routed"][route] = entry["routed"].get(route, 0) + 1
+            entry["fallback"] += int(self.last_fallbacks[index]) if index < len(self.last_fallbacks) else 0
             if sample.task not in tasks:
                 continue
             scorer_name = tasks[sample.task].scorer
@@ -501,16 +656,36 @@ class MrLora(TaskExperts):
         tasks in evaluation order, columns = experts in letter order). Scores are percentages.
         ``router_training`` lists each router training (experts, routing-set size, loss, seconds)."""
         return {
+            "protocol": self.config.router_protocol,
+            "protocol_note": self.protocol_note(),
             "stages": {key: summarize_stage(raw) for key, raw in self.routing.items()},
             "router_training": list(self.router_training),
         }
+
+    def protocol_note(self) -> str:
+        """One sentence on what the rows of the matrix mean under the configured router protocol."""
+        if self.config.router_protocol == "paper":
+            return (
+                "Router protocol 'paper' (MLLM-CL repo): the router is trained once, after the last task, on "
+                f"{self.config.router_samples_per_task} samples of every task, and generates its answer (an "
+                "illegal answer goes to a random expert, counted as 'fallback'). Only the last row of the "
+                "matrix is an MR-LoRA result: the rows of the stages before it are NOT evaluated (their "
+                "answers are empty placeholders scored 0; ignore them and every metric built on them, such "
+                "as BWT and forgetting)."
+            )
+        return (
+            "Router protocol 'per-stage' (ours): after every task from the second on the router is trained "
+            f"further on {self.config.router_samples_per_task} samples of every task so far and picks the "
+            "expert whose letter has the highest logit; every row of the matrix is an MR-LoRA result."
+        )
 
     def load_routing_report(self, report: dict[str, Any]) -> None:
         """Take back the counters of a report written earlier (a resumed run's evaluations of a stage
         add to them). Tasks already counted in this process are kept as they are."""
         for key, summary in report.get("stages", {}).items():
-            stage = self.routing.setdefault(key, {"experts": list(summary["experts"]), "tasks": {}})
-            for name, entry in raw_stage(summary)["tasks"].items():
+            raw = raw_stage(summary)
+            stage = self.routing.setdefault(key, {"experts": raw["experts"], "evaluated": raw["evaluated"], "tasks": {}})
+            for name, entry in raw["tasks"].items():
                 stage["tasks"].setdefault(name, entry)
         if len(report.get("router_training", [])) > len(self.router_training):
             self.router_training = list(report["router_training"])
@@ -532,9 +707,18 @@ class MrLora(TaskExperts):
         def cell(value: Any) -> str:
             return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else escape(str(value))
 
+        report = self.routing_report()
         parts = []
-        for key, stage in self.routing_report()["stages"].items():
+        for key, stage in report["stages"].items():
+            if not stage.get("evaluated", True):
+                parts.append(
+                    f"<h3>after stage {escape(key)}: not evaluated</h3><p>The '{escape(report['protocol'])}' "
+                    "router protocol defines no model at this stage (the router is trained after the last "
+                    "task only): the answers of this row are empty placeholders, not results.</p>"
+                )
+                continue
             confusion = stage["confusion"]
+            fallbacks = sum(entry.get("fallback", 0) for entry in stage["tasks"].values())
             header = "".join(f"<th>{escape(c)}</th>" for c in confusion["columns"])
             rows = "".join(
                 f"<tr><th>{escape(task)}</th>{''.join(f'<td>{n}</td>' for n in counts)}"
@@ -542,12 +726,15 @@ class MrLora(TaskExperts):
                 f"<td>{cell(stage['tasks'][task]['oracle_score'])}</td></tr>"
                 for task, counts in zip(confusion["rows"], confusion["counts"])
             )
+            fallback_note = f" ({fallbacks} illegal router answers sent to a random expert)" if fallbacks else ""
             parts.append(
-                f"<h3>after stage {escape(key)}: router accuracy {cell(stage['router_accuracy'])}%</h3>"
+                f"<h3>after stage {escape(key)}: router accuracy {cell(stage['router_accuracy'])}%{fallback_note}</h3>"
                 f"<table><tr><th>true task \\ expert</th>{header}<th>router acc.</th><th>score</th>"
                 f"<th>oracle score</th></tr>{rows}</table>"
             )
-        return [{"title": "MR-LoRA routing", "html": "".join(parts)}] if parts else []
+        if not parts:
+            return []
+        return [{"title": "MR-LoRA routing", "html": f"<p>{escape(report['protocol_note'])}</p>" + "".join(parts)}]
 
     # -- state -----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
