@@ -58,7 +58,7 @@ from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, MmclError
 from mmcl.methods.base import register_method
 from mmcl.methods.experts import TaskExperts, adapter_name
-from mmcl.methods.lora_utils import adapter_part, load_adapter_tensors, lora_config, named_adapters_tensors
+from mmcl.methods.lora_utils import adapter_part, adapter_tensors, load_adapter_tensors, lora_config, named_adapters_tensors
 from mmcl.results import BASE_LABEL, stage_name
 
 ROUTER = "router"
@@ -434,6 +434,7 @@ class MrLora(TaskExperts):
         started = time.perf_counter()
         losses, fits = [], []
         extra: list[Sample] = []  # misrouted routing-set prompts, repeated in the following rounds
+        best = None  # (misrouted count, round, router tensors) of the best round so far
         for round_index in range(rounds):
             model.set_adapter(ROUTER)  # the router is the only active adapter, and the only trainable one
             seed = self.seed + ROUTER_TRAIN_SEED_OFFSET + task_index + ROUTER_ROUND_SEED_STEP * round_index
@@ -445,9 +446,15 @@ class MrLora(TaskExperts):
                 break
             accuracy, wrong = self.routing_set_check()
             fits.append(accuracy)
+            if best is None or len(wrong) < best[0]:
+                best = (len(wrong), round_index, {k: v.detach().clone() for k, v in adapter_tensors(self.backbone, ROUTER).items()})
             if not wrong:
                 break
             extra += [samples[i] for i in wrong]
+        if best is not None and best[1] != len(losses) - 1:
+            # a later round (its schedule restarts at the full learning rate) can undo more than it fixes:
+            # keep the round that misrouted the fewest routing-set samples
+            load_adapter_tensors(self.backbone, best[2], ROUTER)
         self.router_training.append(
             {
                 "experts": self.router_experts,
@@ -456,6 +463,7 @@ class MrLora(TaskExperts):
                 "train_loss": losses[-1],
                 "round_losses": losses,
                 "routing_set_accuracy": fits,  # per round (per-stage protocol): task -> % routed to its own expert
+                "kept_round": best[1] + 1 if best is not None else len(losses),  # the round whose router is kept
                 "seconds": round(time.perf_counter() - started, 3),
             }
         )
