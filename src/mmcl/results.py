@@ -72,7 +72,7 @@ def planned_files(run_dir: Path, tasks: list[str], stages: list[str], joint: boo
     files: list[Path] = []
     labels = [BASE_LABEL, *stages]
     for row_index, label in enumerate(labels):
-        if row_index == 0 and not plan["evaluate_base"]:
+        if (row_index == 0 and not plan["evaluate_base"]) or row_index in plan.get("skipped_rows", ()):
             continue
         row = stage_name(row_index, label)
         planned = planned_row(

@@ -138,7 +138,9 @@ def write_plan(
             "max_new_tokens": evaluation.max_new_tokens,
             "batch_size": evaluation.batch_size,
             "decoding": dict(GREEDY_DECODING),  # plus each task's max_new_tokens (tasks above) unless overridden
-            "planned": evaluation_plan(config.to_dict(), general),  # which evaluations a finished run holds
+            # which evaluations a finished run holds; rows the method defines no model for are skipped
+            "planned": {**evaluation_plan(config.to_dict(), general),
+                        "skipped_rows": [i for i in range(len(stages) + 1) if not method.evaluates_stage(i, len(stages))]},
         },
     }
     atomic_write_text(run_dir / "run.json", json.dumps(plan, indent=1))
@@ -508,6 +510,9 @@ class ContinualRun:
                 self.train_stage(index)
             else:
                 self.log(f"stage {index}/{len(self.stages)} [{self.stages[index - 1][0]}]: done earlier, skipped")
+            if not self.method.evaluates_stage(index, len(self.stages)):
+                self.log(f"stage {index}: not evaluated ({self.config.method.name} defines no model at this stage)")
+                continue
             seen = len(self.tasks) if self.config.evaluation.forward_transfer else self.seen_tasks(index)
             self.evaluate_row(index, stage_name(index, self.stages[index - 1][0]), self.tasks[:seen])
         distributed.barrier()

@@ -73,6 +73,12 @@ class Method(ABC):
     def after_task(self, task_index: int, task: Task) -> None:
         """Called after training on ``task`` (statistics, experts, routers)."""
 
+    def evaluates_stage(self, index: int, n_stages: int) -> bool:
+        """Whether the model after stage ``index`` (0 = the base model) of ``n_stages`` is one the method
+        defines and the runner should evaluate; a row it skips stays empty (``None``) in the matrix.
+        Only protocols that build their model at the end (MR-LoRA's paper protocol) say no."""
+        return True
+
     def generate(self, samples: Sequence[Sample], task: Task, max_new_tokens: int) -> list[str]:
         """Answers for one batch of test samples of ``task``; the task identity is for oracle methods."""
         assert self.backbone is not None

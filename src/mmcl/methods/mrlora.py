@@ -477,13 +477,13 @@ class MrLora(TaskExperts):
             self.train_router(task_index)
         self.backbone.model.set_adapter(adapter_name(task))
 
-    def evaluates_stage(self, index: int) -> bool:
+    def evaluates_stage(self, index: int, n_stages: int) -> bool:
         """Whether the model after stage ``index`` (0 = the base model) is an MR-LoRA model that can be
         evaluated. Under the "paper" protocol the router exists only after the last task, so the stages
-        1 .. T-1 are not; :meth:`generate` then gives empty answers (placeholders, scored 0 by the runner)
-        and the routing report marks the stage ``"evaluated": false``. A runner that asks this before
-        evaluating a row can skip those rows and leave their cells empty instead."""
-        return self.config.router_protocol == "per-stage" or index == 0 or index >= len(self.tasks)
+        1 .. T-1 are not: the runner skips those rows (their cells stay empty). Called outside the runner
+        on such a stage, :meth:`generate` gives empty placeholder answers and the routing report marks the
+        stage ``"evaluated": false``."""
+        return self.config.router_protocol == "per-stage" or index == 0 or index >= n_stages
 
     def trainable_parameters(self) -> int:
         """Parameters trained in the last stage: the newest expert, plus the router from task 2 on."""
@@ -601,7 +601,7 @@ class MrLora(TaskExperts):
             with model.disable_adapter():
                 answers = self.backbone.generate(samples, max_new_tokens)
             self.last_routes = [BASE_ROUTE] * len(samples)
-        elif not self.evaluates_stage(len(self.trained)):
+        elif not self.evaluates_stage(len(self.trained), len(self.tasks)):
             answers = [""] * len(samples)  # placeholders: the protocol defines no model at this stage
             self.last_routes = [NOT_EVALUATED] * len(samples)
         else:
@@ -623,7 +623,7 @@ class MrLora(TaskExperts):
 
         tasks = {task.name: task for task in self.tasks}
         experts = [task.name for task in self.expert_tasks]
-        evaluated = self.evaluates_stage(len(self.trained))
+        evaluated = self.evaluates_stage(len(self.trained), len(self.tasks))
         stage = self.routing.setdefault(self.stage_key(), {"experts": experts, "evaluated": evaluated, "tasks": {}})
         oracle_answers = dict(enumerate(answers))
         if not evaluated:
