@@ -11,7 +11,7 @@ from mmcl.config import ExperimentConfig, from_dict
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError
 from mmcl.evaluation.chance import sample_chance, task_chance
-from mmcl.evaluation.metrics import climb_average_forgetting, climb_forgetting
+from mmcl.evaluation.metrics import climb_average_forgetting, climb_forgetting, climb_knowledge_transfer
 
 
 def sample(prompt: str, answer: str) -> Sample:
@@ -58,9 +58,11 @@ def test_climb_average_forgetting_golden() -> None:
     chance = [50.0, 0.0, 25.0]
     assert climb_forgetting(R, chance, 1, 3) == pytest.approx(200 / 3)
     assert climb_average_forgetting(R, chance) == pytest.approx((200 / 3 + 20) / 2)
-    # a task learned only to its chance level has no defined T_F and is left out of the mean
+    # a task learned only to its chance level, or below it, has no defined T_F and is left out of the mean
     R[1][0] = 50.0
     assert climb_average_forgetting(R, chance) == pytest.approx(20.0)
+    R[1][0] = 23.0  # the literal ratio would be 100 (23 - 60) / (23 - 50) = +137: meaningless, left out
+    assert climb_forgetting(R, chance, 1, 3) is None and climb_average_forgetting(R, chance) == pytest.approx(20.0)
     assert climb_average_forgetting([[0.0], [10.0]], [0.0]) is None
 
 
@@ -78,3 +80,5 @@ def test_compare_never_uses_the_base_row_as_chance(tmp_path: Path) -> None:
     transfer = [100 * (80 - 90) / (90 - 50), 100 * (70 - 65) / (65 - 25)]
     assert metrics["T_K"] == pytest.approx(sum(transfer) / 2)
     assert metrics["T_F"] == pytest.approx(100 * (80 - 65) / (80 - 50))
+    # a single-task score at or below chance gives no scale: that task's T_K is left out
+    assert climb_knowledge_transfer(70.0, 20.0, 25.0) is None and climb_knowledge_transfer(70.0, 25.0, 25.0) is None

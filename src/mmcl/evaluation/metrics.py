@@ -117,10 +117,11 @@ def climb_knowledge_transfer(
 ) -> float | None:
     """CLiMB knowledge transfer ``T_K = 100 * (S_CL - S_ST) / (S_ST - S_rand)``.
 
-    Srinivasan et al. 2022, "CLiMB". ``None`` if ``S_ST == S_rand``.
+    Srinivasan et al. 2022, "CLiMB". ``None`` if ``S_ST <= S_rand``: a single-task model no better than
+    chance gives no scale to normalise by (the ratio would flip sign or explode).
     """
     denominator = float(single_task_score) - float(random_score)
-    if denominator == 0.0:
+    if denominator <= 0.0:
         return None
     return 100.0 * (float(cl_score) - float(single_task_score)) / denominator
 
@@ -130,7 +131,8 @@ def climb_forgetting(R: Matrix, random_scores: Sequence[float], j: int, i: int) 
 
     Srinivasan et al. 2022, "CLiMB". ``j`` and ``i`` are 1-based stages with
     ``1 <= j <= i <= T``; ``random_scores[j-1]`` is the random-chance score S_rand(j).
-    ``None`` if a needed entry is ``None`` or the denominator is zero.
+    ``None`` if a needed entry is ``None`` or the task was not learned above chance (``R[j][j-1] <=
+    S_rand(j)``: the ratio would flip sign or explode, e.g. -950 for a task learned to 23 with chance 25).
     """
     T = _num_tasks(R)
     if len(random_scores) != T:
@@ -141,7 +143,7 @@ def climb_forgetting(R: Matrix, random_scores: Sequence[float], j: int, i: int) 
     if learned is None or later is None:
         return None
     denominator = float(learned) - float(random_scores[j - 1])
-    if denominator == 0.0:
+    if denominator <= 0.0:
         return None
     return 100.0 * (float(learned) - float(later)) / denominator
 
@@ -149,8 +151,8 @@ def climb_forgetting(R: Matrix, random_scores: Sequence[float], j: int, i: int) 
 def climb_average_forgetting(R: Matrix, random_scores: Sequence[float]) -> float | None:
     """Mean CLiMB forgetting after the last stage over the tasks before it: ``mean_{j<T} T_F(j<-T)``.
 
-    Tasks whose T_F is undefined (learned score equal to chance, or an entry ``None``) are left out of
-    the mean; ``None`` if T < 2 or no task has a defined value.
+    Tasks whose T_F is undefined (not learned above chance, or an entry ``None``) are left out of the
+    mean; ``None`` if T < 2 or no task has a defined value.
     """
     T = _num_tasks(R)
     if T < 2:
