@@ -2,7 +2,9 @@
 
 Contract for every bad input: the command exits with the expected non-zero code, prints exactly one
 line on stderr, ``error: ...``, naming the file, record or key at fault, prints no traceback, and
-leaves everything already computed in place. A case builds its inputs under ``tmp_path`` and says
+leaves everything already computed in place. Inputs that look odd but are fine (``1e-4`` for a
+float, a numeric answer, a folder as the stream) are cases too, with ``exit_code`` 0: the command
+succeeds, prints no traceback and no ``error:`` line, and ``check`` asserts what it produced. A case builds its inputs under ``tmp_path`` and says
 what to run; ``run_case`` runs it in-process (or as a subprocess when a case needs a real process:
 signals, imports) and checks the contract. Cases live in ``catalogue_*.py`` modules as ``CASES``.
 """
@@ -44,14 +46,16 @@ class Invocation:
 
 @dataclass
 class Case:
-    """One bad input: ``build`` prepares it; the run must exit ``exit_code`` with one stderr line that
-    matches ``message`` (a regex, searched); ``check`` then asserts that nothing computed was lost."""
+    """One input: ``build`` prepares it; the run must exit ``exit_code`` with one stderr line that
+    matches ``message`` (a regex, searched); ``check`` then asserts that nothing computed was lost.
+    ``exit_code`` 0 marks an input that must work (``message`` unused)."""
 
     name: str
     build: Callable[[Fixtures], Invocation]
     exit_code: int
     message: str
     check: Callable[[Fixtures], None] | None = None
+    output_check: Callable[["Outcome"], None] | None = None  # what the command printed
 
 
 @dataclass
@@ -105,9 +109,21 @@ def assert_contract(outcome: Outcome, exit_code: int | None, message: str | None
         assert re.search(message, errors[0]), (message, errors[0])
 
 
+def assert_success(outcome: Outcome) -> None:
+    """Exit 0, no traceback, no ``error:`` line."""
+    assert "Traceback" not in outcome.out + outcome.err, outcome.err[-3000:]
+    assert outcome.code == 0, (outcome.code, outcome.err[-2000:])
+    assert not any(line.startswith("error: ") for line in outcome.err.splitlines()), outcome.err
+
+
 def run_case(case: Case, fixtures: Fixtures) -> Outcome:
     outcome = invoke(case.build(fixtures))
-    assert_contract(outcome, case.exit_code, case.message)
+    if case.exit_code == 0:
+        assert_success(outcome)
+    else:
+        assert_contract(outcome, case.exit_code, case.message)
     if case.check is not None:
         case.check(fixtures)
+    if case.output_check is not None:
+        case.output_check(outcome)
     return outcome
