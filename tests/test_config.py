@@ -10,7 +10,7 @@ import pytest
 
 from conftest import write_config
 from mmcl.cli import _overrides, build_parser, main
-from mmcl.config import ExperimentConfig, load_config
+from mmcl.config import ExperimentConfig, from_dict, load_config
 from mmcl.errors import ConfigError
 from mmcl.runner import create_method
 
@@ -367,3 +367,28 @@ def test_a_stream_of_files_is_labelled_files() -> None:
     config = load_config(None, {"stream.tasks": [{"name": "a", "train": "a.json", "test": "b.json"}]})
     assert config.stream.name == "files" and config.to_dict()["stream"]["name"] == "files"
     assert load_config(None).stream.name == "synth-domain"
+
+
+def test_every_numeric_method_option_refuses_an_out_of_range_value() -> None:
+    """Every method's numeric options are range-checked at config load (declared ranges or the config
+    class's own checks): -1 is out of range for each of them, so each is refused with a ConfigError."""
+    import dataclasses
+    import typing
+
+    from mmcl.methods import METHODS
+
+    accepted = []
+    for name, method in sorted(METHODS.items()):
+        if method.config_class is None:
+            continue
+        hints = typing.get_type_hints(method.config_class)
+        for option in dataclasses.fields(method.config_class):
+            kinds = typing.get_args(hints[option.name]) or (hints[option.name],)
+            if str in kinds or not ({int, float} & set(kinds)):
+                continue
+            try:
+                from_dict(method.config_class, {option.name: -1}, "method.options")
+                accepted.append(f"{name}.{option.name}")
+            except ConfigError:
+                pass
+    assert accepted == []

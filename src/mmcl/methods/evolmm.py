@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
@@ -153,7 +153,7 @@ class EvolmmConfig:
     temperature: float = 1.0  # sampling temperature of both roles, log-probs use the same (train.py L136)
     learning_rate: float | None = None  # AdamW per role; tiny: 1e-3 (calibrated); reference: 1e-6 (L131)
     weight_decay: float | None = None  # AdamW; tiny: 0 (= Adam, as calibrated); reference: 0.01 (L132)
-    max_grad_norm: float = 1.0  # train.py L133 (grad_clip), L607
+    max_grad_norm: float = field(default=1.0, metadata={"range": "(0, inf)"})  # train.py L133 (grad_clip), L607
     kl_estimator: str | None = None  # "k3" (tiny) or "full" (reference, train.py L590-599)
     update: str | None = None  # "batch" (tiny) or "per-completion" (reference, train.py L993-999)
     proposer_questions: str | None = None  # "since-last" (tiny) or "current-step" (reference, L1015-1020)
@@ -161,14 +161,14 @@ class EvolmmConfig:
     prompt_format: str | None = None  # "plain" (tiny) or "tags" (reference, train.py L301-327, L940-958)
     answer_normalization: str | None = None  # "scorer" (tiny) or "reference" (train.py L81-86)
     length_cap: str | None = None  # "released" (tiny; min(1, .) of train.py L980) or "paper" (reference: no cap)
-    solver_gamma: float = rewards.SOLVER_GAMMA  # 0.7 (--solver_soft_gamma)
-    length_penalty: float = rewards.LENGTH_PENALTY  # lambda_len 0.1 (train.py L143)
+    solver_gamma: float = field(default=rewards.SOLVER_GAMMA, metadata={"range": "[0, inf)"})  # 0.7 (--solver_soft_gamma)
+    length_penalty: float = field(default=rewards.LENGTH_PENALTY, metadata={"range": "[0, inf)"})  # lambda_len 0.1 (train.py L143)
     length_tau_words: float = rewards.LENGTH_TAU_WORDS  # tau 6 words (train.py L144)
-    entropy_target: float = rewards.ENTROPY_TARGET  # mu 0.9 nats (train.py L148)
+    entropy_target: float = field(default=rewards.ENTROPY_TARGET, metadata={"range": "[0, inf)"})  # mu 0.9 nats (train.py L148)
     entropy_width: float = rewards.ENTROPY_WIDTH  # sigma 0.35 nats (train.py L149)
     baseline_decay: float = rewards.BASELINE_DECAY  # b <- 0.9 b + 0.1 r (train.py L678, L847-851)
     kl_target: float = rewards.KL_TARGET  # 0.02 nats per token (--kl_target, train.sh)
-    kl_adapt_rate: float = rewards.KL_ADAPT_RATE  # 0.1 (--kl_adapt_rate, train.sh)
+    kl_adapt_rate: float = field(default=rewards.KL_ADAPT_RATE, metadata={"range": "[0, inf)"})  # 0.1 (--kl_adapt_rate, train.sh)
     initial_kl_coef: float = 1e-3  # beta at the start of training, per role (train.py L135 kl_coef)
     # tiny: the tiny model's pretraining proposal prompt; reference: the tag protocol (our wording)
     proposer_prompt: str | None = None

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,17 +69,17 @@ class GrpoOptions:
     epochs: float = 0.0  # if > 0: passes over the kept prompts, overrides steps
     prompts_per_step: int = _DEFAULTS.prompts_per_step
     group_size: int = _DEFAULTS.group_size
-    temperature: float = _DEFAULTS.temperature
-    top_p: float = _DEFAULTS.top_p
+    temperature: float = field(default=_DEFAULTS.temperature, metadata={"range": "(0, inf)"})
+    top_p: float = field(default=_DEFAULTS.top_p, metadata={"range": "(0, 1]"})
     max_new_tokens: int | None = None  # None: the task's own generation budget
-    clip_epsilon: float = _DEFAULTS.clip_epsilon
-    kl_coef: float = _DEFAULTS.kl_coef
+    clip_epsilon: float = field(default=_DEFAULTS.clip_epsilon, metadata={"range": "[0, inf)"})
+    kl_coef: float = field(default=_DEFAULTS.kl_coef, metadata={"range": "[0, inf)"})
     iterations: int = _DEFAULTS.iterations
-    learning_rate: float = _DEFAULTS.learning_rate
+    learning_rate: float = field(default=_DEFAULTS.learning_rate, metadata={"range": "(0, inf)"})
     lr_scheduler: str = _DEFAULTS.lr_scheduler
     loss_type: str = _DEFAULTS.loss_type
     scale_rewards: bool = _DEFAULTS.scale_rewards
-    format_weight: float = _DEFAULTS.format_weight
+    format_weight: float = field(default=_DEFAULTS.format_weight, metadata={"range": "[0, inf)"})
     format_max_words: int = 3  # synth answers are one word; a short line allows "two cars"-style answers
     filter: bool = True  # rollout-based instance filtering (RFT's RIF)
     filter_rollouts: int = 4  # k rollouts per training instance for filtering

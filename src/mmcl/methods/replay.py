@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from mmcl.benchmarks.stream import Task
@@ -43,7 +43,7 @@ class ReplayConfig:
     """Buffer size and selection rule."""
 
     ratio: float = 0.1  # share of each task's training samples kept when per_task is not set
-    per_task: int | None = None  # fixed number of samples kept per task (overrides ratio)
+    per_task: int | None = field(default=None, metadata={"range": "[0, inf)"})  # fixed number of samples kept per task (overrides ratio)
     selection: str = "random"  # random | reservoir
 
     def __post_init__(self) -> None:
