@@ -194,19 +194,24 @@ def test_one_stage_trains_both_roles_without_reading_a_label(tiny_model_dir: Pat
     assert sections[0]["title"] == "EvoLMM self-evolution" and "data:image/png;base64," in sections[0]["html"]
 
 
+def evolmm_run_config(model_dir: Path, cache_dir: Path, path: Path, out: Path, options: dict) -> Path:
+    """A tiny synth-domain experiment with evolmm and ``options``, written to ``path``."""
+    config = make_stream_config(
+        model_dir, cache_dir, out,
+        evaluation={"batch_size": 8, "forward_transfer": False, "limit": 2},
+        method={"name": "evolmm", "options": options},
+        lora={"rank": 4},
+    )  # fmt: skip
+    return write_config(path, config)
+
+
 def test_cli_run_trains_label_free_reports_curves_and_resumes(
     tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path
 ):
     out = tmp_path / "run"
     options = {"steps_per_task": 2, "images_per_step": 2, "solver_samples": 2, "proposer_every": 2,
                "question_max_new_tokens": 6, "answer_max_new_tokens": 3}  # fmt: skip
-    config = make_stream_config(
-        tiny_model_dir, stream_cache_dir, out,
-        evaluation={"batch_size": 8, "forward_transfer": False, "limit": 2},
-        method={"name": "evolmm", "options": options},
-        lora={"rank": 4},
-    )  # fmt: skip
-    path = write_config(tmp_path / "evolmm.yaml", config)
+    path = evolmm_run_config(tiny_model_dir, stream_cache_dir, tmp_path / "evolmm.yaml", out, options)
     assert main(["run", str(path)]) == 0
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["method"] == "evolmm" and results["complete"]
@@ -415,13 +420,7 @@ def test_cli_run_with_the_reference_protocol_resumes(tiny_model_dir: Path, strea
     out = tmp_path / "run"
     options = {"protocol": "reference", "steps_per_task": 2, "solver_samples": 2, "proposer_every": 1,
                "question_max_new_tokens": 6, "answer_max_new_tokens": 4}  # fmt: skip
-    config = make_stream_config(
-        tiny_model_dir, stream_cache_dir, out,
-        evaluation={"batch_size": 8, "forward_transfer": False, "limit": 2},
-        method={"name": "evolmm", "options": options},
-        lora={"rank": 4},
-    )  # fmt: skip
-    path = write_config(tmp_path / "evolmm-reference.yaml", config)
+    path = evolmm_run_config(tiny_model_dir, stream_cache_dir, tmp_path / "evolmm-reference.yaml", out, options)
     assert main(["run", str(path)]) == 0
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["method"] == "evolmm" and results["complete"]
