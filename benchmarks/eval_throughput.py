@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from mmcl.backbones.registry import load_backbone
-from mmcl.benchmarks.registry import SYNTH_DOMAIN_DEFAULTS
-from mmcl.benchmarks.stream import StreamConfig, build_stream
+from mmcl.streams.registry import SYNTH_DOMAIN_DEFAULTS
+from mmcl.streams.stream import StreamConfig, build_stream
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from mmcl.backbones.registry import TINY_LLAVA_DIR, load_backbone
-from mmcl.benchmarks.registry import SYNTH_DOMAIN_DEFAULTS
-from mmcl.benchmarks.stream import StreamConfig, build_stream
+from mmcl.streams.registry import SYNTH_DOMAIN_DEFAULTS
+from mmcl.streams.stream import StreamConfig, build_stream
 from mmcl.config import LoraSettings
 from mmcl.methods.experts import adapter_name
 from mmcl.methods.mrlora import DESCRIPTION_MODES, ROUTER, MrLora, MrLoraConfig, router_prompt

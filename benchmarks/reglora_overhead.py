@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mmcl.backbones.registry import TINY_LLAVA_DIR, load_backbone
-from mmcl.benchmarks.stream import StreamConfig, build_stream
+from mmcl.streams.stream import StreamConfig, build_stream
 from mmcl.config import LoraSettings
 from mmcl.methods.reglora import RegLora, RegLoraConfig
 

@@ -38,7 +38,7 @@ sys.meta_path.insert(0, _InterruptOnImport())
 
 def experiment(fixtures: Fixtures, **extra: Any) -> Path:
     """A folder with ``config.yaml`` and a two-task stream of tiny synthetic files under ``data/``."""
-    from mmcl.benchmarks.synth import SYNTH_DOMAIN_TASKS, write_synth_domain
+    from mmcl.streams.synth import SYNTH_DOMAIN_TASKS, write_synth_domain
 
     folder = fixtures.tmp_path / "experiment"
     source = fixtures.stream_cache_dir / "environment-source"

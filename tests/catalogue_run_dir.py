@@ -26,7 +26,7 @@ _FINISHED: dict[str, Path] = {}
 
 def experiment_config(model_dir: Path, **extra: Any) -> dict[str, Any]:
     """A three-task stream of tiny synthetic files under ``data/`` (paths relative to the config)."""
-    from mmcl.benchmarks.synth import SYNTH_DOMAIN_TASKS
+    from mmcl.streams.synth import SYNTH_DOMAIN_TASKS
 
     scorers = {spec.name: spec.scorer for spec in SYNTH_DOMAIN_TASKS}
     config: dict[str, Any] = {
@@ -66,7 +66,7 @@ def finished_experiment(model_dir: Path, cache_dir: Path) -> Path:
     key = str(model_dir)
     if key in _FINISHED:
         return _FINISHED[key]
-    from mmcl.benchmarks.synth import write_synth_domain
+    from mmcl.streams.synth import write_synth_domain
 
     folder = Path(tempfile.mkdtemp(prefix="mmcl-integrity-"))
     source = write_synth_domain(cache_dir / "integrity-source", seed=3, train_per_task=4, test_per_task=3)

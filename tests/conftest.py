@@ -21,7 +21,7 @@ TINY_IMAGE_SIZE = 48
 
 def _tokenizer_corpus() -> list[str]:
     """Questions and answers of every synthetic generator, plus digits, letters and chat markers."""
-    from mmcl.benchmarks.synth import SYNTH_DOMAIN_TASKS, domain_examples, pretrain_examples
+    from mmcl.streams.synth import SYNTH_DOMAIN_TASKS, domain_examples, pretrain_examples
 
     corpus: list[str] = []
     for spec in SYNTH_DOMAIN_TASKS:
@@ -43,7 +43,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     below then hold non-zero, stage-dependent numbers, which makes equality checks meaningful."""
     from mmcl.backbones.backbone import Backbone
     from mmcl.backbones.tiny import TinyLlavaSpec, build_model, build_processor, train_tokenizer
-    from mmcl.benchmarks.synth import SYNTH_DOMAIN_TASKS, write_synth_domain
+    from mmcl.streams.synth import SYNTH_DOMAIN_TASKS, write_synth_domain
     from mmcl.data.readers import read_samples
     from mmcl.training.sft import TrainingConfig, train_on_samples
 
@@ -119,7 +119,7 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 @pytest.fixture(scope="module")
 def tasks(stream_cache_dir: Path):
     """The synth-domain tasks of ``make_stream_config`` (same sizes, so the generated cache is shared)."""
-    from mmcl.benchmarks.stream import StreamConfig, build_stream
+    from mmcl.streams.stream import StreamConfig, build_stream
 
     options = {"train_per_task": 8, "test_per_task": 4}
     config = StreamConfig(name="synth-domain", options=options, cache_dir=str(stream_cache_dir))

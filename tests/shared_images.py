@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmcl.benchmarks.synth import domain_examples
+from mmcl.streams.synth import domain_examples
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 

@@ -126,7 +126,7 @@ LEAKY_GENERATION = {
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mmcl.benchmarks.synth import write_synth_domain
+    from mmcl.streams.synth import write_synth_domain
 
     return write_synth_domain(tmp_path_factory.mktemp("fidelity_data"), seed=0, train_per_task=4, test_per_task=2)
 

@@ -43,7 +43,7 @@ def arch_dir(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mmcl.benchmarks.synth import write_synth_domain
+    from mmcl.streams.synth import write_synth_domain
 
     return write_synth_domain(tmp_path_factory.mktemp("arch_data"), seed=0, train_per_task=4, test_per_task=2)
 
@@ -331,7 +331,7 @@ def test_probe_hub_asks_once_with_a_short_timeout(monkeypatch: pytest.MonkeyPatc
 
 def test_data_check_does_not_need_the_backbone(hub: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """An unknown backbone in the experiment is a note in ``data check`` (lengths unchecked), not an error."""
-    from mmcl.benchmarks.synth import write_synth_domain
+    from mmcl.streams.synth import write_synth_domain
     from mmcl.cli import main
 
     root = write_synth_domain(tmp_path / "data", seed=1, train_per_task=2, test_per_task=1)

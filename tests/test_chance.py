@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcl.benchmarks.stream import TaskFiles
+from mmcl.streams.stream import TaskFiles
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError

@@ -312,7 +312,7 @@ def test_float_fields_refuse_what_is_not_a_finite_number(value, pattern: str) ->
 def _config_dataclasses() -> list[type]:
     import dataclasses
 
-    from mmcl.benchmarks.stream import StreamConfig, TaskFiles
+    from mmcl.streams.stream import StreamConfig, TaskFiles
 
     found, todo = [], [ExperimentConfig, StreamConfig, TaskFiles]
     while todo:

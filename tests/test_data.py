@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import write_config
 from mmcl.backbones.backbone import IGNORE_INDEX, Backbone, build_messages
 from mmcl.backbones.registry import load_backbone
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.cli import main
 from mmcl.data.images import load_image
 from mmcl.data.readers import read_samples

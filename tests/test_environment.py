@@ -189,7 +189,7 @@ def test_training_prints_one_line_per_logging_step_and_no_dicts(
     """Output not on a terminal: no tqdm frames, no ``{'loss': ...}`` dicts, one ``step k/n`` line per log.
     On a terminal the bar stays (on stderr) and the same lines are written above it."""
     from mmcl.backbones.registry import load_backbone
-    from mmcl.benchmarks.synth import write_synth_domain
+    from mmcl.streams.synth import write_synth_domain
     from mmcl.config import TrainingConfig
     from mmcl.data.readers import read_samples
     from mmcl.log import setup_logging

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import mmcl.methods.ewc  # noqa: F401  (registers "ewc")
 from conftest import make_stream_config, write_config
-from mmcl.benchmarks.stream import StreamConfig, build_stream
+from mmcl.streams.stream import StreamConfig, build_stream
 from mmcl.config import LoraSettings
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import METHODS

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from catalogue import Invocation, assert_contract, invoke
 from catalogue_config_data import conv, good_task, qa
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.cli import _set_assignments
 from mmcl.config import ExperimentConfig, load_config
 from mmcl.data.readers import read_samples

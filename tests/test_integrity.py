@@ -276,7 +276,7 @@ def test_failure_before_the_first_stage_leaves_no_run_dir(
 # -- the synthetic stream's cache -----------------------------------------------------------------
 
 # The output of the synth-domain generator at one small size. When this test fails, the generator's
-# output changed: bump GENERATOR_VERSION in mmcl/benchmarks/synth.py (it keys the stream cache, so old
+# output changed: bump GENERATOR_VERSION in mmcl/streams/synth.py (it keys the stream cache, so old
 # cached files are not reused) and update the digest here.
 PINNED = {"synth-2": "c574db3a6875c5b0"}
 
@@ -284,8 +284,8 @@ PINNED = {"synth-2": "c574db3a6875c5b0"}
 def test_synth_cache_is_keyed_by_generator_version(tmp_path: Path) -> None:
     from PIL import Image
 
-    from mmcl.benchmarks.stream import StreamConfig, build_stream
-    from mmcl.benchmarks.synth import GENERATOR_VERSION
+    from mmcl.streams.stream import StreamConfig, build_stream
+    from mmcl.streams.synth import GENERATOR_VERSION
 
     tasks = build_stream(StreamConfig(options={"train_per_task": 2, "test_per_task": 1}, cache_dir=str(tmp_path)), tmp_path)
     root = tasks[0].train_file.parent.parent

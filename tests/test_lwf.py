@@ -90,7 +90,7 @@ def test_config_rejects_bad_values():
 
 @pytest.fixture(scope="module")
 def tiny_tasks(stream_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from mmcl.benchmarks.stream import StreamConfig, build_stream
+    from mmcl.streams.stream import StreamConfig, build_stream
 
     config = StreamConfig(options={"train_per_task": 8, "test_per_task": 4}, cache_dir=str(stream_cache_dir))
     return build_stream(config, tmp_path_factory.mktemp("lwf_stream"))

@@ -323,7 +323,7 @@ def test_router_tells_apart_tasks_on_the_same_images(tiny_model_dir: Path, tmp_p
     Grounding share COCO). The router alone is trained (it never looks at the experts, so they are left
     untrained here); at every stage it must send >= 95% of each seen task's test samples to its expert."""
     from shared_images import write_shared_image_stream
-    from mmcl.benchmarks.stream import StreamConfig, TaskFiles, build_stream
+    from mmcl.streams.stream import StreamConfig, TaskFiles, build_stream
 
     entries = write_shared_image_stream(tmp_path / "data", train=8, test=8)
     stream = build_stream(StreamConfig(tasks=[TaskFiles(**entry) for entry in entries]), tmp_path)

@@ -120,7 +120,7 @@ def test_right_is_format_and_content_of_the_same_answer(tmp_path: Path) -> None:
 def test_run_evaluates_general_set_probes_and_low_shot(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> None:
     """The extra evaluations fill their own files and leave the accuracy matrix exactly as a plain run's
     (low-shot fine-tuning restores each stage's state before training goes on)."""
-    from mmcl.benchmarks.stream import StreamConfig, build_stream
+    from mmcl.streams.stream import StreamConfig, build_stream
 
     options = {"train_per_task": 8, "test_per_task": 4}
     tasks = build_stream(StreamConfig(options=options, cache_dir=str(stream_cache_dir)), Path.cwd())

@@ -22,9 +22,9 @@ import warnings
 
 import pytest
 
-from mmcl.benchmarks.climb import CLIMB_TASKS
-from mmcl.benchmarks.coin import COIN_TASKS
-from mmcl.benchmarks.mllm_cl import ABILITY, DOMAIN
+from mmcl.streams.climb import CLIMB_TASKS
+from mmcl.streams.coin import COIN_TASKS
+from mmcl.streams.mllm_cl import ABILITY, DOMAIN
 from mmcl.evaluation import published_scorers
 from mmcl.evaluation.published_scorers import OCR_HME, PublishedRuleWarning, sci_rule_tag
 from mmcl.evaluation.scorers import MULTI_REFERENCE, SCORERS, score_one

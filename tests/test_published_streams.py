@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_stream_config, write_config
-from mmcl.benchmarks.climb import CLIMB_RANDOM_SCORES
-from mmcl.benchmarks.stream import StreamConfig, build_stream
+from mmcl.streams.climb import CLIMB_RANDOM_SCORES
+from mmcl.streams.stream import StreamConfig, build_stream
 from mmcl.errors import ConfigError, DataError
 from mmcl.evaluation.scorers import score_one
 from test_runner import invoke, read_json

@@ -44,7 +44,7 @@ def tiny_llava(out_dir: Path) -> Backbone:
 @pytest.fixture(scope="module")
 def image_prompts(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
     """Two image prompts of different lengths (so one row is left-padded)."""
-    from mmcl.benchmarks.synth import write_synth_domain
+    from mmcl.streams.synth import write_synth_domain
     from mmcl.data.readers import read_samples
 
     root = write_synth_domain(tmp_path_factory.mktemp("rollout_data"), seed=0, train_per_task=2, test_per_task=1)

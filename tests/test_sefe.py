@@ -88,7 +88,7 @@ def test_configs_validate():
 
 # -- ASD ---------------------------------------------------------------------------------------------
 def synth_samples(task: str, n: int = 60) -> list[Sample]:
-    from mmcl.benchmarks.synth import domain_examples
+    from mmcl.streams.synth import domain_examples
 
     return [
         Sample(f"{task}-{i}", task, (), f"<image>\n{e.question}", e.answer, metadata={"qtype": e.qtype, "facts": e.facts})
@@ -176,7 +176,7 @@ def test_reglora_merges_and_resets(tiny_model_dir: Path, stream_cache_dir: Path,
     """after_task merges the LoRA into the base (the model's outputs do not change), re-draws the LoRA
     with B = 0, records key positions; the state rebuilds the merged model exactly on a fresh backbone."""
     from mmcl.backbones.registry import load_backbone
-    from mmcl.benchmarks.stream import StreamConfig, build_stream
+    from mmcl.streams.stream import StreamConfig, build_stream
     from mmcl.methods.base import LoraSettings
     from mmcl.methods.reglora import RegLora
 

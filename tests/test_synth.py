@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from mmcl.benchmarks.synth import (
+from mmcl.streams.synth import (
     LETTERS,
     PRETRAIN_TASK,
     SYNTH_DOMAIN_TASKS,

@@ -94,7 +94,7 @@ def _folder_stream(folder: Path) -> dict[str, Any]:
     (which also names the experiment when it is a safe name)."""
     import dataclasses
 
-    from mmcl.benchmarks.stream import check_name, task_folders
+    from mmcl.streams.stream import check_name, task_folders
 
     label = folder.resolve().name or "files"
     overrides: dict[str, Any] = {"stream.tasks": [dataclasses.asdict(entry) for entry in task_folders(folder)]}
@@ -136,8 +136,8 @@ def command_compare(args: argparse.Namespace) -> int:
 
 def command_list(args: argparse.Namespace) -> int:
     from mmcl.backbones.registry import PRESETS
-    from mmcl.benchmarks import registry  # noqa: F401
-    from mmcl.benchmarks.stream import STREAMS
+    from mmcl.streams import registry  # noqa: F401
+    from mmcl.streams.stream import STREAMS
     from mmcl.methods import METHODS
 
     sections = [
@@ -158,7 +158,7 @@ def command_data_check(args: argparse.Namespace) -> int:
     """Every problem ``mmcl run`` would refuse at data load, listed on stdout; the first one (and how many
     more) is the error line. Lengths are measured with the config's backbone processor (tiny-llava's for a
     folder or a stream name unless ``--set backbone.name=...``)."""
-    from mmcl.benchmarks.stream import build_stream
+    from mmcl.streams.stream import build_stream
     from mmcl.config import load_config
     from mmcl.errors import DataError
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mmcl.benchmarks.stream import StreamConfig, check_name
+from mmcl.streams.stream import StreamConfig, check_name
 from mmcl.errors import ConfigError
 
 # A number as people write it: 1e-4, 1E-4, .5, 5., +1e3 (YAML 1.1 reads some of these as strings).

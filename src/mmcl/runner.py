@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from mmcl.backbones.backbone import GREEDY_DECODING
 from mmcl.backbones.registry import resolve_backbone
 from mmcl.data.lengths import check_lengths
-from mmcl.benchmarks.stream import Task, build_stream
+from mmcl.streams.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl import errors
 from mmcl.errors import ConfigError, DataError, MmclError, RunDirError
@@ -76,9 +76,7 @@ def check_tasks(tasks: list[Task], test_only: list[Task] = ()) -> None:
 
 
 def create_method(config: ExperimentConfig) -> Method:
-    if config.method.name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {config.method.name!r} (known: {', '.join(sorted(METHODS))})")
-    method_class = METHODS[config.method.name]
+    method_class = METHODS.lookup(config.method.name, "method.name")
     options = from_dict(method_class.config_class, config.method.options, "method.options")
     return method_class(options, config.lora, config.seed)
 

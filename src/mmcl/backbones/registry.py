@@ -12,6 +12,7 @@ from typing import Any
 from mmcl.backbones.backbone import Backbone
 from mmcl.backbones.parts import top_level_vision_modules
 from mmcl.errors import ConfigError, MmclError
+from mmcl.registry import Registry
 
 TINY_LLAVA_DIR = Path(__file__).parent / "tiny_llava"
 
@@ -49,48 +50,54 @@ class BackbonePreset:
 # Qwen2-VL / Qwen2.5-VL: 16 to 512 visual tokens per image (each token covers 28 x 28 pixels).
 QWEN_IMAGE_BOUNDS = {"size": {"shortest_edge": 16 * 28 * 28, "longest_edge": 512 * 28 * 28}}
 
-PRESETS: dict[str, BackbonePreset] = {
-    preset.name: preset
-    for preset in [
-        BackbonePreset(
-            "tiny-llava",
-            "Shipped 5M-parameter LlavaForConditionalGeneration (CLIP tower + Llama), pretrained by `mmcl pretrain-tiny`",
-            str(TINY_LLAVA_DIR),
-            LLAMA_STYLE_LORA_TARGETS,
-        ),
-        BackbonePreset(
-            "llava-1.5-7b",
-            "llava-hf/llava-1.5-7b-hf from the Hugging Face hub (needs a download and a GPU)",
-            "llava-hf/llava-1.5-7b-hf",
-            LANGUAGE_MODEL_LORA_TARGETS,
-            dtype="bfloat16",
-        ),
-        BackbonePreset(
-            "qwen2-vl-2b",
-            "Qwen/Qwen2-VL-2B-Instruct from the Hugging Face hub (images capped at 512 visual tokens)",
-            "Qwen/Qwen2-VL-2B-Instruct",
-            LANGUAGE_MODEL_LORA_TARGETS,
-            dtype="bfloat16",
-            processor_options=QWEN_IMAGE_BOUNDS,
-        ),
-        BackbonePreset(
-            "qwen2.5-vl-3b",
-            "Qwen/Qwen2.5-VL-3B-Instruct from the Hugging Face hub (images capped at 512 visual tokens)",
-            "Qwen/Qwen2.5-VL-3B-Instruct",
-            LANGUAGE_MODEL_LORA_TARGETS,
-            dtype="bfloat16",
-            processor_options=QWEN_IMAGE_BOUNDS,
-        ),
-        BackbonePreset(
-            "smolvlm-256m",
-            "HuggingFaceTB/SmolVLM-256M-Instruct (Idefics3) from the Hugging Face hub (up to 3x3 tiles + global view)",
-            "HuggingFaceTB/SmolVLM-256M-Instruct",
-            TEXT_MODEL_LORA_TARGETS,
-            dtype="bfloat16",
-            processor_options={"size": {"longest_edge": 3 * 512}},
-        ),
-    ]
-}
+PRESETS: Registry[BackbonePreset] = Registry("backbone preset")
+
+
+def register_preset(preset: BackbonePreset, origin: str | None = None) -> BackbonePreset:
+    """Make ``preset`` selectable as ``backbone.name`` (a taken name is refused)."""
+    return PRESETS.register(preset.name, preset, origin=origin or f"{__name__}.{preset.name}")
+
+
+for _preset in [
+    BackbonePreset(
+        "tiny-llava",
+        "Shipped 5M-parameter LlavaForConditionalGeneration (CLIP tower + Llama), pretrained by `mmcl pretrain-tiny`",
+        str(TINY_LLAVA_DIR),
+        LLAMA_STYLE_LORA_TARGETS,
+    ),
+    BackbonePreset(
+        "llava-1.5-7b",
+        "llava-hf/llava-1.5-7b-hf from the Hugging Face hub (needs a download and a GPU)",
+        "llava-hf/llava-1.5-7b-hf",
+        LANGUAGE_MODEL_LORA_TARGETS,
+        dtype="bfloat16",
+    ),
+    BackbonePreset(
+        "qwen2-vl-2b",
+        "Qwen/Qwen2-VL-2B-Instruct from the Hugging Face hub (images capped at 512 visual tokens)",
+        "Qwen/Qwen2-VL-2B-Instruct",
+        LANGUAGE_MODEL_LORA_TARGETS,
+        dtype="bfloat16",
+        processor_options=QWEN_IMAGE_BOUNDS,
+    ),
+    BackbonePreset(
+        "qwen2.5-vl-3b",
+        "Qwen/Qwen2.5-VL-3B-Instruct from the Hugging Face hub (images capped at 512 visual tokens)",
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        LANGUAGE_MODEL_LORA_TARGETS,
+        dtype="bfloat16",
+        processor_options=QWEN_IMAGE_BOUNDS,
+    ),
+    BackbonePreset(
+        "smolvlm-256m",
+        "HuggingFaceTB/SmolVLM-256M-Instruct (Idefics3) from the Hugging Face hub (up to 3x3 tiles + global view)",
+        "HuggingFaceTB/SmolVLM-256M-Instruct",
+        TEXT_MODEL_LORA_TARGETS,
+        dtype="bfloat16",
+        processor_options={"size": {"longest_edge": 3 * 512}},
+    ),
+]:
+    register_preset(_preset)
 
 
 def resolve_source(name: str) -> tuple[str, str]:

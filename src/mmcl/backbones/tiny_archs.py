@@ -77,7 +77,7 @@ class TinyArchSpec:
 
 def default_corpus() -> list[str]:
     """Questions and answers of the synthetic generators, so that their text tokenises compactly."""
-    from mmcl.benchmarks.synth import SYNTH_DOMAIN_TASKS, domain_examples
+    from mmcl.streams.synth import SYNTH_DOMAIN_TASKS, domain_examples
 
     corpus = ["You are a helpful assistant.", "system\n", "user\n", "assistant\n", "User:", "Assistant:"]
     for spec in SYNTH_DOMAIN_TASKS:

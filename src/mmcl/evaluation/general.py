@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmcl.benchmarks.stream import StreamConfig, Task
+from mmcl.streams.stream import StreamConfig, Task
 from mmcl.config import BackboneConfig, EvaluationConfig
 from mmcl.errors import ConfigError
 from mmcl.utils import atomic_write_text
@@ -56,7 +56,7 @@ def general_task(
 
 
 def _tiny_pretrain_task(cache: Path) -> Task:
-    from mmcl.benchmarks.synth import PRETRAIN_TASK, PRETRAIN_VERSION, write_synth_pretrain
+    from mmcl.streams.synth import PRETRAIN_TASK, PRETRAIN_VERSION, write_synth_pretrain
 
     folder = cache / "synth-pretrain" / f"general-{PRETRAIN_VERSION}-n{TINY_GENERAL_SIZE}"  # keyed by generator version
     root = write_synth_pretrain(folder, n_train=0, n_test=TINY_GENERAL_SIZE)

@@ -398,12 +398,12 @@ def relaxed_accuracy(prediction: str, reference: str) -> float:
     return float(predicted_text.lower() == expected_text.lower())
 
 
-register_scorer("vqa_accuracy", vqa_accuracy, overwrite=True, multi_reference=True)
-register_scorer("textvqa_accuracy", textvqa_accuracy, overwrite=True, multi_reference=True)
-register_scorer("anls", anls, overwrite=True, multi_reference=True)
-register_scorer("box_iou", box_iou, overwrite=True)
-register_scorer("math_answer", math_answer, overwrite=True)
-register_scorer("relaxed_accuracy", relaxed_accuracy, overwrite=True)
+register_scorer("vqa_accuracy", vqa_accuracy, multi_reference=True)
+register_scorer("textvqa_accuracy", textvqa_accuracy, multi_reference=True)
+register_scorer("anls", anls, multi_reference=True)
+register_scorer("box_iou", box_iou)
+register_scorer("math_answer", math_answer)
+register_scorer("relaxed_accuracy", relaxed_accuracy)
 
 __all__ = [
     "ANLS_THRESHOLD",

@@ -14,6 +14,8 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
+from mmcl.registry import Registry
+
 Scorer = Callable[[str, str], float]
 
 _ARTICLE = re.compile(r"^(?:a|an|the)\s+")
@@ -126,23 +128,18 @@ def contains(prediction: str, reference: str) -> float:
     return float(re.search(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", haystack) is not None)
 
 
-SCORERS: dict[str, Scorer] = {
-    "exact_match": exact_match,
-    "yes_no": yes_no,
-    "option_letter": option_letter,
-    "numeric": numeric,
-    "contains": contains,
-}
+SCORERS: Registry[Scorer] = Registry("scorer")
+for _scorer in (exact_match, yes_no, option_letter, numeric, contains):
+    SCORERS.register(_scorer.__name__, _scorer)
 
 
 MULTI_REFERENCE: set[str] = set()  # scorers that take the list of all references themselves
 
 
-def register_scorer(name: str, scorer: Scorer, *, overwrite: bool = False, multi_reference: bool = False) -> None:
-    """Add ``scorer`` to :data:`SCORERS` under ``name``; ``multi_reference``: it receives a list of references."""
-    if name in SCORERS and not overwrite:
-        raise ValueError(f"scorer {name!r} is already registered")
-    SCORERS[name] = scorer
+def register_scorer(name: str, scorer: Scorer, *, multi_reference: bool = False) -> None:
+    """Add ``scorer`` to :data:`SCORERS` under ``name`` (a taken name is refused); ``multi_reference``: it
+    receives a list of references."""
+    SCORERS.register(name, scorer)
     MULTI_REFERENCE.discard(name)
     if multi_reference:
         MULTI_REFERENCE.add(name)

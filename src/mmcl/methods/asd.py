@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.data.answer_styles import STYLES, answer_vocabulary, fitting_styles, parse, question_group, rewrite
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError

@@ -17,9 +17,10 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from mmcl.backbones.backbone import Backbone
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.config import LoraSettings, TrainingConfig
 from mmcl.data.sample import Sample
+from mmcl.registry import Registry
 
 
 @dataclass
@@ -116,12 +117,9 @@ class Method(ABC):
         """Restore what ``state_json`` returned."""
 
 
-METHODS: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make the method selectable by ``cls.name``."""
-    if cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    METHODS[cls.name] = cls
-    return cls
+    """Class decorator: make the method selectable by ``cls.name`` (a taken name is refused)."""
+    return METHODS.register(cls.name, cls)

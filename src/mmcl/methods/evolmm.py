@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.config import TrainingConfig
 from mmcl.data.sample import IMAGE_PLACEHOLDER, Sample
 from mmcl.errors import ConfigError

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from mmcl.backbones.backbone import IGNORE_INDEX
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import register_method

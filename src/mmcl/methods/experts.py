@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.lora_utils import (

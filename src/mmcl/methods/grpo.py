@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.config import TrainingConfig
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError

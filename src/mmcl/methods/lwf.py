@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.backbones.backbone import IGNORE_INDEX
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.errors import ConfigError
 from mmcl.methods.base import register_method
 from mmcl.methods.lora_utils import adapter_tensors, load_adapter_tensors

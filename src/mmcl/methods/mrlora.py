@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.config import LoraSettings, TrainingConfig
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, MmclError

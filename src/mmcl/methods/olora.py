@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.errors import ConfigError
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.lora_utils import (

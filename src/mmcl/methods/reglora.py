@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.errors import ConfigError
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora

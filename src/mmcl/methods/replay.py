@@ -29,7 +29,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import register_method

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from mmcl.benchmarks.stream import Task
+from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
 from mmcl.methods.asd import AsdConfig, asd_train_data
 from mmcl.methods.base import register_method

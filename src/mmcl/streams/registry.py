@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
+from mmcl.streams.stream import StreamSpec, Task, register_stream
 from mmcl.errors import ConfigError
 
 # ``seed`` is the data seed, kept apart from the training seed so that seeds of a comparison share one dataset.
@@ -13,7 +13,7 @@ SYNTH_DOMAIN_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task":
 
 
 def _synth_domain(options: dict[str, Any], cache: Path) -> list[Task]:
-    from mmcl.benchmarks.synth import GENERATOR_VERSION, SYNTH_DOMAIN_TASKS, write_synth_domain
+    from mmcl.streams.synth import GENERATOR_VERSION, SYNTH_DOMAIN_TASKS, write_synth_domain
 
     unknown = sorted(set(options) - set(SYNTH_DOMAIN_DEFAULTS))
     if unknown:
@@ -49,4 +49,4 @@ register_stream(
 )
 
 # Readers for published benchmark layouts (each module registers its streams on import).
-from mmcl.benchmarks import climb, coin, mllm_cl  # noqa: E402,F401
+from mmcl.streams import climb, coin, mllm_cl  # noqa: E402,F401

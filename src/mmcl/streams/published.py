@@ -1,7 +1,7 @@
 """Shared pieces of the readers for published benchmark layouts (``coin``, ``mllm-cl-*``, ``climb``).
 
 A published stream is given the folder a researcher downloaded (``stream.options.root``) and resolves
-it to :class:`~mmcl.benchmarks.stream.Task` objects. Files that our readers understand as they are
+it to :class:`~mmcl.streams.stream.Task` objects. Files that our readers understand as they are
 (LLaVA training JSON; test JSON with ``question_id, image, text, answer``) are read in place. Files
 that need work (answers kept in a separate file, several accepted answers, raw annotation formats)
 are converted once into LLaVA-format files under the stream cache, in a folder keyed by a hash of the

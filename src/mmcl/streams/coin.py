@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mmcl.benchmarks.published import (
+from mmcl.streams.published import (
     Record,
     as_text,
     cached_conversion,
@@ -51,7 +51,7 @@ from mmcl.benchmarks.published import (
     parse_options,
     raise_if_missing,
 )
-from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
+from mmcl.streams.stream import StreamSpec, Task, register_stream
 from mmcl.data.readers import load_records, read_json_document
 from mmcl.errors import ConfigError, DataError
 

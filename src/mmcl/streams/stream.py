@@ -14,6 +14,7 @@ from mmcl.data.images import check_image
 from mmcl.data.readers import load_records, parse_test_record, parse_train_record, read_samples
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, DataError
+from mmcl.registry import Registry, origin_of
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -134,12 +135,12 @@ class StreamSpec:
     build: Callable[[dict[str, Any], Path], list[Task]]  # (options, cache dir) -> tasks
 
 
-STREAMS: dict[str, StreamSpec] = {}
+STREAMS: Registry[StreamSpec] = Registry("stream")
 
 
 def register_stream(spec: StreamSpec) -> StreamSpec:
-    STREAMS[spec.name] = spec
-    return spec
+    """Make ``spec`` selectable as ``stream.name`` (a taken name is refused)."""
+    return STREAMS.register(spec.name, spec, origin=origin_of(spec.build))
 
 
 def tasks_from_files(entries: list[TaskFiles], base_dir: Path) -> list[Task]:
@@ -183,7 +184,7 @@ class StreamConfig:
 
 
 def build_stream(config: StreamConfig, base_dir: Path) -> list[Task]:
-    from mmcl.benchmarks import registry  # noqa: F401  (registers the built-in streams)
+    from mmcl.streams import registry  # noqa: F401  (registers the built-in streams)
     from mmcl.evaluation.scorers import SCORERS
 
     if config.tasks and config.name in STREAMS:
@@ -197,7 +198,7 @@ def build_stream(config: StreamConfig, base_dir: Path) -> list[Task]:
         cache = Path(config.cache_dir).expanduser()
         tasks = STREAMS[config.name].build(dict(config.options), cache)
     else:
-        raise ConfigError(f"stream.name: unknown stream {config.name!r} (known: {', '.join(sorted(STREAMS))})")
+        STREAMS.lookup(config.name, "stream.name")
     if not tasks:
         raise ConfigError(f"stream {config.name}: no tasks")
     for task in tasks:

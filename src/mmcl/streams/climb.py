@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmcl.benchmarks.published import (
+from mmcl.streams.published import (
     Record,
     cached_conversion,
     missing_files,
@@ -47,7 +47,7 @@ from mmcl.benchmarks.published import (
     raise_if_missing,
     require_field,
 )
-from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
+from mmcl.streams.stream import StreamSpec, Task, register_stream
 from mmcl.data.readers import read_json_document, read_json_lines
 from mmcl.errors import DataError
 

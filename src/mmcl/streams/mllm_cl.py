@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmcl.benchmarks.published import (
+from mmcl.streams.published import (
     Record,
     as_text,
     cached_conversion,
@@ -55,7 +55,7 @@ from mmcl.benchmarks.published import (
     parse_options,
     raise_if_missing,
 )
-from mmcl.benchmarks.stream import StreamSpec, Task, register_stream
+from mmcl.streams.stream import StreamSpec, Task, register_stream
 from mmcl.data.readers import load_records
 from mmcl.errors import DataError
 from mmcl.evaluation.published_scorers import OCR_HME, OCR_HME_CATEGORY, sci_rule_tag
