@@ -53,11 +53,11 @@ class TaskFiles:
     """One task of a stream declared in a config (all paths relative to the config's folder or absolute)."""
 
     name: str = field(metadata={"safe_name": True, "help": "names the task's files in the run dir"})
-    train: str  # LLaVA conversation JSON/JSONL
-    test: str  # test JSON/JSONL: question_id, image, text, answer (or conversations)
-    description: str = ""
-    image_root: str | None = None  # default: the folder of each file
-    scorer: str = "exact_match"
+    train: str = field(metadata={"help": "training file: LLaVA conversation JSON/JSONL"})
+    test: str = field(metadata={"help": "test file JSON/JSONL: question_id, image, text, answer (or conversations)"})
+    description: str = field(default="", metadata={"help": "one line shown in the report"})
+    image_root: str | None = field(default=None, metadata={"help": "folder image paths are relative to (default: each file's folder)"})
+    scorer: str = field(default="exact_match", metadata={"help": "registered scorer of the answers (`mmcl list`)"})
     max_new_tokens: int = field(default=16, metadata={"range": "[1, inf)", "help": "longest generated answer"})
     chance: float | None = field(default=None, metadata={
         "range": "[0, 100]", "help": "chance score in percent (CLiMB's S_rand); None = computed from the test answers"})
@@ -172,11 +172,12 @@ def tasks_from_files(entries: list[TaskFiles], base_dir: Path) -> list[Task]:
 class StreamConfig:
     """Which stream to run: a registered ``name`` (with its ``options``) or an explicit list of ``tasks``."""
 
-    # a registered stream's name; with ``tasks``, a label (default "files"); None = synth-domain without tasks
-    name: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    tasks: list[TaskFiles] = field(default_factory=list)
-    cache_dir: str = "~/.cache/mmcl/streams"  # where generated streams are written
+    name: str | None = field(default=None, metadata={
+        "help": "a registered stream; with `tasks`, a label of your own (default: files); none = synth-domain"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "the registered stream's options"})
+    tasks: list[TaskFiles] = field(default_factory=list, metadata={"help": "your own tasks, in training order"})
+    cache_dir: str = field(default="~/.cache/mmcl/streams", metadata={
+        "help": "where generated streams are written (their content is fingerprinted apart)", "affects_results": False})
 
     def __post_init__(self) -> None:
         if self.name is None:
