@@ -21,7 +21,8 @@ TINY_IMAGE_SIZE = 48
 
 def _tokenizer_corpus() -> list[str]:
     """Questions and answers of every synthetic generator, plus digits, letters and chat markers."""
-    from mmcl.streams.synth import SYNTH_DOMAIN_TASKS, domain_examples, pretrain_examples
+    from mmcl.streams.synth import SYNTH_DOMAIN_TASKS, domain_examples
+    from mmcl.synthetic.pretrain_mix import pretrain_examples
 
     corpus: list[str] = []
     for spec in SYNTH_DOMAIN_TASKS:

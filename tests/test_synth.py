@@ -10,15 +10,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from mmcl.streams.synth import (
-    LETTERS,
-    PRETRAIN_TASK,
-    SYNTH_DOMAIN_TASKS,
-    domain_examples,
-    pretrain_examples,
-    write_synth_domain,
-    write_synth_pretrain,
-)
+from mmcl.streams.synth import LETTERS, SYNTH_DOMAIN_TASKS, domain_examples, write_synth_domain
+from mmcl.synthetic.pretrain_mix import PRETRAIN_TASK, pretrain_examples, write_synth_pretrain
 from mmcl.data.readers import read_samples
 from mmcl.errors import ConfigError, DataError
 

@@ -56,7 +56,7 @@ def _patch_labels(sample: Sample, spec: TinyLlavaSpec) -> tuple[list[int], list[
     quarter), else the background colour and no shape; and the object count."""
     import numpy as np
 
-    from mmcl.streams.synth import COLORS, PRETRAIN_SHAPES, object_index_mask
+    from mmcl.synthetic.pretrain_mix import COLORS, PRETRAIN_SHAPES, object_index_mask
 
     facts = sample.metadata["facts"]
     grid, patch = spec.image_size // spec.patch_size, spec.patch_size
@@ -84,7 +84,7 @@ def pretrain_vision_tower(model, processor, samples: list[Sample], spec: TinyLla
 
     import torch
 
-    from mmcl.streams.synth import COLORS, PRETRAIN_SHAPES
+    from mmcl.synthetic.pretrain_mix import COLORS, PRETRAIN_SHAPES
     from mmcl.data.images import sample_images
 
     tower = model.model.vision_tower
@@ -154,7 +154,7 @@ def held_out_accuracy(backbone: Backbone, samples: list[Sample], batch_size: int
 def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir: Path | None = None) -> Path:
     """Generate the mix, train tokenizer and model, save model + processor with ``save_pretrained``."""
     from mmcl.backbones.registry import TINY_LLAVA_DIR
-    from mmcl.streams.synth import write_synth_pretrain
+    from mmcl.synthetic.pretrain_mix import write_synth_pretrain
 
     out_dir = Path(out_dir or TINY_LLAVA_DIR)
     spec = TinyLlavaSpec(image_size=config.image_size)

@@ -56,7 +56,7 @@ def general_task(
 
 
 def _tiny_pretrain_task(cache: Path) -> Task:
-    from mmcl.streams.synth import PRETRAIN_TASK, PRETRAIN_VERSION, write_synth_pretrain
+    from mmcl.synthetic.pretrain_mix import PRETRAIN_TASK, PRETRAIN_VERSION, write_synth_pretrain
 
     folder = cache / "synth-pretrain" / f"general-{PRETRAIN_VERSION}-n{TINY_GENERAL_SIZE}"  # keyed by generator version
     root = write_synth_pretrain(folder, n_train=0, n_test=TINY_GENERAL_SIZE)

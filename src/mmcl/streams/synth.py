@@ -1,5 +1,5 @@
-"""Procedurally drawn vision-language data: the continual stream ``synth-domain`` and the pretraining
-mix ``synth-pretrain``.
+"""The procedurally drawn continual stream ``synth-domain``: five domains (remote sensing, medical scan,
+driving, science diagram, finance chart), two question types each.
 
 Images are drawn with PIL directly at ``image_size`` pixels (default 48: a 6x6 grid of 8-pixel patches
 for a tiny CLIP tower), so every visual is bold and simple and every coordinate scales with the size.
@@ -7,52 +7,24 @@ Each question's answer is computed from the scene that was drawn, and answer val
 (values are drawn in shuffled passes). Generation is deterministic from a seed: one
 ``random.Random`` per (stream, task, split), never the global RNG. Files are LLaVA JSON + PNG:
 ``<root>/<task>/{train,test}.json`` and ``<root>/<task>/images/*.png``, with ``<root>/manifest.json``
-written last (the whole folder is built aside and renamed into place).
+written last (the whole folder is built aside and renamed into place). The pretraining mix lives in
+:mod:`mmcl.synthetic.pretrain_mix`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from mmcl.data.sample import IMAGE_PLACEHOLDER
-from mmcl.errors import ConfigError, DataError
+from mmcl.data.answer_styles import LETTERS, MC_INSTRUCTION
+from mmcl.errors import ConfigError
+from mmcl.synthetic.draw import RGB, Cycle, SynthExample, TaskSpec, draw_shape, rng_for, yes_no
+from mmcl.synthetic.files import check_sizes, write_cached, write_split
 
 GENERATOR_VERSION = "synth-2"  # the synth-domain stream; part of its cache key: bump it whenever the output changes (tests/test_integrity.py pins the output)
-PRETRAIN_VERSION = "synth-1"  # the pretraining mix behind the shipped tiny-llava weights
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-LETTERS = "ABCD"
-PRETRAIN_TASK = "pretrain"
-
-RGB = tuple[int, int, int]
-Box = tuple[float, float, float, float]
-
-COLORS: dict[str, RGB] = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 80, 225), "yellow": (250, 220, 20),
-    "white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "orange": (255, 140, 0),
-    "purple": (140, 50, 185), "brown": (130, 75, 30),
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A generated task: its name, a one-line description, its scorer and its generation budget."""
-
-    name: str
-    description: str
-    scorer: str
-    max_new_tokens: int = 4
-    question_types: tuple[str, ...] = ()
-
 
 SYNTH_DOMAIN_TASKS: list[TaskSpec] = [
     TaskSpec("rs", "Remote sensing: count buildings and spot rivers in aerial maps", "exact_match", 4,
@@ -64,72 +36,10 @@ SYNTH_DOMAIN_TASKS: list[TaskSpec] = [
     TaskSpec("fin", "Finance chart: count bars and compare the first and last bar", "exact_match", 4,
              ("count", "compare")),
 ]  # fmt: skip
-SYNTH_PRETRAIN_TASK = TaskSpec(
-    PRETRAIN_TASK, "Pretraining mix: colours, shapes, counts, positions, captions and question proposals",
-    "exact_match", 32, ("color", "shape", "count", "exists", "side", "caption", "propose"),
-)  # fmt: skip
-
-
-@dataclass
-class SynthExample:
-    """One drawn image with one question about it (``question`` has no ``<image>`` placeholder)."""
-
-    image: Image.Image
-    question: str
-    answer: str
-    qtype: str
-    facts: dict[str, Any]
-
-
-class _Cycle:
-    """Yields values in shuffled passes, so every value is (almost) equally frequent."""
-
-    def __init__(self, rng: random.Random, values: Sequence[Any]) -> None:
-        self._rng, self._values = rng, list(values)
-        self._queue: list[Any] = []
-
-    def next(self) -> Any:
-        if not self._queue:
-            self._queue = list(self._values)
-            self._rng.shuffle(self._queue)
-        return self._queue.pop()
-
-
-def _rng_for(*parts: object) -> random.Random:
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 def _jitter(rng: random.Random, color: RGB, amount: int) -> RGB:
     return tuple(max(0, min(255, v + rng.randint(-amount, amount))) for v in color)  # type: ignore[return-value]
-
-
-def _yes_no(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-def _scaled(box: Box) -> list[int]:
-    return [int(round(v)) for v in box]
-
-
-def _draw_shape(
-    draw: ImageDraw.ImageDraw, shape: str, box: Box, fill: RGB, outline: RGB | None = None, width: int = 0
-) -> None:
-    """Draw circle, square, bar (rectangle), triangle or cross (plus sign) inside ``box``."""
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=fill, outline=outline, width=width)
-    elif shape in ("square", "bar"):
-        draw.rectangle(box, fill=fill, outline=outline, width=width)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill, outline=outline, width=width)
-    elif shape == "cross":
-        a, b = x0 + (x1 - x0) / 3, x0 + 2 * (x1 - x0) / 3
-        c, d = y0 + (y1 - y0) / 3, y0 + 2 * (y1 - y0) / 3
-        points = [(a, y0), (b, y0), (b, c), (x1, c), (x1, d), (b, d), (b, y1), (a, y1), (a, d), (x0, d), (x0, c)]
-        draw.polygon([*points, (a, c)], fill=fill, outline=outline, width=width)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
 
 
 def _multiple_choice(question: str, options: Sequence[str]) -> str:
@@ -181,7 +91,7 @@ def _make_rs(rng: random.Random, size: int, qtype: str, target: str) -> SynthExa
     img, facts = _render_rs(rng, size, count, river)
     if qtype == "count":
         return SynthExample(img, "How many buildings are in this aerial image?", str(facts["buildings"]), qtype, facts)
-    return SynthExample(img, "Is there a river in this aerial image?", _yes_no(facts["river"]), qtype, facts)
+    return SynthExample(img, "Is there a river in this aerial image?", yes_no(facts["river"]), qtype, facts)
 
 
 def _render_med(rng: random.Random, size: int, side: str | None) -> tuple[Image.Image, dict[str, Any]]:
@@ -208,7 +118,7 @@ def _make_med(rng: random.Random, size: int, qtype: str, target: str) -> SynthEx
     if qtype == "lesion":
         side = rng.choice(["left", "right"]) if target == "yes" else None
         img, facts = _render_med(rng, size, side)
-        return SynthExample(img, "Is there a lesion in this scan?", _yes_no(facts["lesion"]), qtype, facts)
+        return SynthExample(img, "Is there a lesion in this scan?", yes_no(facts["lesion"]), qtype, facts)
     img, facts = _render_med(rng, size, target)
     return SynthExample(img, "On which side of the scan is the lesion?", str(facts["side"]), qtype, facts)
 
@@ -289,7 +199,7 @@ def _render_sci(rng: random.Random, size: int, shape: str, fill: str) -> tuple[I
     cx = size / 2 + rng.uniform(-0.06, 0.06) * size
     cy = size / 2 + rng.uniform(-0.06, 0.06) * size
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    _draw_shape(draw, shape, box, _SCI_FILLS[fill], outline=(0, 0, 0), width=max(2, round(size / 24)))
+    draw_shape(draw, shape, box, _SCI_FILLS[fill], outline=(0, 0, 0), width=max(2, round(size / 24)))
     return img, {"shape": shape, "fill": fill, "background": style}
 
 
@@ -345,7 +255,7 @@ def _make_fin(rng: random.Random, size: int, qtype: str, target: str) -> SynthEx
     img, facts = _render_fin(rng, size, bars, last_taller)
     if qtype == "count":
         return SynthExample(img, "How many bars are in the chart?", str(facts["bars"]), qtype, facts)
-    return SynthExample(img, "Is the last bar taller than the first bar?", _yes_no(facts["last_taller"]), qtype, facts)
+    return SynthExample(img, "Is the last bar taller than the first bar?", yes_no(facts["last_taller"]), qtype, facts)
 
 
 _DOMAIN_MAKERS: dict[str, tuple[Callable[[random.Random, int, str, Any], SynthExample], dict[str, list[Any]]]] = {
@@ -367,251 +277,12 @@ def domain_examples(
     if task not in _DOMAIN_MAKERS:
         raise ConfigError(f"synth-domain: unknown task {task!r} (known: {', '.join(_DOMAIN_MAKERS)})")
     make, answers = _DOMAIN_MAKERS[task]
-    rng = _rng_for("synth-domain", GENERATOR_VERSION, seed, task, split)
-    qtypes = _Cycle(rng, list(answers))
-    targets = {qtype: _Cycle(rng, values) for qtype, values in answers.items()}
+    rng = rng_for("synth-domain", GENERATOR_VERSION, seed, task, split)
+    qtypes = Cycle(rng, list(answers))
+    targets = {qtype: Cycle(rng, values) for qtype, values in answers.items()}
     for _ in range(n):
         qtype = qtypes.next()
         yield make(rng, image_size, qtype, targets[qtype].next())
-
-
-# ---------------------------------------------------------------------------------------------
-# synth-pretrain: simple shapes on plain or noisy backgrounds.
-
-PRETRAIN_SHAPES = ["circle", "square", "triangle", "cross", "bar"]
-_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "bar": "bars"}
-_BACKGROUNDS = ["white", "black", "gray", "blue", "green", "yellow"]
-_NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-_SIZE_RANGES = {1: (0.3, 0.6), 2: (0.25, 0.42), 3: (0.2, 0.32), 4: (0.2, 0.32)}
-_PRETRAIN_WEIGHTS = {"color": 3, "shape": 2, "count": 3, "exists": 2, "side": 2, "caption": 2, "propose": 1}
-
-
-def _place(rng: random.Random, size: int, shapes: list[str], side: str | None) -> list[Box]:
-    """Non-overlapping boxes (2-pixel gap) for ``shapes``; ``side`` keeps a single shape's centre in one third."""
-    low, high = _SIZE_RANGES[len(shapes)]
-    if side is not None:
-        high = min(high, 0.45)
-    while True:
-        boxes: list[Box] = []
-        for shape in shapes:
-            for _ in range(60):
-                long = rng.uniform(low, high) * size
-                w, h = (long, max(3.0, 0.3 * long)) if shape == "bar" else (long, long)
-                if shape == "bar" and rng.random() < 0.5:
-                    w, h = h, w
-                x0, y0 = rng.uniform(1, size - 2 - w), rng.uniform(1, size - 2 - h)
-                if side == "left":
-                    x0 = rng.uniform(1, max(1.0, 0.38 * size - w / 2))
-                elif side == "right":
-                    x0 = rng.uniform(min(0.62 * size - w / 2, size - 2 - w), size - 2 - w)
-                box = (x0, y0, x0 + w, y0 + h)
-                if all(box[2] + 2 < b[0] or b[2] + 2 < box[0] or box[3] + 2 < b[1] or b[3] + 2 < box[1] for b in boxes):
-                    boxes.append(box)
-                    break
-            else:
-                break
-        if len(boxes) == len(shapes):
-            return boxes
-        low, high = low * 0.9, high * 0.9
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _caption(objects: list[dict[str, Any]], background: str, noisy: bool) -> str:
-    """E.g. ``"two red circles and a blue bar on a noisy white background"`` (groups left to right)."""
-    groups: dict[tuple[str, str], int] = {}
-    for obj in sorted(objects, key=lambda o: (o["box"][0], o["box"][1])):
-        key = (obj["color"], obj["shape"])
-        groups[key] = groups.get(key, 0) + 1
-    parts = [
-        f"{_NUMBER_WORDS[n]} {color} {_PLURALS[shape]}" if n > 1 else f"{_article(color)} {color} {shape}"
-        for (color, shape), n in groups.items()
-    ]
-    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{listed} on a {'noisy ' if noisy else ''}{background} background"
-
-
-def _side_of(box: Sequence[float], size: int) -> str | None:
-    centre = (box[0] + box[2]) / 2
-    return "left" if centre <= 0.4 * size else "right" if centre >= 0.6 * size else None
-
-
-def _draw_pretrain(
-    rng: random.Random, size: int, background: str, noisy: bool, objects: list[dict[str, Any]]
-) -> Image.Image:
-    img = Image.new("RGB", (size, size), COLORS[background])
-    if noisy:
-        noise = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
-        img = Image.blend(img, noise, 0.2)
-    draw = ImageDraw.Draw(img)
-    for obj in objects:
-        _draw_shape(draw, obj["shape"], tuple(obj["box"]), COLORS[obj["color"]])  # type: ignore[arg-type]
-    return img
-
-
-def object_index_mask(facts: dict[str, Any], size: int) -> Image.Image:
-    """A greyscale ("L") image of a pretraining scene: pixel value k > 0 where object k-1 of
-    ``facts["objects"]`` is drawn (later objects on top), 0 on the background."""
-    mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    for index, obj in enumerate(facts["objects"], start=1):
-        _draw_shape(draw, obj["shape"], tuple(obj["box"]), index)  # type: ignore[arg-type]
-    return mask
-
-
-def _propose(rng: random.Random, objects: list[dict[str, Any]], background: str, size: int) -> tuple[str, str]:
-    """A question about the scene (a template kind drawn uniformly, filled with a present object) and its answer."""
-    kinds: dict[str, list[tuple[str, str]]] = {"count": [("How many shapes are there?", str(len(objects)))]}
-    for shape in sorted({o["shape"] for o in objects}):
-        colors = {o["color"] for o in objects if o["shape"] == shape}
-        if len(colors) == 1:
-            kinds.setdefault("color", []).append((f"What color is the {shape}?", colors.pop()))
-    asked = rng.choice([o["color"] for o in objects] + [c for c in COLORS if c != background])
-    kinds["exists"] = [(f"Is there a {asked} shape?", _yes_no(any(o["color"] == asked for o in objects)))]
-    if len(objects) == 1:
-        kinds["shape"] = [("What shape is this?", objects[0]["shape"])]
-        side = _side_of(objects[0]["box"], size)
-        if side is not None:
-            kinds["side"] = [("Is the shape on the left or the right?", side)]
-    return rng.choice(kinds[rng.choice(sorted(kinds))])
-
-
-def _make_pretrain(rng: random.Random, size: int, qtype: str, target: str) -> SynthExample:
-    background = rng.choice([b for b in _BACKGROUNDS if b != target])
-    palette = [c for c in COLORS if c != background]
-    count = int(target) if qtype == "count" else 1 if qtype in ("shape", "side") else rng.randint(1, 4)
-    specs = [(rng.choice(PRETRAIN_SHAPES), rng.choice(palette)) for _ in range(count)]
-    facts: dict[str, Any] = {}
-    if qtype == "color":  # the asked shape occurs once; the others are other shapes
-        asked = rng.choice(PRETRAIN_SHAPES)
-        specs = [(asked, target)] + [(rng.choice([s for s in PRETRAIN_SHAPES if s != asked]), c) for _, c in specs[1:]]
-        facts["asked_shape"] = asked
-    elif qtype == "shape":
-        specs = [(target, specs[0][1])]
-    elif qtype == "exists":
-        asked = rng.choice(palette)
-        others = [c for c in palette if c != asked]
-        specs = [(s, rng.choice(others)) for s, _ in specs]
-        if target == "yes":
-            index = rng.randrange(count)
-            specs[index] = (specs[index][0], asked)
-        facts["asked_color"] = asked
-    elif qtype == "caption" and rng.random() < 0.5:
-        specs = [specs[0]] * count
-    rng.shuffle(specs)
-    boxes = _place(rng, size, [s for s, _ in specs], target if qtype == "side" else None)
-    objects = [{"shape": s, "color": c, "box": _scaled(b)} for (s, c), b in zip(specs, boxes)]
-    noisy = rng.random() < 0.4
-    facts = {"background": background, "noisy": noisy, "objects": objects, **facts}
-    img = _draw_pretrain(rng, size, background, noisy, objects)
-    if qtype == "color":
-        return SynthExample(img, f"What color is the {facts['asked_shape']}?", target, qtype, facts)
-    if qtype == "shape":
-        return SynthExample(img, "What shape is this?", objects[0]["shape"], qtype, facts)
-    if qtype == "count":
-        return SynthExample(img, "How many shapes are there?", str(len(objects)), qtype, facts)
-    if qtype == "exists":
-        present = any(o["color"] == facts["asked_color"] for o in objects)
-        return SynthExample(img, f"Is there a {facts['asked_color']} shape?", _yes_no(present), qtype, facts)
-    if qtype == "side":
-        side = str(_side_of(objects[0]["box"], size))
-        return SynthExample(img, "Is the shape on the left or the right?", side, qtype, facts)
-    if qtype == "caption":
-        return SynthExample(img, "Describe the image.", _caption(objects, background, noisy), qtype, facts)
-    question, answer = _propose(rng, objects, background, size)
-    facts["proposal_answer"] = answer
-    return SynthExample(img, "Ask a question about this image.", question, qtype, facts)
-
-
-_PRETRAIN_TARGETS: dict[str, list[str]] = {
-    "color": list(COLORS), "shape": PRETRAIN_SHAPES, "count": ["1", "2", "3", "4"], "exists": ["yes", "no"],
-    "side": ["left", "right"], "caption": [""], "propose": [""],
-}  # fmt: skip
-
-
-def pretrain_examples(n: int, seed: int = 0, split: str = "train", image_size: int = 48) -> Iterator[SynthExample]:
-    """``n`` examples of the ``synth-pretrain`` mix; question types and answers are balanced."""
-    rng = _rng_for("synth-pretrain", PRETRAIN_VERSION, seed, split)
-    qtypes = _Cycle(rng, [qtype for qtype, weight in _PRETRAIN_WEIGHTS.items() for _ in range(weight)])
-    targets = {qtype: _Cycle(rng, values) for qtype, values in _PRETRAIN_TARGETS.items()}
-    for _ in range(n):
-        qtype = qtypes.next()
-        yield _make_pretrain(rng, image_size, qtype, targets[qtype].next())
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing to disk.
-
-
-def _write_split(folder: Path, task: str, split: str, examples: Iterable[SynthExample]) -> None:
-    """``<folder>/<split>.json`` in LLaVA train or test format and one PNG per example under ``images/``."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    for index, example in enumerate(examples, start=1):
-        sample_id = f"{task}-{split}-{index:05d}"
-        image = f"images/{sample_id}.png"
-        example.image.save(folder / image, format="PNG", compress_level=1)
-        text = f"{IMAGE_PLACEHOLDER}\n{example.question}"
-        if split == "train":
-            conversation = [{"from": "human", "value": text}, {"from": "gpt", "value": example.answer}]
-            record = {"id": sample_id, "image": image, "conversations": conversation}
-        else:
-            record = {"question_id": sample_id, "image": image, "text": text, "answer": example.answer}
-        records.append({**record, "qtype": example.qtype, "facts": example.facts})
-    lines = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records)  # one record a line
-    (folder / f"{split}.json").write_text(f"[\n{lines}\n]\n" if records else "[]\n", encoding="utf-8")
-
-
-def _read_manifest(root: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def _write_cached(root: Path, params: dict[str, Any], fill: Callable[[Path], None]) -> Path:
-    """Generate into a temp folder beside ``root`` (manifest last) and rename it into place, unless
-    ``root`` already holds a manifest with identical ``params``. A different synthetic folder is replaced;
-    a non-empty folder that is not one is never touched."""
-    root = Path(root).expanduser()
-    existing = _read_manifest(root)
-    if existing == params:
-        return root
-    ours = existing is not None and str(existing.get("generator", "")).startswith("synth-")
-    if root.exists() and not ours and (not root.is_dir() or any(root.iterdir())):
-        raise DataError(f"{root}: exists and holds no synthetic-data manifest.json; refusing to overwrite it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    try:
-        fill(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        old = None
-        if root.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
-            os.replace(root, old / "data")
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished the same folder first
-            if _read_manifest(root) != params:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
-
-
-def _check_sizes(image_size: int, **counts: int) -> None:
-    if not isinstance(image_size, int) or image_size < 24:
-        raise ConfigError(f"synthetic data: image_size must be an integer >= 24, got {image_size!r}")
-    for name, value in counts.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"synthetic data: {name} must be a non-negative integer, got {value!r}")
 
 
 def write_synth_domain(
@@ -619,7 +290,7 @@ def write_synth_domain(
 ) -> Path:
     """Write the ``synth-domain`` stream (tasks rs, med, ad, sci, fin) under ``root`` and return ``root``,
     the folder holding ``<task>/train.json``, ``<task>/test.json`` and ``manifest.json``. Cached."""
-    _check_sizes(image_size, seed=seed, train_per_task=train_per_task, test_per_task=test_per_task)
+    check_sizes(image_size, seed=seed, train_per_task=train_per_task, test_per_task=test_per_task)
     params = {
         "generator": "synth-domain", "version": GENERATOR_VERSION, "seed": seed, "train_per_task": train_per_task,
         "test_per_task": test_per_task, "image_size": image_size, "tasks": [spec.name for spec in SYNTH_DOMAIN_TASKS],
@@ -629,31 +300,12 @@ def write_synth_domain(
         for spec in SYNTH_DOMAIN_TASKS:
             for split, n in (("train", train_per_task), ("test", test_per_task)):
                 examples = domain_examples(spec.name, n, seed, split, image_size)
-                _write_split(folder / spec.name, spec.name, split, examples)
+                write_split(folder / spec.name, spec.name, split, examples)
 
-    return _write_cached(Path(root), params, fill)
-
-
-def write_synth_pretrain(
-    root: Path, seed: int = 0, n_train: int = 20000, n_test: int = 500, image_size: int = 48
-) -> Path:
-    """Write the ``synth-pretrain`` mix as the single task ``pretrain`` under ``root`` and return ``root``
-    (files: ``root/pretrain/train.json``, ``root/pretrain/test.json``, ``root/manifest.json``). Cached."""
-    _check_sizes(image_size, seed=seed, n_train=n_train, n_test=n_test)
-    params = {
-        "generator": "synth-pretrain", "version": PRETRAIN_VERSION, "seed": seed, "n_train": n_train,
-        "n_test": n_test, "image_size": image_size, "tasks": [PRETRAIN_TASK],
-    }  # fmt: skip
-
-    def fill(folder: Path) -> None:
-        for split, n in (("train", n_train), ("test", n_test)):
-            _write_split(folder / PRETRAIN_TASK, PRETRAIN_TASK, split, pretrain_examples(n, seed, split, image_size))
-
-    return _write_cached(Path(root), params, fill)
+    return write_cached(Path(root), params, fill)
 
 
 __all__ = [
-    "COLORS", "GENERATOR_VERSION", "PRETRAIN_VERSION", "LETTERS", "MC_INSTRUCTION", "PRETRAIN_SHAPES", "PRETRAIN_TASK",
-    "SYNTH_DOMAIN_TASKS", "SYNTH_PRETRAIN_TASK", "SynthExample", "TaskSpec", "domain_examples",
-    "pretrain_examples", "write_synth_domain", "write_synth_pretrain",
+    "GENERATOR_VERSION", "LETTERS", "MC_INSTRUCTION", "SYNTH_DOMAIN_TASKS", "SynthExample", "TaskSpec",
+    "domain_examples", "write_synth_domain",
 ]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Synthetic data shared by the generators: drawing primitives, the file writer and the pretraining mix."""

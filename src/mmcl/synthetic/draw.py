@@ -1,0 +1,84 @@
+"""Drawing and sampling primitives shared by the synthetic generators (the ``synth-domain`` stream,
+:mod:`mmcl.streams.synth`, and the pretraining mix, :mod:`mmcl.synthetic.pretrain_mix`)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from PIL import Image, ImageDraw
+
+RGB = tuple[int, int, int]
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A generated task: its name, a one-line description, its scorer and its generation budget."""
+
+    name: str
+    description: str
+    scorer: str
+    max_new_tokens: int = 4
+    question_types: tuple[str, ...] = ()
+
+
+@dataclass
+class SynthExample:
+    """One drawn image with one question about it (``question`` has no ``<image>`` placeholder)."""
+
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str
+    facts: dict[str, Any]
+
+
+class Cycle:
+    """Yields values in shuffled passes, so every value is (almost) equally frequent."""
+
+    def __init__(self, rng: random.Random, values: Sequence[Any]) -> None:
+        self._rng, self._values = rng, list(values)
+        self._queue: list[Any] = []
+
+    def next(self) -> Any:
+        if not self._queue:
+            self._queue = list(self._values)
+            self._rng.shuffle(self._queue)
+        return self._queue.pop()
+
+
+def rng_for(*parts: object) -> random.Random:
+    """A ``random.Random`` seeded from the SHA-256 of ``parts`` joined by ``/`` (never the global RNG)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def yes_no(flag: bool) -> str:
+    """``"yes"`` or ``"no"``."""
+    return "yes" if flag else "no"
+
+
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: Box, fill: RGB, outline: RGB | None = None, width: int = 0
+) -> None:
+    """Draw circle, square, bar (rectangle), triangle or cross (plus sign) inside ``box``."""
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill, outline=outline, width=width)
+    elif shape in ("square", "bar"):
+        draw.rectangle(box, fill=fill, outline=outline, width=width)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill, outline=outline, width=width)
+    elif shape == "cross":
+        a, b = x0 + (x1 - x0) / 3, x0 + 2 * (x1 - x0) / 3
+        c, d = y0 + (y1 - y0) / 3, y0 + 2 * (y1 - y0) / 3
+        points = [(a, y0), (b, y0), (b, c), (x1, c), (x1, d), (b, d), (b, y1), (a, y1), (a, d), (x0, d), (x0, c)]
+        draw.polygon([*points, (a, c)], fill=fill, outline=outline, width=width)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+__all__ = ["RGB", "Box", "Cycle", "SynthExample", "TaskSpec", "draw_shape", "rng_for", "yes_no"]
