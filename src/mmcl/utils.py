@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import re
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 from mmcl.errors import OutputError
 
@@ -150,3 +151,26 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
+
+
+# -- small shared helpers ----------------------------------------------------------------------------
+class ShuffledCycle:
+    """Values forever in shuffled passes drawn from ``rng`` (each value once per pass, popped from the end
+    of the shuffled pass), so every value is (almost) equally frequent."""
+
+    def __init__(self, rng: random.Random, values: Sequence[Any]) -> None:
+        self._rng, self._values = rng, list(values)
+        self._queue: list[Any] = []
+
+    def next(self) -> Any:
+        """The next value; a new pass is shuffled when the current one is used up."""
+        if not self._queue:
+            self._queue = list(self._values)
+            self._rng.shuffle(self._queue)
+        return self._queue.pop()
+
+
+def mean_of_present(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None

@@ -24,6 +24,7 @@ from mmcl.backbones.tiny import TinyLlavaSpec, build_model, build_processor, tra
 from mmcl.data.readers import read_samples
 from mmcl.data.sample import Sample
 from mmcl.config import TrainingConfig
+from mmcl.log import info
 from mmcl.training.sft import train_on_samples
 
 
@@ -129,7 +130,7 @@ def pretrain_vision_tower(model, processor, samples: list[Sample], spec: TinyLla
         hits += int((color_logits.argmax(-1) == colors[batch]).sum())
         seen += colors[batch].numel()
         if step % 50 == 0 or step == steps - 1:
-            print(f"vision step {step + 1}/{steps}: loss {loss.item():.3f}, patch colour accuracy {100 * hits / seen:.1f}%")
+            info(f"vision step {step + 1}/{steps}: loss {loss.item():.3f}, patch colour accuracy {100 * hits / seen:.1f}%")
     for parameter in tower.parameters():
         parameter.requires_grad = False
     return 100.0 * hits / max(1, seen)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -34,20 +34,6 @@ class SynthExample:
     answer: str
     qtype: str
     facts: dict[str, Any]
-
-
-class Cycle:
-    """Yields values in shuffled passes, so every value is (almost) equally frequent."""
-
-    def __init__(self, rng: random.Random, values: Sequence[Any]) -> None:
-        self._rng, self._values = rng, list(values)
-        self._queue: list[Any] = []
-
-    def next(self) -> Any:
-        if not self._queue:
-            self._queue = list(self._values)
-            self._rng.shuffle(self._queue)
-        return self._queue.pop()
 
 
 def rng_for(*parts: object) -> random.Random:
@@ -81,4 +67,4 @@ def draw_shape(
         raise ValueError(f"unknown shape {shape!r}")
 
 
-__all__ = ["RGB", "Box", "Cycle", "SynthExample", "TaskSpec", "draw_shape", "rng_for", "yes_no"]
+__all__ = ["RGB", "Box", "SynthExample", "TaskSpec", "draw_shape", "rng_for", "yes_no"]

@@ -41,7 +41,9 @@ import torch
 
 from mmcl.backbones.backbone import Backbone
 from mmcl.data.sample import Sample
+from mmcl.training.common import k3_kl
 from mmcl.training.rollouts import Rollout, completion_logprobs, sample_rollouts
+from mmcl.utils import ShuffledCycle
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,7 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = Tru
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
 
 
-def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
-    delta = ref_logprobs - logprobs
-    return torch.exp(delta) - delta - 1.0
+per_token_kl = k3_kl  # Schulman's k3 estimator of KL(pi || pi_ref) per token
 
 
 def clipped_objective(
@@ -223,15 +222,9 @@ class StepLog:
 
 def _prompt_order(samples: Sequence[Sample], count: int, rng: random.Random) -> Iterator[list[Sample]]:
     """Batches of ``count`` prompts, reshuffled at every pass over ``samples``."""
-    pool: list[Sample] = []
+    cycle = ShuffledCycle(rng, samples)
     while True:
-        batch = []
-        while len(batch) < count:
-            if not pool:
-                pool = list(samples)
-                rng.shuffle(pool)
-            batch.append(pool.pop())
-        yield batch
+        yield [cycle.next() for _ in range(count)]
 
 
 def train_grpo(
