@@ -83,7 +83,7 @@ def _image_paths(record: dict[str, Any], image_root: Path, where: str) -> tuple[
     return paths
 
 
-def _text(value: Any) -> str | None:
+def as_text(value: Any) -> str | None:
     """A text value of a record: a string, or a JSON number written as text (answers such as 7 or 2.5);
     None for anything else (booleans, null, lists, objects)."""
     if isinstance(value, str):
@@ -94,7 +94,7 @@ def _text(value: Any) -> str | None:
 
 
 def _string_field(record: dict[str, Any], key: str, where: str) -> str:
-    value = _text(record.get(key))
+    value = as_text(record.get(key))
     if value is None:
         raise DataError(f"{where}: missing or non-string field '{key}'")
     return value
@@ -119,7 +119,7 @@ def parse_train_record(record: Any, task: str, image_root: Path, where: str) -> 
     turns: list[tuple[str, str]] = []
     pending_user: str | None = None
     for position, message in enumerate(conversations):
-        value = _text(message.get("value")) if isinstance(message, dict) else None
+        value = as_text(message.get("value")) if isinstance(message, dict) else None
         if value is None:
             raise DataError(f"{where}: conversations[{position}] needs a string 'value'")
         role = message.get("from")
@@ -171,7 +171,7 @@ def parse_test_record(record: Any, task: str, image_root: Path, where: str) -> S
 
 def _sample_id(value: Any, where: str) -> str:
     """A record's id as text: a string or a number (ids name predictions, so nothing else)."""
-    text = _text(value)
+    text = as_text(value)
     if text is None or not text.strip():
         raise DataError(f"{where}: the id must be a non-empty string or a number")
     return text

@@ -43,7 +43,6 @@ from typing import Any, Callable
 
 from mmcl.streams.published import (
     Record,
-    as_text,
     cached_conversion,
     require_field,
     image_folder_missing,
@@ -52,7 +51,7 @@ from mmcl.streams.published import (
     raise_if_missing,
 )
 from mmcl.streams.stream import StreamSpec, Task, register_stream
-from mmcl.data.readers import load_records, read_json_document
+from mmcl.data.readers import as_text, load_records, read_json_document
 from mmcl.errors import ConfigError, DataError
 
 STREAM = "coin"

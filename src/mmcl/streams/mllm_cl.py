@@ -48,7 +48,6 @@ from typing import Any
 
 from mmcl.streams.published import (
     Record,
-    as_text,
     cached_conversion,
     image_folder_missing,
     missing_files,
@@ -56,7 +55,7 @@ from mmcl.streams.published import (
     raise_if_missing,
 )
 from mmcl.streams.stream import StreamSpec, Task, register_stream
-from mmcl.data.readers import load_records
+from mmcl.data.readers import as_text, load_records
 from mmcl.errors import DataError
 from mmcl.evaluation.published_scorers import OCR_HME, OCR_HME_CATEGORY, sci_rule_tag
 

@@ -155,15 +155,6 @@ def cached_conversion(
     return target
 
 
-def as_text(value: Any) -> str | None:
-    """A string answer from a string or a number; ``None`` for anything else."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
 def require_field(record: Any, key: str, where: str) -> Any:
     """``record[key]``, or a :class:`DataError` naming the record."""
     if not isinstance(record, dict):

@@ -21,9 +21,8 @@ from PIL import Image, ImageDraw
 
 from mmcl.data.answer_styles import LETTERS, MC_INSTRUCTION
 from mmcl.errors import ConfigError
-from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, draw_shape, rng_for, yes_no
+from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, balanced_examples, draw_shape, rng_for, yes_no
 from mmcl.synthetic.files import check_sizes, write_cached, write_split
-from mmcl.utils import ShuffledCycle
 
 GENERATOR_VERSION = "synth-2"  # the synth-domain stream; part of its cache key: bump it whenever the output changes (tests/test_integrity.py pins the output)
 
@@ -279,11 +278,7 @@ def domain_examples(
         raise ConfigError(f"synth-domain: unknown task {task!r} (known: {', '.join(_DOMAIN_MAKERS)})")
     make, answers = _DOMAIN_MAKERS[task]
     rng = rng_for("synth-domain", GENERATOR_VERSION, seed, task, split)
-    qtypes = ShuffledCycle(rng, list(answers))
-    targets = {qtype: ShuffledCycle(rng, values) for qtype, values in answers.items()}
-    for _ in range(n):
-        qtype = qtypes.next()
-        yield make(rng, image_size, qtype, targets[qtype].next())
+    yield from balanced_examples(rng, make, list(answers), answers, n, image_size)
 
 
 def write_synth_domain(

@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageDraw
+
+from mmcl.utils import ShuffledCycle
 
 RGB = tuple[int, int, int]
 Box = tuple[float, float, float, float]
@@ -67,4 +69,22 @@ def draw_shape(
         raise ValueError(f"unknown shape {shape!r}")
 
 
-__all__ = ["RGB", "Box", "SynthExample", "TaskSpec", "draw_shape", "rng_for", "yes_no"]
+def balanced_examples(
+    rng: random.Random,
+    make: Callable[[random.Random, int, str, Any], SynthExample],
+    qtypes: Sequence[str],
+    targets: Mapping[str, Sequence[Any]],
+    n: int,
+    image_size: int,
+) -> Iterator[SynthExample]:
+    """``n`` examples ``make(rng, image_size, qtype, target)``: question types in shuffled passes over
+    ``qtypes`` (a type listed twice is drawn twice as often), each type's target in shuffled passes over
+    ``targets[qtype]``, all from ``rng``."""
+    qtype_cycle = ShuffledCycle(rng, qtypes)
+    target_cycles = {qtype: ShuffledCycle(rng, values) for qtype, values in targets.items()}
+    for _ in range(n):
+        qtype = qtype_cycle.next()
+        yield make(rng, image_size, qtype, target_cycles[qtype].next())
+
+
+__all__ = ["RGB", "Box", "SynthExample", "TaskSpec", "balanced_examples", "draw_shape", "rng_for", "yes_no"]

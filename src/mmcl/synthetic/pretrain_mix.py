@@ -16,9 +16,8 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from mmcl.synthetic.draw import RGB, Box, SynthExample, TaskSpec, draw_shape, rng_for, yes_no
+from mmcl.synthetic.draw import RGB, Box, SynthExample, TaskSpec, balanced_examples, draw_shape, rng_for, yes_no
 from mmcl.synthetic.files import check_sizes, write_cached, write_split
-from mmcl.utils import ShuffledCycle
 
 PRETRAIN_VERSION = "synth-1"  # the pretraining mix behind the shipped tiny-llava weights
 PRETRAIN_TASK = "pretrain"
@@ -195,11 +194,8 @@ _PRETRAIN_TARGETS: dict[str, list[str]] = {
 def pretrain_examples(n: int, seed: int = 0, split: str = "train", image_size: int = 48) -> Iterator[SynthExample]:
     """``n`` examples of the ``synth-pretrain`` mix; question types and answers are balanced."""
     rng = rng_for("synth-pretrain", PRETRAIN_VERSION, seed, split)
-    qtypes = ShuffledCycle(rng, [qtype for qtype, weight in _PRETRAIN_WEIGHTS.items() for _ in range(weight)])
-    targets = {qtype: ShuffledCycle(rng, values) for qtype, values in _PRETRAIN_TARGETS.items()}
-    for _ in range(n):
-        qtype = qtypes.next()
-        yield _make_pretrain(rng, image_size, qtype, targets[qtype].next())
+    qtypes = [qtype for qtype, weight in _PRETRAIN_WEIGHTS.items() for _ in range(weight)]
+    yield from balanced_examples(rng, _make_pretrain, qtypes, _PRETRAIN_TARGETS, n, image_size)
 
 
 def write_synth_pretrain(
