@@ -155,7 +155,7 @@ def test_one_run_trains_and_evaluates(arch_run: Path) -> None:
             assert meta["n"] == 2 and len(records) == 2
             assert all(isinstance(record["prediction"], str) for record in records)
     results = read_json(arch_run / "results.json")
-    assert results["tasks"] == TASKS and len(results["matrix"]) == 3 and results["complete"] is True
+    assert [task["name"] for task in results["tasks"]] == TASKS and len(results["matrix"]) == 3 and results["complete"] is True
 
 
 def test_bfloat16_with_activation_checkpointing_trains(

@@ -383,7 +383,7 @@ def test_run_on_declared_task_files(tmp_path: Path, tiny_stream_config: dict, ca
     assert plan["stream"] == "files" and plan["stages"] == ["one"]
     assert plan["tasks"] == [{"name": "one", "description": "one", "scorer": "yes_no", "max_new_tokens": 3, "chance": 50.0}]
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-    assert results["row_labels"] == ["base", "one"] and results["scorers"] == {"one": "yes_no"}
+    assert results["row_labels"] == ["base", "one"] and [task["scorer"] for task in results["tasks"]] == ["yes_no"]
     lines = (run_dir / "predictions" / "1_one" / "one.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0])["meta"]["scorer"] == "yes_no"
     assert [json.loads(line)["id"] for line in lines[1:]] == ["q0", "q1", "q2"]

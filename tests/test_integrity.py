@@ -5,6 +5,7 @@ first stage, and the synthetic stream's cache keyed by its generator's version."
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import json
 import os
 import shutil
@@ -202,13 +203,13 @@ def test_complete_needs_every_planned_evaluation(experiment: Path) -> None:
     run_dir = experiment / "run"
     finished = collect_results(run_dir)
     n = len(TASKS)
-    assert finished["complete"] is True
-    assert finished["progress"] == {
+    assert finished.complete is True
+    assert dataclasses.asdict(finished.progress) == {
         "stages_done": n, "stages_planned": n, "evaluations_done": (n + 1) * n, "evaluations_planned": (n + 1) * n
     }  # fmt: skip
     (run_dir / "predictions" / "1_rs" / "ad.jsonl").unlink()  # above the diagonal: planned with forward transfer
     partial = collect_results(run_dir)
-    assert partial["complete"] is False and partial["progress"]["evaluations_done"] == (n + 1) * n - 1
+    assert partial.complete is False and partial.progress.evaluations_done == (n + 1) * n - 1
     assert format_table(partial).splitlines()[0].startswith(f"UNFINISHED run: {n} of {n} stages, 11 of 12 evaluations")
     assert "UNFINISHED" not in format_table(finished)
     code, out, err = mmcl(["report", str(run_dir)])
@@ -218,7 +219,7 @@ def test_complete_needs_every_planned_evaluation(experiment: Path) -> None:
     plan = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     del plan["evaluation"]["planned"]
     (run_dir / "run.json").write_text(json.dumps(plan), encoding="utf-8")
-    assert collect_results(run_dir)["progress"] == partial["progress"]
+    assert collect_results(run_dir).progress == partial.progress
 
 
 def test_complete_counts_probes_and_low_shot_files(experiment: Path, tmp_path: Path) -> None:
@@ -236,17 +237,25 @@ def test_complete_counts_probes_and_low_shot_files(experiment: Path, tmp_path: P
 
 
 def test_general_drop_only_from_the_final_stage(tmp_path: Path) -> None:
-    from mmcl.results import _general_results, general_file
+    from mmcl.evaluation.protocols import RunView
+    from mmcl.evaluation.protocols.general import GeneralAbility
+    from mmcl.layout import RunLayout
+    from mmcl.results import run_rows
+
+    layout = RunLayout(tmp_path)
+
+    def general_results(labels: list[str]):
+        return GeneralAbility().collect(RunView(layout, ["a", "b"], run_rows(["a", "b"], labels[1:], joint=False)))
 
     for row, score in (("0_base", 1.0), ("1_a", 0.0)):
-        path = general_file(tmp_path, row)
+        path = layout.row_file("general", row)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"meta": {"scorer": "exact_match", "n": 1}}
         record = {"id": "x", "prediction": "a" if score else "b", "answer": "a", "score": score}
         path.write_text(json.dumps(meta) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
-    unfinished = _general_results(tmp_path, ["base", "a", "b"])
-    assert unfinished["scores"][2] is None and unfinished["drop"] is None
-    assert _general_results(tmp_path, ["base", "a"])["drop"] == pytest.approx(100.0)
+    unfinished = general_results(["base", "a", "b"])
+    assert unfinished.scores[2] is None and unfinished.drop is None
+    assert GeneralAbility().collect(RunView(layout, ["a"], run_rows(["a"], ["a"], joint=False))).drop == pytest.approx(100.0)
 
 
 # -- nothing left behind by a run that fails before its first stage --------------------------------

@@ -141,18 +141,18 @@ def test_run_evaluates_general_set_probes_and_low_shot(tiny_model_dir: Path, str
     assert plain.code == 0, plain.err
     assert results["matrix"] == read_json(tmp_path / "plain" / "results.json")["matrix"]
 
-    low_shot = results["low_shot"]["matrix"]
+    low_shot = results["protocols"]["low_shot"]["matrix"]
     assert all(value is not None for value in low_shot[0])  # from the base model: every task is unseen
     assert low_shot[2][:2] == [None, None] and all(value is not None for value in low_shot[2][2:])
     assert low_shot[5] == [None] * 5
     gains = [low_shot[r][j] - low_shot[0][j] for r in range(1, 5) for j in range(r, 5)]
     assert results["metrics"]["low_shot_transfer"] == pytest.approx(sum(gains) / len(gains))
     assert "Low-shot transfer (CLiMB)" in (run_dir / "report.html").read_text(encoding="utf-8")
-    scores = results["general"]["scores"]
+    scores = results["protocols"]["general"]["scores"]
     assert len(scores) == 6 and all(value is not None for value in scores)
     assert results["metrics"]["general_drop"] == pytest.approx(scores[0] - scores[-1])
     assert (run_dir / "general" / "3_ad.jsonl").is_file()
-    superficial = results["superficial"]
+    superficial = results["protocols"]["superficial"]
     assert superficial["format"][0] == [None] * 5  # no probes for the base model
     assert all(value is not None for value in superficial["content"][5])
     assert superficial["content"][2][2:] == [None, None, None]  # unseen tasks are not probed

@@ -18,6 +18,9 @@ import yaml
 
 from mmcl.streams.stream import StreamConfig, check_name
 from mmcl.errors import ConfigError
+from mmcl.evaluation.protocols.general import GeneralSettings
+from mmcl.evaluation.protocols.low_shot import LowShotSettings
+from mmcl.evaluation.protocols.superficial import SuperficialSettings
 
 # A number as people write it: 1e-4, 1E-4, .5, 5., +1e3 (YAML 1.1 reads some of these as strings).
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
@@ -37,17 +40,54 @@ _INT64_MAX = 2**63 - 1  # what torch and numpy hold in an integer
 SEED_RANGE = "[0, 2147483647]"  # what numpy, torch and the HF Trainer accept as a seed (seed + stage too)
 
 
-def setting(default: Any = dataclasses.MISSING, range: str | None = None, help: str = "", **kwargs: Any) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING, range: str | None = None, help: str = "", affects_results: bool = True,
+    **kwargs: Any,
+) -> Any:
     """A config field that documents itself: ``range`` is an interval such as ``"[1, inf)"`` or ``"(0, 1]"``
     (checked by :func:`from_dict` for every number, None allowed when the type is optional), ``help``
-    says what it does."""
-    metadata = {"help": help}
+    says what it does, ``affects_results`` whether changing it can change a computed number (it then
+    enters the run's fingerprint and tells runs apart in ``mmcl compare``)."""
+    metadata: dict[str, Any] = {"help": help, "affects_results": affects_results}
     if range is not None:
         parse_range(range)  # a malformed declaration fails at import
         metadata["range"] = range
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
+
+
+def results_settings(config: Any) -> Any:
+    """``config`` (a config dataclass) as plain data without the fields marked ``affects_results=False``:
+    what the run fingerprint hashes and what ``mmcl compare`` groups runs by."""
+    if dataclasses.is_dataclass(config):
+        return {
+            f.name: results_settings(getattr(config, f.name))
+            for f in dataclasses.fields(config)
+            if f.metadata.get("affects_results", True)
+        }
+    if isinstance(config, list):
+        return [results_settings(item) for item in config]
+    if isinstance(config, dict):
+        return {key: results_settings(value) for key, value in config.items()}
+    return config
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str, bool]]:
+    """(dotted key, type, default, help, affects results) of every field of config dataclass ``cls``,
+    nested sections expanded: the one source of the config's documentation."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe_fields(hints[f.name], f"{key}.")
+            continue
+        rows.append((key, _type_name(hints[f.name]), default, f.metadata.get("help", ""),
+                     bool(f.metadata.get("affects_results", True))))
+    return rows
 
 
 @dataclass
@@ -57,7 +97,7 @@ class LoraSettings:
     rank: int = setting(8, "[1, inf)", "rank r of every LoRA adapter")
     alpha: float = setting(16.0, "(0, inf)", "LoRA scale numerator: the update is scaled by alpha / rank")
     dropout: float = setting(0.0, "[0, 1)", "dropout on the LoRA input")
-    targets: str | None = None  # regex over module names; None = the backbone's default (language model + projector)
+    targets: str | None = setting(None, help="regex over module names; none = the backbone's default (language model + projector)")
 
 
 @dataclass
@@ -71,16 +111,17 @@ class TrainingConfig:
     learning_rate: float = setting(
         3e-3, "(0, inf)", "LoRA on the tiny model (calibrated); use ~2e-4 for 7B LoRA, 2e-5 for full FT"
     )
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = setting("cosine", help="the HF Trainer's learning-rate schedule (cosine, linear, constant, ...)")
     warmup_ratio: float = setting(0.03, "[0, 1]", "share of the steps with a linear warm-up")
     weight_decay: float = setting(0.0, "[0, inf)", "AdamW weight decay")
     max_grad_norm: float = setting(1.0, "[0, inf)", "gradient clipping norm (0 = no clipping)")
-    logging_steps: int = setting(10, "[1, inf)", "log the loss every this many steps")
-    progress_bar: bool = True
-    bf16: bool = False
-    activation_checkpointing: bool = False
-    deepspeed: str | None = None  # DeepSpeed JSON config for the HF Trainer (GPU; see examples/deepspeed/)
-    fsdp: str | None = None  # the HF Trainer's FSDP option string, e.g. "full_shard auto_wrap" (GPU)
+    logging_steps: int = setting(10, "[1, inf)", "log the loss every this many steps (the loss curve's resolution)",
+                                 affects_results=False)
+    progress_bar: bool = setting(True, help="show a progress bar while training", affects_results=False)
+    bf16: bool = setting(False, help="bfloat16 mixed precision (GPU)")
+    activation_checkpointing: bool = setting(False, help="recompute activations in the backward pass (less memory)")
+    deepspeed: str | None = setting(None, help="DeepSpeed JSON config for the HF Trainer (GPU; see examples/deepspeed/)")
+    fsdp: str | None = setting(None, help="the HF Trainer's FSDP option string, e.g. 'full_shard auto_wrap' (GPU)")
 
     def check_values(self, where: str = "training") -> None:
         """Checks across fields (single fields' ranges are declared with them and checked by from_dict)."""
@@ -94,20 +135,20 @@ class TrainingConfig:
 class BackboneConfig:
     """Which model to continue training: a preset name (``mmcl list``), a hub id or a local directory."""
 
-    name: str = "tiny-llava"
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the preset's dtype on a GPU, else float32)
-    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    name: str = setting("tiny-llava", help="a preset (`mmcl list`), a Hugging Face hub id or a local model directory")
+    dtype: str = setting("float32", help="float32 | bfloat16 | float16 | auto (the preset's dtype on a GPU, else float32)")
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:1 ...")
     max_length: int = setting(512, "[1, inf)", "longest tokenised training conversation accepted")
-    load_in_4bit: bool = False  # NF4 language model via bitsandbytes (QLoRA); needs CUDA and bitsandbytes
-    processor_options: dict[str, Any] = field(default_factory=dict)  # AutoProcessor kwargs, e.g. Qwen-VL size
+    load_in_4bit: bool = setting(False, help="NF4 language model via bitsandbytes (QLoRA); needs CUDA and bitsandbytes")
+    processor_options: dict[str, Any] = setting({}, help="AutoProcessor kwargs, e.g. Qwen-VL image size")
 
 
 @dataclass
 class MethodConfig:
     """The continual-learning method and its own options (checked against the method's config class)."""
 
-    name: str = "seq-lora"
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = setting("seq-lora", help="a registered method (`mmcl list`; `mmcl list --method NAME` for its options)")
+    options: dict[str, Any] = setting({}, help="the method's own options, checked against its config class")
 
 
 @dataclass
@@ -116,19 +157,18 @@ class EvaluationConfig:
 
     batch_size: int = setting(64, "[1, inf)", "test samples generated at once")
     max_new_tokens: int | None = setting(None, "[1, inf)", "overrides every task's own max_new_tokens when set")
-    forward_transfer: bool = True  # after task t also evaluate tasks t+1..T (needed for FWT; costs T(T-1)/2 evals)
-    evaluate_base: bool = True  # row 0: the backbone before any training
+    forward_transfer: bool = setting(True, help="after task t also evaluate tasks t+1..T (needed for FWT; costs T(T-1)/2 evals)")
+    evaluate_base: bool = setting(True, help="row 0: the backbone before any training")
     limit: int | None = setting(None, "[1, inf)", "evaluate at most this many test samples per task (quick looks)")
-    limit_selection: str = "random"  # which `limit` samples: random (a seeded subset, in file order) | first
+    limit_selection: str = setting("random", help="which `limit` samples: random (a seeded subset, in file order) | first")
     limit_seed: int = setting(
         0, SEED_RANGE, "seed of the random subset (independent of the run seed: every seed sees the same test set)"
     )
-    general: str = "auto"  # general-ability set after every stage: auto | none | a test file (mmcl.evaluation.general)
-    general_scorer: str = "exact_match"  # scorer of a general test file named by path
-    superficial: bool = False  # also ask seen tasks in another answer format; score format and content apart
-    low_shot: int = setting(
-        0, "[0, inf)", "CLiMB low-shot transfer: after each stage, fine-tune a copy on this many samples of each unseen task (0 = off)"
-    )
+    # The protocols' own sections (each declared in its file under mmcl/evaluation/protocols/).
+    general: GeneralSettings = setting(default_factory=GeneralSettings, help="the general-ability set after every stage")
+    superficial: SuperficialSettings = setting(default_factory=SuperficialSettings, help="SEFE's superficial-forgetting probes")
+    low_shot: LowShotSettings = setting(default_factory=LowShotSettings, help="CLiMB's low-shot transfer to unseen tasks")
+    protocols: dict[str, Any] = setting({}, help="sections of protocols added by plugins, by protocol name")
 
     def __post_init__(self) -> None:
         if self.limit_selection not in ("random", "first"):
@@ -139,15 +179,17 @@ class EvaluationConfig:
 class ExperimentConfig:
     """One continual-learning experiment: stream + method + backbone + training + evaluation."""
 
-    name: str = field(default="default", metadata={"safe_name": True, "help": "names the run dir: runs/<name>"})
-    output_dir: str | None = None  # default: runs/<name>
+    name: str = field(default="default", metadata={
+        "safe_name": True, "help": "names the run and its default dir runs/<name>", "affects_results": False})
+    output_dir: str | None = setting(None, help="the run directory (default: runs/<name>)", affects_results=False)
     seed: int = setting(0, SEED_RANGE, "seed of everything random (stage k trains with seed + k)")
-    stream: StreamConfig = field(default_factory=StreamConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    stream: StreamConfig = setting(default_factory=StreamConfig, help="the tasks, in training order")
+    backbone: BackboneConfig = setting(default_factory=BackboneConfig, help="the model trained")
+    method: MethodConfig = setting(default_factory=MethodConfig, help="the continual-learning method")
+    lora: LoraSettings = setting(default_factory=LoraSettings, help="LoRA adapter shape (methods that train adapters)")
+    training: TrainingConfig = setting(default_factory=TrainingConfig, help="optimisation settings of each stage")
+    evaluation: EvaluationConfig = setting(default_factory=EvaluationConfig, help="what is evaluated after each stage")
+    plugins: list[dict[str, str]] = setting([], help="plugin files loaded by `mmcl run --plugin` (path, sha256), recorded by mmcl")
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
@@ -160,13 +202,10 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not where they are written). The superficial
-        probes only add files, so turning them on for a finished run just runs the missing probes."""
-        content = self.to_dict()
-        content.pop("output_dir")
-        content["training"].pop("progress_bar")
-        content["evaluation"].pop("superficial")
-        encoded = json.dumps(content, sort_keys=True, default=str).encode()
+        """Hash of the settings that change results (:func:`results_settings`): a run dir made with the same
+        fingerprint is resumed. Fields marked ``affects_results=False`` (where the run is written, progress
+        output, the superficial probes, which only add files) are left out."""
+        encoded = json.dumps(results_settings(self), sort_keys=True, default=str).encode()
         return hashlib.sha256(encoded).hexdigest()[:16]
 
 
@@ -278,6 +317,43 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     return instance
 
 
+# evaluation keys of configs written before the protocols had sections -> (section, key)
+LEGACY_EVALUATION_KEYS = {
+    "general": ("general", "set"),
+    "general_scorer": ("general", "scorer"),
+    "superficial": ("superficial", "enabled"),
+    "low_shot": ("low_shot", "shots"),
+}
+
+
+def upgrade_config_data(data: dict[str, Any]) -> dict[str, Any]:
+    """Config data written before the protocols had sections (``evaluation.general: auto``,
+    ``general_scorer``, ``superficial: true``, ``low_shot: 4``) moved into the sections, so older
+    configs, ``--set evaluation.superficial=true`` and older run dirs keep working."""
+    evaluation = data.get("evaluation")
+    if not isinstance(evaluation, dict):
+        return data
+    evaluation = dict(evaluation)
+    for old, (section, key) in LEGACY_EVALUATION_KEYS.items():
+        if old not in evaluation or (old == section and isinstance(evaluation[old], dict)):
+            continue
+        value = evaluation.pop(old)
+        target = evaluation.setdefault(section, {})
+        if isinstance(target, dict):
+            evaluation[section] = {key: value, **target}
+    return {**data, "evaluation": evaluation}
+
+
+def config_from_stored(stored: dict[str, Any], where: str) -> ExperimentConfig:
+    """The config a run dir's ``config.yaml`` records (any mmcl version's layout), without the keys mmcl
+    adds itself; a :class:`ConfigError` naming ``where`` if it no longer reads."""
+    data = {key: value for key, value in stored.items() if key != "fingerprint"}
+    try:
+        return from_dict(ExperimentConfig, upgrade_config_data(data))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply dotted-key overrides."""
     data: dict[str, Any] = {}
@@ -313,6 +389,6 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> E
                 raise ConfigError(f"--set {dotted}: '{where}' is not a mapping (it is {_shown(node)})")
         node[leaf] = value
     try:
-        return from_dict(ExperimentConfig, data)
+        return from_dict(ExperimentConfig, upgrade_config_data(data))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None

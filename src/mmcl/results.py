@@ -1,227 +1,394 @@
-"""``results.json`` from a run directory's files alone: matrix from stored predictions, metrics, timing.
+"""``results.json``: the typed :class:`Results` of a run, computed from its files alone, written and read
+here and nowhere else.
 
-Light to import (no torch, no transformers), so ``mmcl report`` and ``mmcl compare`` start fast."""
+:func:`collect_results` rebuilds everything from the run dir (plan, stage records, every protocol's
+files), so ``mmcl report`` and ``mmcl compare`` never need the model, and an older run dir (without a
+schema version, or of an older one) is read by rebuilding it. Light to import (no torch, no
+transformers), so both commands start fast.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mmcl.errors import RunDirError
-from mmcl.evaluation.evaluator import prediction_seconds, score_prediction_file
-from mmcl.evaluation.metrics import climb_average_forgetting, compute_all
-from mmcl.evaluation.superficial import RATES, judged_rates, summarize
-from mmcl.utils import git_commit, package_versions
+from mmcl.evaluation.metrics import climb_average_forgetting, compute_all, per_task_forgetting
+from mmcl.evaluation.protocols import PROTOCOLS, Row, RunView
+from mmcl.layout import BASE_LABEL, RunLayout, row_name
+from mmcl.utils import atomic_write_text, git_commit, package_versions
 
-BASE_LABEL = "base"
-METHOD_SUMMARY = "method_summary.json"  # method-specific evaluation facts (e.g. MR-LoRA routing)
-
-
-def stage_name(index: int, label: str) -> str:
-    return f"{index}_{label}"
+SCHEMA_VERSION = 2  # 1 = the untyped dict of mmcl before results had a schema (no "schema_version" key)
+EXAMPLES_PER_KIND = 3  # example predictions shown per old task and kind
 
 
-def general_file(run_dir: Path, row_label: str) -> Path:
-    """Predictions on the general-ability set after the stage ``row_label``."""
-    return run_dir / "general" / f"{row_label}.jsonl"
+@dataclass
+class TaskInfo:
+    name: str
+    description: str
+    scorer: str
+    max_new_tokens: int | None
+    chance: float | None  # chance score (%) on the evaluated test samples (CLiMB's S_rand)
+    train_samples: int | None  # None: a run dir from before the counts were recorded
+    test_samples: int | None  # evaluated test samples (after evaluation.limit)
 
 
-def judged_file(run_dir: Path, row_label: str, task: str) -> Path:
-    """Format/content judgements of a task's original and probe answers after the stage ``row_label``."""
-    return run_dir / "superficial" / row_label / f"{task}.jsonl"
+@dataclass
+class StageInfo:
+    index: int
+    label: str
+    done: bool
+    seconds: float | None
+    train_samples: int | None
+    trainable_parameters: int | None
+    train_loss: float | None  # the Trainer's mean training loss over the stage
+    train_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def low_shot_file(run_dir: Path, row_label: str, task: str) -> Path:
-    """Predictions on ``task`` after low-shot fine-tuning from the stage ``row_label`` (CLiMB)."""
-    return run_dir / "low_shot" / row_label / f"{task}.jsonl"
+@dataclass
+class Progress:
+    stages_done: int
+    stages_planned: int
+    evaluations_done: int
+    evaluations_planned: int
+
+    @property
+    def complete(self) -> bool:
+        return self.stages_done == self.stages_planned and self.evaluations_done == self.evaluations_planned
 
 
-def planned_row(
-    row_index: int, n_tasks: int, joint: bool, forward_transfer: bool, general: bool, superficial: bool, low_shot: int
-) -> dict[str, Any]:
-    """What the runner evaluates after stage ``row_index`` (0 = the base model): task positions of the
-    matrix row, whether the general set, positions of the seen tasks probed for superficial forgetting,
-    and positions of the unseen tasks given low-shot fine-tuning. The runner and :func:`planned_files`
-    both use it, so "complete" means exactly what the runner would do."""
-    seen = n_tasks if joint else row_index
-    return {
-        "predictions": list(range(n_tasks if forward_transfer or row_index == 0 else seen)),
-        "general": general,
-        "superficial": list(range(seen)) if superficial and row_index > 0 else [],
-        "low_shot": list(range(seen, n_tasks)) if low_shot > 0 else [],
+@dataclass
+class Timing:
+    train_seconds: float  # sum over finished stages
+    eval_seconds: float  # generation time of the accuracy matrix
+    sessions: list[float]  # wall-clock seconds of every `mmcl run` session on the run dir
+    total_seconds: float | None  # their sum (None: a run dir from before sessions were recorded)
+
+
+@dataclass
+class Example:
+    """One test sample of an old task: the answer right after learning the task and after the last stage."""
+
+    id: str
+    reference: Any
+    learned: str  # answer right after the task was learned
+    final: str  # answer after the last stage
+    kind: str  # kept (right, still right) | lost (right, now wrong) | drifted (right, now in another form)
+
+
+@dataclass
+class Results:
+    schema_version: int
+    name: str
+    method: str
+    stream: str
+    backbone: str
+    seed: int
+    joint: bool  # one stage on all tasks
+    reference: bool  # the method declares itself a reference row (an upper bound), not a continual learner
+    tasks: list[TaskInfo]
+    row_labels: list[str]  # "base", then each stage's label
+    matrix: list[list[float | None]]  # R[row][task], None = not evaluated
+    metrics: dict[str, float | None]  # ACC, MFT, ... and the protocols' headline numbers
+    per_task_forgetting: list[float | None]  # max earlier score - final score, per task (None for the last)
+    stages: list[StageInfo]
+    progress: Progress
+    complete: bool  # every planned stage and evaluation is done
+    timing: Timing
+    settings: dict[str, Any]  # the resolved config (hyperparameters), as config.yaml records it
+    evaluation_protocol: dict[str, Any] | None  # run.json's "evaluation": limit, decoding, what was planned
+    protocols: dict[str, Any]  # protocol name -> its part (general, superficial, low_shot, plugins' own)
+    examples: dict[str, list[Example]]  # old task -> example predictions after the last stage
+    method_summary: dict[str, Any] | None  # the method's evaluation facts (e.g. MR-LoRA routing)
+    method_sections: list[dict[str, Any]]  # report sections the method returns as data
+    config_hash: str | None
+    versions: dict[str, str]
+    git_commit: str | None
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    @property
+    def reference_rows(self) -> dict[str, list[float | None]]:
+        """Rows drawn as references beside the matrix (a jointly trained run's final row)."""
+        return {self.method: self.matrix[-1]} if self.joint and self.matrix else {}
+
+    @property
+    def trainable_parameters(self) -> int | None:
+        done = [stage.trainable_parameters for stage in self.stages if stage.trainable_parameters is not None]
+        return done[-1] if done else None
+
+    def part(self, protocol: str) -> Any:
+        return self.protocols.get(protocol)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+# -- reading and writing --------------------------------------------------------------------------
+
+
+def write_results(layout: RunLayout, results: Results) -> Path:
+    atomic_write_text(layout.results_file, results.to_json())
+    return layout.results_file
+
+
+def results_from_dict(data: dict[str, Any]) -> Results:
+    """A :class:`Results` from the JSON of the current schema (``ValueError``/``TypeError``/``KeyError`` otherwise)."""
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"schema version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    values = dict(data)
+    values["tasks"] = [TaskInfo(**task) for task in data["tasks"]]
+    values["stages"] = [StageInfo(**stage) for stage in data["stages"]]
+    values["progress"] = Progress(**data["progress"])
+    values["timing"] = Timing(**data["timing"])
+    values["examples"] = {task: [Example(**e) for e in items] for task, items in data["examples"].items()}
+    values["protocols"] = {
+        name: PROTOCOLS[name]().load_part(part) if name in PROTOCOLS and part is not None else part
+        for name, part in data["protocols"].items()
     }
+    return Results(**values)
 
 
-def evaluation_plan(config: dict[str, Any], general: bool) -> dict[str, Any]:
-    """The switches that decide which evaluations a run plans, from its resolved config (``config.yaml``)."""
-    evaluation = config.get("evaluation") or {}
-    return {
-        "evaluate_base": bool(evaluation.get("evaluate_base", True)),
-        "forward_transfer": bool(evaluation.get("forward_transfer", True)),
-        "general": general,
-        "superficial": bool(evaluation.get("superficial", False)),
-        "low_shot": int(evaluation.get("low_shot", 0) or 0),
-    }
+def load_results(run_dir: Path | str) -> Results:
+    """The run's results: ``results.json`` if it holds the current schema, else rebuilt from the run dir
+    (an older mmcl's results.json, a missing or unreadable one)."""
+    layout = RunLayout(Path(run_dir))
+    if layout.results_file.is_file():
+        try:
+            return results_from_dict(json.loads(layout.results_file.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+            if not layout.plan_file.is_file():
+                raise RunDirError(
+                    f"{layout.results_file}: unreadable or of an older mmcl, and no run.json to rebuild it from"
+                ) from None
+    return collect_results(layout.root)
 
 
-def planned_files(run_dir: Path, tasks: list[str], stages: list[str], joint: bool, plan: dict[str, Any]) -> list[Path]:
-    """Every evaluation file a finished run holds (``plan`` from :func:`evaluation_plan`)."""
-    files: list[Path] = []
-    labels = [BASE_LABEL, *stages]
-    for row_index, label in enumerate(labels):
-        if (row_index == 0 and not plan["evaluate_base"]) or row_index in plan.get("skipped_rows", ()):
-            continue
-        row = stage_name(row_index, label)
-        planned = planned_row(
-            row_index, len(tasks), joint, plan["forward_transfer"], plan["general"], plan["superficial"], plan["low_shot"]
-        )
-        files += [run_dir / "predictions" / row / f"{tasks[j]}.jsonl" for j in planned["predictions"]]
-        if planned["general"]:
-            files.append(general_file(run_dir, row))
-        files += [judged_file(run_dir, row, tasks[j]) for j in planned["superficial"]]
-        files += [low_shot_file(run_dir, row, tasks[j]) for j in planned["low_shot"]]
-    return files
+# -- collecting ----------------------------------------------------------------------------------
 
 
-def _low_shot_results(run_dir: Path, row_labels: list[str], tasks: list[str]) -> dict[str, Any] | None:
-    """The low-shot matrix L (row = stage fine-tuned from, column = unseen task) and the mean gain of
-    low-shot fine-tuning from a trained stage over low-shot fine-tuning from the base model (row 0)."""
-    matrix = [
-        [round(score_prediction_file(f), 4) if (f := low_shot_file(run_dir, stage_name(i, label), task)).exists() else None
-         for task in tasks]
-        for i, label in enumerate(row_labels)
-    ]  # fmt: skip
-    if not any(value is not None for row in matrix for value in row):
-        return None
-    gains = [row[j] - matrix[0][j] for row in matrix[1:] for j in range(len(tasks)) if row[j] is not None and matrix[0][j] is not None]
-    return {"matrix": matrix, "transfer": round(sum(gains) / len(gains), 4) if gains else None}
-
-
-def _general_results(run_dir: Path, row_labels: list[str]) -> dict[str, Any] | None:
-    files = [general_file(run_dir, stage_name(i, label)) for i, label in enumerate(row_labels)]
-    if not any(file.exists() for file in files):
-        return None
-    scores = [round(score_prediction_file(file), 4) if file.exists() else None for file in files]
-    base, last = scores[0], scores[-1]  # the final stage only: an unfinished run has no drop yet
-    drop = round(base - last, 4) if base is not None and last is not None and len(scores) > 1 else None
-    return {"scores": scores, "drop": drop}
-
-
-def _superficial_results(run_dir: Path, row_labels: list[str], tasks: list[str], matrix: list) -> dict[str, Any] | None:
-    rates = [
-        [judged_rates(f) if (f := judged_file(run_dir, stage_name(i, label), task)).exists() else None for task in tasks]
-        for i, label in enumerate(row_labels)
-    ]
-    if not any(cell for row in rates for cell in row):
-        return None
-    tables = {
-        key: [[round(cell[key], 4) if cell else None for cell in row] for row in rates]
-        for key in RATES
-    }
-    return {**tables, "summary": summarize(matrix, rates)}
-
-
-def collect_results(run_dir: Path) -> dict[str, Any]:
-    """Everything ``results.json`` holds, computed from the run dir alone (no model needed)."""
-    plan_file = run_dir / "run.json"
-    if not plan_file.is_file():
-        raise RunDirError(f"{run_dir}: not a run directory (no run.json)")
+def _read_plan(layout: RunLayout) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not layout.plan_file.is_file():
+        raise RunDirError(f"{layout.root}: not a run directory (no run.json)")
     try:
-        plan = json.loads(plan_file.read_text(encoding="utf-8"))
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        plan = json.loads(layout.plan_file.read_text(encoding="utf-8"))
+        config = yaml.safe_load(layout.config_file.read_text(encoding="utf-8")) or {}
         if not isinstance(plan, dict) or not isinstance(config, dict):
             raise ValueError("expected a mapping")
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RunDirError(f"{run_dir}: unreadable run.json or config.yaml ({reason})") from None
+        raise RunDirError(f"{layout.root}: unreadable run.json or config.yaml ({reason})") from None
     missing = [key for key in ("name", "method", "stream", "backbone", "seed", "tasks", "stages", "joint") if key not in plan]
     if missing:
-        raise RunDirError(f"{plan_file}: not a run plan written by mmcl (missing {', '.join(missing)})")
-    tasks = [task["name"] for task in plan["tasks"]]
-    row_labels = [BASE_LABEL, *plan["stages"]]
-    matrix: list[list[float | None]] = []
-    eval_seconds = 0.0
-    for row_index, label in enumerate(row_labels):
-        row: list[float | None] = []
-        for task in tasks:
-            path = run_dir / "predictions" / stage_name(row_index, label) / f"{task}.jsonl"
-            if path.exists():
-                row.append(round(score_prediction_file(path), 4))
-                eval_seconds += prediction_seconds(path)
+        raise RunDirError(f"{layout.plan_file}: not a run plan written by mmcl (missing {', '.join(missing)})")
+    return plan, config
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunDirError(f"{path}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _stages(layout: RunLayout, labels: list[str]) -> list[StageInfo]:
+    stages = []
+    for index, label in enumerate(labels, start=1):
+        info_file = layout.stage_info_file(index, label)
+        info = _read_json(info_file) if info_file.exists() else None
+        if not isinstance(info, dict):
+            stages.append(StageInfo(index, label, False, None, None, None, None))
+            continue
+        metrics = info.get("train_metrics") or {}
+        stages.append(StageInfo(
+            index=index, label=label, done=True, seconds=info.get("seconds"), train_samples=info.get("train_samples"),
+            trainable_parameters=info.get("trainable_parameters"), train_loss=metrics.get("train_loss"),
+            train_metrics=metrics,
+        ))  # fmt: skip
+    return stages
+
+
+def planned_protocols(config: dict[str, Any]) -> list[str]:
+    """Protocols a run dir may hold files of: the built-ins, plus plugin protocols its config names."""
+    evaluation = config.get("evaluation") or {}
+    extra = evaluation.get("protocols") if isinstance(evaluation, dict) else None
+    return sorted(PROTOCOLS, key=lambda name: PROTOCOLS[name].order) + [
+        name for name in (extra or {}) if name not in PROTOCOLS
+    ]
+
+
+def legacy_plan(config: dict[str, Any], layout: RunLayout) -> dict[str, Any]:
+    """The evaluation plan of a run dir from before run.json recorded it, from its config."""
+    evaluation = config.get("evaluation") or {}
+    superficial, low_shot = evaluation.get("superficial", False), evaluation.get("low_shot", 0)
+    return {
+        "evaluate_base": bool(evaluation.get("evaluate_base", True)),
+        "forward_transfer": bool(evaluation.get("forward_transfer", True)),
+        "general": layout.protocol_dir("general").is_dir(),
+        "superficial": bool(superficial.get("enabled") if isinstance(superficial, dict) else superficial),
+        "low_shot": int((low_shot.get("shots") if isinstance(low_shot, dict) else low_shot) or 0),
+    }
+
+
+def planned_files(layout: RunLayout, tasks: list[str], rows: list[Row], planned: dict[str, Any]) -> list[Path]:
+    """Every evaluation file a finished run holds (``planned`` = run.json's ``evaluation.planned``)."""
+    files: list[Path] = []
+    protocols = [PROTOCOLS[name]() for name in sorted(PROTOCOLS, key=lambda n: PROTOCOLS[n].order)]
+    for row in rows:
+        if (row.index == 0 and not planned.get("evaluate_base", True)) or row.index in planned.get("skipped_rows", ()):
+            continue
+        for protocol in protocols:
+            files += protocol.planned_files(layout, row, tasks, planned)
+    return files
+
+
+def run_rows(tasks: list[str], stage_labels: list[str], joint: bool) -> list[Row]:
+    """Row 0 (the base model) and one row per stage."""
+    labels = [BASE_LABEL, *stage_labels]
+    return [
+        Row(index=i, name=row_name(i, label), seen=len(tasks) if joint and i > 0 else i, n_tasks=len(tasks))
+        for i, label in enumerate(labels)
+    ]
+
+
+def _read_records(path: Path) -> dict[str, dict[str, Any]]:
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    return {record["id"]: record for record in map(json.loads, filter(str.strip, lines))}
+
+
+def example_predictions(layout: RunLayout, tasks: list[str], rows: list[Row], per_kind: int = EXAMPLES_PER_KIND) -> dict[str, list[Example]]:
+    """For each old task (learned before the last stage): up to ``per_kind`` samples that were right right
+    after learning it and, after the last stage, stayed right (kept), became wrong in the same form (lost),
+    or came back in another form (drifted: e.g. a sentence for a one-word answer), in file order."""
+    from mmcl.evaluation.superficial import answer_kind
+
+    if len(rows) < 3 or rows[-1].seen != rows[-1].n_tasks:
+        return {}
+    last = rows[-1]
+    out: dict[str, list[Example]] = {}
+    for position, task in enumerate(tasks[:-1]):
+        learned_file = layout.prediction_file(rows[position + 1].name, task)
+        final_file = layout.prediction_file(last.name, task)
+        if position + 1 >= last.index or not learned_file.is_file() or not final_file.is_file():
+            continue
+        learned, final = _read_records(learned_file), _read_records(final_file)
+        picked: dict[str, list[Example]] = {"kept": [], "lost": [], "drifted": []}
+        for sample_id, before in learned.items():
+            after = final.get(sample_id)
+            if after is None or not before.get("score"):
+                continue
+            if after.get("score"):
+                kind = "kept"
+            elif answer_kind(str(after["prediction"])) != answer_kind(str(before["prediction"])):
+                kind = "drifted"
             else:
-                row.append(None)
-        matrix.append(row)
-    stage_seconds, trainable = {}, None
-    for index, label in enumerate(plan["stages"], start=1):
-        info_file = run_dir / "stages" / stage_name(index, label) / "stage.json"
-        if info_file.exists():
-            info = json.loads(info_file.read_text(encoding="utf-8"))
-            stage_seconds[label] = info["seconds"]
-            trainable = info["trainable_parameters"]
+                kind = "lost"
+            if len(picked[kind]) < per_kind:
+                picked[kind].append(Example(sample_id, before.get("answer"), before["prediction"], after["prediction"], kind))
+        examples = picked["kept"] + picked["lost"] + picked["drifted"]
+        if examples:
+            out[task] = examples
+    return out
+
+
+def _sessions(layout: RunLayout) -> list[float]:
+    if not layout.sessions_file.is_file():
+        return []
+    data = _read_json(layout.sessions_file)
+    return [float(seconds) for seconds in data.get("sessions", [])] if isinstance(data, dict) else []
+
+
+def record_session(layout: RunLayout, seconds: float) -> None:
+    """Add one ``mmcl run`` session's wall-clock seconds to the run dir's record."""
+    sessions = _sessions(layout) + [round(seconds, 3)]
+    atomic_write_text(layout.sessions_file, json.dumps({"sessions": sessions}, indent=1))
+
+
+def collect_results(run_dir: Path) -> Results:
+    """Everything ``results.json`` holds, computed from the run dir alone (no model needed)."""
+    layout = RunLayout(Path(run_dir))
+    plan, config = _read_plan(layout)
+    tasks = [task["name"] for task in plan["tasks"]]
+    rows = run_rows(tasks, plan["stages"], plan["joint"])
+    view = RunView(layout=layout, tasks=tasks, rows=rows)
+    matrix_part = PROTOCOLS["matrix"]().collect(view)
+    matrix = matrix_part.matrix
+    view = RunView(layout=layout, tasks=tasks, rows=rows, matrix=matrix)
     if plan["joint"]:
         final = [value for value in matrix[-1] if value is not None]
-        metrics = {"ACC": sum(final) / len(final) if final else None}
-        reference_rows = {"joint": matrix[-1]}
+        metrics: dict[str, float | None] = {"ACC": sum(final) / len(final) if final else None}
     else:
-        metrics = compute_all(matrix)
-        reference_rows = {}
+        metrics = dict(compute_all(matrix))
     chance = [task.get("chance") for task in plan["tasks"]]
     if not plan["joint"] and None not in chance and (value := climb_average_forgetting(matrix, chance)) is not None:
         metrics["T_F"] = round(value, 4)
-    general = _general_results(run_dir, row_labels)
-    if general is not None and general["drop"] is not None:
-        metrics["general_drop"] = general["drop"]
-    superficial = _superficial_results(run_dir, row_labels, tasks, matrix)
-    split = (superficial or {}).get("summary") or {}
-    if split.get("forgetting"):
-        metrics["forgetting_essential"] = split["forgetting"]["essential"]
-        metrics["forgetting_superficial"] = split["forgetting"]["superficial"]
-    low_shot = _low_shot_results(run_dir, row_labels, tasks)
-    if low_shot is not None and low_shot["transfer"] is not None:
-        metrics["low_shot_transfer"] = low_shot["transfer"]
+    protocols: dict[str, Any] = {}
+    for name in planned_protocols(config):
+        if name == "matrix" or name not in PROTOCOLS:
+            continue
+        protocol = PROTOCOLS[name]()
+        part = protocol.collect(view)
+        protocols[name] = part
+        if part is not None:
+            metrics.update(protocol.metrics(part))
     stored_plan = (plan.get("evaluation") or {}).get("planned")
     if stored_plan is None:  # a run dir from before the plan was recorded: derive it from its config
-        stored_plan = evaluation_plan(config, general_file(run_dir, stage_name(0, BASE_LABEL)).parent.is_dir())
-    expected = planned_files(run_dir, tasks, plan["stages"], plan["joint"], stored_plan)
-    progress = {
-        "stages_done": sum(stage_seconds.get(label) is not None for label in plan["stages"]),
-        "stages_planned": len(plan["stages"]),
-        "evaluations_done": sum(file.exists() for file in expected),
-        "evaluations_planned": len(expected),
-    }
-    complete = progress["stages_done"] == progress["stages_planned"] and progress["evaluations_done"] == progress["evaluations_planned"]
-    summary_file = run_dir / METHOD_SUMMARY
-    method_summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.exists() else {}
-    return {
-        "name": plan["name"],
-        "method": plan["method"],
-        "stream": plan["stream"],
-        "backbone": plan["backbone"],
-        "seed": plan["seed"],
-        "tasks": tasks,
-        "task_descriptions": {task["name"]: task["description"] for task in plan["tasks"]},
-        "scorers": {task["name"]: task["scorer"] for task in plan["tasks"]},
-        "chance": {task["name"]: task.get("chance") for task in plan["tasks"]},
-        "evaluation_protocol": plan.get("evaluation"),
-        "row_labels": row_labels,
-        "matrix": matrix,
-        "metrics": metrics,
-        "reference_rows": reference_rows,
-        "general": general,
-        "superficial": superficial,
-        "low_shot": low_shot,
-        "complete": complete,
-        "progress": progress,
-        "stage_seconds": stage_seconds,
-        "train_seconds": round(sum(stage_seconds.values()), 3),
-        "eval_seconds": round(eval_seconds, 3),
-        "trainable_parameters": trainable,
-        "config_hash": config.get("fingerprint"),
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "method_summary": method_summary.get("summary"),
-        "extra_sections": method_summary.get("sections", []),
-    }
+        stored_plan = legacy_plan(config, layout)
+    expected = planned_files(layout, tasks, rows, stored_plan)
+    stages = _stages(layout, plan["stages"])
+    progress = Progress(
+        stages_done=sum(stage.done for stage in stages),
+        stages_planned=len(stages),
+        evaluations_done=sum(file.exists() for file in expected),
+        evaluations_planned=len(expected),
+    )
+    sessions = _sessions(layout)
+    summary = _read_json(layout.method_summary_file) if layout.method_summary_file.exists() else {}
+    train_seconds = sum(stage.seconds for stage in stages if stage.seconds is not None)
+    return Results(
+        schema_version=SCHEMA_VERSION,
+        name=plan["name"],
+        method=plan["method"],
+        stream=plan["stream"],
+        backbone=plan["backbone"],
+        seed=plan["seed"],
+        joint=plan["joint"],
+        reference=bool(plan.get("reference", plan["joint"])),
+        tasks=[
+            TaskInfo(
+                name=task["name"], description=task.get("description", ""), scorer=task["scorer"],
+                max_new_tokens=task.get("max_new_tokens"), chance=task.get("chance"),
+                train_samples=task.get("train_samples"), test_samples=task.get("test_samples"),
+            )
+            for task in plan["tasks"]
+        ],  # fmt: skip
+        row_labels=[BASE_LABEL, *plan["stages"]],
+        matrix=matrix,
+        metrics=metrics,
+        per_task_forgetting=[] if plan["joint"] else per_task_forgetting(matrix),
+        stages=stages,
+        progress=progress,
+        complete=progress.complete,
+        timing=Timing(
+            train_seconds=round(train_seconds, 3),
+            eval_seconds=matrix_part.eval_seconds,
+            sessions=sessions,
+            total_seconds=round(sum(sessions), 3) if sessions else None,
+        ),
+        settings={key: value for key, value in config.items() if key != "fingerprint"},
+        evaluation_protocol=plan.get("evaluation"),
+        protocols=protocols,
+        examples={} if plan["joint"] else example_predictions(layout, tasks, rows),
+        method_summary=summary.get("summary") if isinstance(summary, dict) else None,
+        method_sections=list(summary.get("sections", [])) if isinstance(summary, dict) else [],
+        config_hash=config.get("fingerprint"),
+        versions=package_versions(),
+        git_commit=git_commit(),
+    )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,46 +18,56 @@ from mmcl.backbones.backbone import GREEDY_DECODING
 from mmcl.backbones.registry import resolve_backbone
 from mmcl.data.lengths import check_lengths
 from mmcl.streams.stream import Task, build_stream
-from mmcl.config import ExperimentConfig, from_dict
+from mmcl.config import ExperimentConfig, config_from_stored, from_dict
 from mmcl import errors
 from mmcl.errors import ConfigError, DataError, MmclError, RunDirError
 from mmcl import distributed
 from mmcl.log import info as log_info
 from mmcl.evaluation.chance import task_chance
-from mmcl.evaluation.evaluator import generate_answers, read_predictions, write_predictions
+from mmcl.evaluation.evaluator import generate_answers, write_predictions
 from mmcl.evaluation.general import general_task
-from mmcl.evaluation.superficial import make_probes, probe_tokens, write_judged
-from mmcl.fingerprint import FINGERPRINT_FILE, Change, changes, data_fingerprints
-from mmcl.lock import LOCK_FILE, RunLock
+from mmcl.evaluation.protocols import PROTOCOLS, EvaluationProtocol, Row
+from mmcl.evaluation.protocols.general import GeneralAbility
+from mmcl.evaluation.protocols.low_shot import LowShotTransfer
+from mmcl.evaluation.protocols.matrix import AccuracyMatrix
+from mmcl.evaluation.protocols.superficial import SuperficialProbes
+from mmcl.fingerprint import Change, changes, data_fingerprints
+from mmcl.layout import RunLayout
+from mmcl.lock import RunLock
 from mmcl.methods import METHODS, Method
-from mmcl.results import (
-    BASE_LABEL,
-    METHOD_SUMMARY,
-    collect_results,
-    evaluation_plan,
-    general_file,
-    judged_file,
-    low_shot_file,
-    planned_row,
-    stage_name,
-)
+from mmcl.results import Results, collect_results, record_session, run_rows, write_results
 from mmcl.utils import atomic_write_text, save_tensors
 
 Log = Callable[[str], None]
+def same_results_settings(stored: Any, config: ExperimentConfig) -> bool:
+    """Whether a run dir's recorded config computes what ``config`` computes: the same fingerprint, or
+    (a config.yaml of an older mmcl, whose fingerprint covered other fields) the same fingerprint once
+    its config is read by today's rules."""
+    if not isinstance(stored, dict):
+        return False
+    if stored.get("fingerprint") == config.fingerprint():
+        return True
+    try:
+        return config_from_stored(stored, "config.yaml").fingerprint() == config.fingerprint()
+    except ConfigError:
+        return False
+
+
 def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
     """Create the run dir, or reuse it only if it was made by the same config."""
     run_dir = config.run_dir
-    config_file = run_dir / "config.yaml"
+    layout = RunLayout(run_dir)
+    config_file = layout.config_file
     if config_file.exists():
         stored = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        same = stored.get("fingerprint") == config.fingerprint()
+        same = same_results_settings(stored, config)
         if not same and not overwrite:
             raise RunDirError(
                 f"{run_dir}: holds a run of a different config; pick another --out or pass --overwrite to replace it"
             )
         if not same:  # everything but the lock this run holds
             for child in run_dir.iterdir():
-                if child.name != LOCK_FILE:
+                if child != layout.lock_file:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"fingerprint": config.fingerprint(), **config.to_dict()}
@@ -81,13 +90,6 @@ def create_method(config: ExperimentConfig) -> Method:
     return method_class(options, config.lora, config.seed)
 
 
-def low_shot_samples(task: Task, k: int, seed: int) -> list:
-    """``k`` training samples of ``task`` drawn once per seed (the same for every stage)."""
-    samples = list(task.train_samples)
-    random.Random(f"low-shot/{seed}/{task.name}").shuffle(samples)
-    return samples[:k]
-
-
 def plan_stages(method: Method, tasks: list[Task]) -> list[tuple[str, list[Task]]]:
     """(label, tasks trained in that stage) for every stage."""
     if method.trains_jointly:
@@ -106,16 +108,42 @@ def limited(samples: list, limit: int | None, selection: str, seed: int, task_na
     return [samples[index] for index in chosen]
 
 
+def build_protocols(config: ExperimentConfig, general: Task | None) -> list[EvaluationProtocol]:
+    """The evaluation protocols of this run, enabled or not, in evaluation order: the built-ins from their
+    config sections, then each plugin protocol named in ``evaluation.protocols`` (its section checked
+    against its config class)."""
+    evaluation = config.evaluation
+    protocols: list[EvaluationProtocol] = [
+        AccuracyMatrix(evaluation.forward_transfer),
+        GeneralAbility(evaluation.general, general),
+        SuperficialProbes(evaluation.superficial),
+        LowShotTransfer(evaluation.low_shot),
+    ]
+    builtin = {type(protocol) for protocol in protocols}
+    for name, section in evaluation.protocols.items():
+        protocol_class = PROTOCOLS.lookup(name, f"evaluation.protocols.{name}")
+        if protocol_class in builtin:
+            raise ConfigError(f"evaluation.protocols.{name}: a built-in protocol; set evaluation.{name} instead")
+        settings = from_dict(protocol_class.config_class, section, f"evaluation.protocols.{name}") \
+            if protocol_class.config_class else None
+        protocols.append(protocol_class(settings))
+    return sorted(protocols, key=lambda protocol: protocol.order)
+
+
 def write_plan(
-    run_dir: Path,
+    layout: RunLayout,
     config: ExperimentConfig,
     method: Method,
     tasks: list[Task],
     stages: list,
+    test_counts: dict[str, int],
     chance: dict[str, float | None],
-    general: bool = False,
+    protocols: list[EvaluationProtocol],
 ) -> None:
     evaluation = config.evaluation
+    planned: dict[str, Any] = {"evaluate_base": evaluation.evaluate_base}
+    for protocol in protocols:
+        planned.update(protocol.plan_entry())
     plan = {
         "name": config.name,
         "method": config.method.name,
@@ -123,9 +151,10 @@ def write_plan(
         "backbone": config.backbone.name,
         "seed": config.seed,
         "joint": method.trains_jointly,
+        "reference": bool(getattr(method, "reference", method.trains_jointly)),
         "tasks": [
             {"name": t.name, "description": t.description, "scorer": t.scorer, "max_new_tokens": t.max_new_tokens,
-             "chance": chance[t.name]}
+             "chance": chance[t.name], "train_samples": len(t.train_samples), "test_samples": test_counts[t.name]}
             for t in tasks
         ],  # fmt: skip
         "stages": [label for label, _ in stages],
@@ -137,11 +166,11 @@ def write_plan(
             "batch_size": evaluation.batch_size,
             "decoding": dict(GREEDY_DECODING),  # plus each task's max_new_tokens (tasks above) unless overridden
             # which evaluations a finished run holds; rows the method defines no model for are skipped
-            "planned": {**evaluation_plan(config.to_dict(), general),
+            "planned": {**planned,
                         "skipped_rows": [i for i in range(len(stages) + 1) if not method.evaluates_stage(i, len(stages))]},
         },
     }
-    atomic_write_text(run_dir / "run.json", json.dumps(plan, indent=1))
+    atomic_write_text(layout.plan_file, json.dumps(plan, indent=1))
 
 
 class ContinualRun:
@@ -165,7 +194,11 @@ class ContinualRun:
         self.method = create_method(config)
         self.method.log_dir = config.run_dir / "tensorboard" if distributed.is_main() else None
         self.stages = plan_stages(self.method, self.tasks)
+        self.protocols = build_protocols(config, self.general)
         self.run_dir = config.run_dir
+        self.layout = RunLayout(self.run_dir)
+        self.rows = run_rows([task.name for task in self.tasks], [label for label, _ in self.stages],
+                             self.method.trains_jointly)
         self.lock: RunLock | None = None
         self.created_run_dir = False  # made by this invocation: removed again if it fails before computing anything
         refusal = None
@@ -178,6 +211,7 @@ class ContinualRun:
         if refusal is not None:
             error_class = getattr(errors, refusal[0], RunDirError)
             raise error_class(refusal[1])
+        self.session_recorded = False
         self.loaded_stage = 0  # the stage whose weights the model holds (0 = the backbone as loaded)
         self.backbone = None
 
@@ -191,8 +225,10 @@ class ContinualRun:
                 self.log(f"took over a stale lock on {self.run_dir} ({self.lock.taken_over})")
             claim_run_dir(self.config, overwrite)
             self.reconcile_data(recompute_changed)
-            chance = {task.name: task_chance(self.test_samples(task), task.scorer, task.chance) for task in self.tasks}
-            write_plan(self.run_dir, self.config, self.method, self.tasks, self.stages, chance, self.general is not None)
+            tests = {task.name: self.test_samples(task) for task in self.tasks}
+            chance = {task.name: task_chance(tests[task.name], task.scorer, task.chance) for task in self.tasks}
+            counts = {name: len(samples) for name, samples in tests.items()}
+            write_plan(self.layout, self.config, self.method, self.tasks, self.stages, counts, chance, self.protocols)
         except BaseException:
             self.abandon()
             raise
@@ -202,7 +238,7 @@ class ContinualRun:
         or with ``recompute_changed`` delete exactly the stages and evaluations that depend on it. A run dir
         from before fingerprints were recorded gets the current data's fingerprints (trusted on first use)."""
         current = data_fingerprints(self.tasks, self.general)
-        stored_file = self.run_dir / FINGERPRINT_FILE
+        stored_file = self.layout.data_file
         try:
             stored = json.loads(stored_file.read_text(encoding="utf-8")) if stored_file.is_file() else None
             if stored is not None and not isinstance(stored, dict):
@@ -212,7 +248,7 @@ class ContinualRun:
                 f"{stored_file}: unreadable data fingerprints ({exc}); delete it to trust the current data, "
                 "or use another --out"
             ) from None
-        if stored is None and (self.run_dir / "run.json").exists():
+        if stored is None and self.layout.plan_file.exists():
             self.log(f"{self.run_dir}: made before data fingerprints were recorded; recording the current data's "
                      f"(results computed earlier are taken to come from it)")
         found = changes(stored, current) if stored is not None else []
@@ -226,12 +262,13 @@ class ContinualRun:
             stale = self.stale_outputs(found)
             for change in found:
                 self.log(f"data changed: {change.describe()}")
-            self.log(f"recomputing what depends on it: {sum(1 for p in stale if p.parent.name == 'stages')} stage(s), "
-                     f"{sum(1 for p in stale if p.parent.name != 'stages')} evaluation file(s)/folder(s)")
+            stages_dir = self.layout.stages_dir
+            self.log(f"recomputing what depends on it: {sum(1 for p in stale if p.parent == stages_dir)} stage(s), "
+                     f"{sum(1 for p in stale if p.parent != stages_dir)} evaluation file(s)/folder(s)")
             self.prune_method_summary(found)
             for path in stale:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            (self.run_dir / "results.json").unlink(missing_ok=True)
+            self.layout.results_file.unlink(missing_ok=True)
         atomic_write_text(stored_file, json.dumps(current, indent=1))
 
     def stale_outputs(self, found: list[Change]) -> list[Path]:
@@ -248,29 +285,28 @@ class ContinualRun:
         )
         stale: list[Path] = []
         for index in range(first, len(self.stages) + 1):
-            final = self.stage_dir(index)
-            stale += [final, final.with_name(f".tmp_{final.name}")]
-        labels = [BASE_LABEL, *(label for label, _ in self.stages)]
-        for row_index, label in enumerate(labels):
-            row = stage_name(row_index, label)
-            if row_index >= first:
-                stale += [self.run_dir / "predictions" / row, general_file(self.run_dir, row)]
-                stale += [judged_file(self.run_dir, row, "x").parent, low_shot_file(self.run_dir, row, "x").parent]
+            label = self.stages[index - 1][0]
+            stale += [self.layout.stage_dir(index, label), self.layout.stage_work_dir(index, label)]
+        folders = [protocol.folder for protocol in self.protocols]
+        for row in self.rows:
+            if row.index >= first:  # every file of the row, whichever protocol wrote it
+                stale += [self.layout.row_dir(folder, row.name) for folder in folders]
+                stale += [self.layout.row_file(folder, row.name) for folder in folders]
                 continue
             for task in self.tasks:
-                if task.name in test:
-                    stale += [self.prediction_file(row, task), judged_file(self.run_dir, row, task.name)]
-                if task.name in test or task.name in train:
-                    stale.append(low_shot_file(self.run_dir, row, task.name))
+                if task.name in test:  # the task's evaluations in every protocol
+                    stale += [self.layout.task_file(folder, row.name, task.name) for folder in folders]
+                elif task.name in train:  # low-shot files hold shots of the task's training data
+                    stale.append(self.layout.task_file(LowShotTransfer.folder, row.name, task.name))
             if general:
-                stale.append(general_file(self.run_dir, row))
+                stale.append(self.layout.row_file(GeneralAbility.folder, row.name))
         return [path for path in stale if path.exists()]
 
     def prune_method_summary(self, found: list[Change]) -> None:
         """Drop the method's evaluation facts of the evaluations that are redone, so a resumed method does
         not add new counts to stale ones. Summaries laid out as ``stages -> row label -> tasks -> task``
         (MR-LoRA's routing) lose exactly those entries; any other layout is kept as it is."""
-        file = self.run_dir / METHOD_SUMMARY
+        file = self.layout.method_summary_file
         if not file.is_file():
             return
         try:
@@ -283,23 +319,22 @@ class ContinualRun:
             return
         stale = {path.relative_to(self.run_dir).parts for path in self.stale_outputs(found)}
         for row, entry in list(rows.items()):
-            if ("predictions", row) in stale or any(parts[0] == "stages" and parts[1] == row for parts in stale):
+            predictions = AccuracyMatrix.folder
+            if (predictions, row) in stale or any(parts[0] == self.layout.stages_dir.name and parts[1] == row for parts in stale):
                 del rows[row]
             elif isinstance(entry, dict) and isinstance(entry.get("tasks"), dict):
                 for task in list(entry["tasks"]):
-                    if ("predictions", row, f"{task}.jsonl") in stale:
+                    if (predictions, row, f"{task}.jsonl") in stale:
                         del entry["tasks"][task]
         atomic_write_text(file, json.dumps(stored, indent=1))
 
     def holds_results(self) -> bool:
         """Whether the run dir holds a finished stage or evaluation file."""
-        stages = self.run_dir / "stages"
+        stages = self.layout.stages_dir
         if stages.is_dir() and any(not p.name.startswith(".") for p in stages.iterdir()):
             return True
-        return any(
-            (self.run_dir / folder).is_dir() and any((self.run_dir / folder).rglob("*.jsonl"))
-            for folder in ("predictions", "general", "superficial", "low_shot")
-        )
+        folders = [self.layout.protocol_dir(protocol.folder) for protocol in self.protocols]
+        return any(folder.is_dir() and any(folder.rglob("*.jsonl")) for folder in folders)
 
     def abandon(self) -> None:
         """After a failure: remove the run dir if this invocation created it and nothing was computed in it;
@@ -315,12 +350,8 @@ class ContinualRun:
             self.lock.release()
             self.lock = None
 
-    # -- paths -----------------------------------------------------------------------------
     def stage_dir(self, index: int) -> Path:
-        return self.run_dir / "stages" / stage_name(index, self.stages[index - 1][0])
-
-    def prediction_file(self, row_label: str, task: Task) -> Path:
-        return self.run_dir / "predictions" / row_label / f"{task.name}.jsonl"
+        return self.layout.stage_dir(index, self.stages[index - 1][0])
 
     # -- model state -------------------------------------------------------------------------
     def ensure_backbone(self) -> None:
@@ -337,17 +368,21 @@ class ContinualRun:
                 load_in_4bit=settings.load_in_4bit,
                 processor_options=settings.processor_options,
             )
-            self.method.setup(self.backbone, self.tasks)
+            self.method.setup(self.backbone)
+
+    def learned_tasks(self, index: int) -> list[Task]:
+        """The tasks trained by stage ``index`` (the stage's own included): all the method may see then."""
+        return [task for _, stage_tasks in self.stages[:index] for task in stage_tasks]
 
     def ensure_stage_loaded(self, index: int) -> None:
+        self.method.see_tasks(self.learned_tasks(index), len(self.tasks))
         self.ensure_backbone()
         if self.loaded_stage == index:
             return
-        stage_dir = self.stage_dir(index)
-        self.method.load_state_json(json.loads((stage_dir / "state.json").read_text(encoding="utf-8")))
-        weights = stage_dir / "state.safetensors"
-        self.method.load_state_tensors(load_file(str(weights)) if weights.exists() else {})
-        summary_file = self.run_dir / METHOD_SUMMARY
+        weights, state = self.layout.stage_state_files(index, self.stages[index - 1][0])
+        self.method.load_state_json(json.loads(state.read_text(encoding="utf-8")))
+        self.method.restore_tensors(load_file(str(weights)) if weights.exists() else {})
+        summary_file = self.layout.method_summary_file
         if summary_file.exists():
             self.method.load_evaluation_summary(json.loads(summary_file.read_text(encoding="utf-8"))["summary"])
         self.loaded_stage = index
@@ -355,13 +390,14 @@ class ContinualRun:
     def train_stage(self, index: int) -> None:
         label, stage_tasks = self.stages[index - 1]
         final_dir = self.stage_dir(index)
-        work_dir = final_dir.with_name(f".tmp_{final_dir.name}")
+        work_dir = self.layout.stage_work_dir(index, label)
         if distributed.is_main():
             shutil.rmtree(work_dir, ignore_errors=True)
         distributed.barrier()
         work_dir.mkdir(parents=True, exist_ok=True)
         if index > 1:
             self.ensure_stage_loaded(index - 1)
+        self.method.see_tasks(self.learned_tasks(index), len(self.tasks))
         self.ensure_backbone()
         started = time.perf_counter()
         samples = []
@@ -382,7 +418,7 @@ class ContinualRun:
 
     def save_stage(self, work_dir: Path, final_dir: Path, label: str, n_samples: int, seconds: float, metrics: dict) -> None:
         shutil.rmtree(work_dir / "trainer", ignore_errors=True)
-        save_tensors(self.method.state_tensors(), work_dir / "state.safetensors")
+        save_tensors(self.method.saved_tensors(), work_dir / "state.safetensors")
         atomic_write_text(work_dir / "state.json", json.dumps(self.method.state_json()))
         info = {
             "label": label,
@@ -394,31 +430,26 @@ class ContinualRun:
         atomic_write_text(work_dir / "stage.json", json.dumps(info, indent=1))
         work_dir.replace(final_dir)
 
-    def evaluate_row(self, row_index: int, row_label: str, tasks: list[Task]) -> None:
-        """Row ``row_index`` of the matrix for ``tasks``, then the general set and, if on, the probes of
-        the tasks seen so far; each file is written once and skipped when it exists."""
-        evaluation = self.config.evaluation
-        plan = planned_row(
-            row_index, len(self.tasks), self.method.trains_jointly, evaluation.forward_transfer,
-            self.general is not None, evaluation.superficial, evaluation.low_shot,
-        )  # fmt: skip
-        for task in tasks:
-            self.evaluate_file(row_index, task, self.test_samples(task), self.prediction_file(row_label, task))
-        if plan["general"]:
-            file = general_file(self.run_dir, row_label)
-            self.evaluate_file(row_index, self.general, self.test_samples(self.general), file)
-        for position in plan["superficial"]:
-            self.evaluate_probes(row_index, row_label, self.tasks[position])
-        for position in plan["low_shot"]:
-            self.evaluate_low_shot(row_index, row_label, self.tasks[position])
+    def evaluate_row(self, row: Row) -> None:
+        """Every enabled protocol after row ``row`` (the matrix first); each file is written once and
+        skipped when it exists."""
+        for protocol in self.protocols:
+            if protocol.enabled():
+                protocol.evaluate(self, row)
+
+    # -- what protocols use of the run (mmcl.evaluation.protocols.RunContext) -------------------
+    @staticmethod
+    def is_main() -> bool:
+        return distributed.is_main()
+
+    @staticmethod
+    def exists_everywhere(path: Path) -> bool:
+        """Whether ``path`` exists, as process 0 sees it (all processes skip or evaluate together)."""
+        return distributed.agree(path.exists())
 
     def test_samples(self, task: Task) -> list:
         evaluation = self.config.evaluation
         return limited(task.test_samples, evaluation.limit, evaluation.limit_selection, evaluation.limit_seed, task.name)
-
-    def seen_tasks(self, row_index: int) -> int:
-        """How many tasks of the stream the model has been trained on after stage ``row_index``."""
-        return len(self.tasks) if self.method.trains_jointly else row_index
 
     def generator(self, row_index: int, task: Task):
         if row_index == 0:
@@ -434,7 +465,7 @@ class ContinualRun:
         return distributed.gather_shards(part, len(samples))
 
     def evaluate_file(self, row_index: int, task: Task, samples: list, out_file: Path) -> None:
-        if distributed.agree(out_file.exists()):
+        if self.exists_everywhere(out_file):
             return
         started = time.perf_counter()
         answers = self.answers(row_index, task, samples, self.config.evaluation.max_new_tokens or task.max_new_tokens)
@@ -444,65 +475,41 @@ class ContinualRun:
             if row_index > 0:
                 self.save_method_summary()
 
-    def evaluate_probes(self, row_index: int, row_label: str, task: Task) -> None:
-        """The seen task's questions asked in another answer style; format and content judged apart."""
-        out_file = judged_file(self.run_dir, row_label, task.name)
-        if distributed.agree(out_file.exists()):
-            return
-        samples = self.test_samples(task)
-        probes = make_probes(samples, task.name)
-        answers = self.answers(row_index, task, probes, probe_tokens(probes))
-        if distributed.is_main():
-            originals = read_predictions(self.prediction_file(row_label, task))
-            write_judged(out_file, samples, probes, originals, answers)
-            self.log(f"  probe [{row_label}] {task.name}: judged {len(probes)} answers in another format")
-
-    def evaluate_low_shot(self, row_index: int, row_label: str, task: Task) -> None:
-        """CLiMB's low-shot transfer: fine-tune the model after stage ``row_index`` on ``low_shot``
-        training samples of the unseen ``task`` (plain SFT of whatever the method trains), evaluate
-        it on the task, then restore the stage's state; the same samples for every stage."""
-        out_file = low_shot_file(self.run_dir, row_label, task.name)
-        if distributed.agree(out_file.exists()):
-            return
-        from mmcl.training.sft import train_on_samples
-
-        self.ensure_stage_loaded(row_index)
-        tensors = {name: tensor.detach().clone() for name, tensor in self.method.state_tensors().items()}
-        state = json.loads(json.dumps(self.method.state_json()))
-        shots = low_shot_samples(task, self.config.evaluation.low_shot, self.config.seed)
-        with tempfile.TemporaryDirectory(prefix="mmcl-low-shot-") as work:
-            train_on_samples(self.backbone, shots, self.config.training, Path(work), seed=self.config.seed)
-        samples = self.test_samples(task)
-        started = time.perf_counter()
-        answers = self.answers(row_index, task, samples, self.config.evaluation.max_new_tokens or task.max_new_tokens)
-        self.method.load_state_json(state)
-        self.method.load_state_tensors(tensors)
-        if distributed.is_main():
-            score = write_predictions(out_file, samples, answers, task.scorer, time.perf_counter() - started)
-            self.log(f"  low-shot [{row_label}] {task.name} after {len(shots)} samples: {score:.1f}")
-
     def save_method_summary(self) -> None:
         summary = self.method.evaluation_summary()
         if summary is not None:
             stored = {"summary": summary, "sections": self.method.report_sections()}
-            atomic_write_text(self.run_dir / METHOD_SUMMARY, json.dumps(stored, indent=1))
+            atomic_write_text(self.layout.method_summary_file, json.dumps(stored, indent=1))
 
-    def run(self) -> dict[str, Any]:
-        """Train and evaluate what is missing, then write ``results.json``; the run-dir lock is released at
-        the end, also on errors and Ctrl-C, and a run dir this invocation created is removed again when it
-        fails before anything was computed in it."""
+    def run(self) -> Results | None:
+        """Train and evaluate what is missing, then write ``results.json`` (process 0; others return None).
+        The session's wall-clock time joins ``sessions.json`` (also when it fails or is interrupted); the
+        run-dir lock is released at the end, also on errors and Ctrl-C, and a run dir this invocation
+        created is removed again when it fails before anything was computed in it."""
+        started = time.perf_counter()
         try:
-            return self._run()
+            return self._run(started)
         except BaseException:
+            self.record_session(started)
             self.abandon()
             raise
         finally:
             self.release()
 
-    def _run(self) -> dict[str, Any]:
-        started = time.perf_counter()
+    def record_session(self, started: float) -> None:
+        """Add this session's wall-clock time to the run dir (once; only where something was computed)."""
+        if self.session_recorded or not distributed.is_main():
+            return
+        self.session_recorded = True
+        if self.run_dir.is_dir() and self.holds_results():
+            try:
+                record_session(self.layout, time.perf_counter() - started)
+            except OSError:  # the disk that just failed the run: the time is the one thing lost
+                pass
+
+    def _run(self, started: float) -> Results | None:
         if self.config.evaluation.evaluate_base:
-            self.evaluate_row(0, stage_name(0, BASE_LABEL), self.tasks)
+            self.evaluate_row(self.rows[0])
         for index in range(1, len(self.stages) + 1):
             if not distributed.agree(self.stage_dir(index).exists()):
                 self.train_stage(index)
@@ -511,12 +518,11 @@ class ContinualRun:
             if not self.method.evaluates_stage(index, len(self.stages)):
                 self.log(f"stage {index}: not evaluated ({self.config.method.name} defines no model at this stage)")
                 continue
-            seen = len(self.tasks) if self.config.evaluation.forward_transfer else self.seen_tasks(index)
-            self.evaluate_row(index, stage_name(index, self.stages[index - 1][0]), self.tasks[:seen])
+            self.evaluate_row(self.rows[index])
         distributed.barrier()
         if not distributed.is_main():
-            return {}
+            return None
+        self.record_session(started)
         results = collect_results(self.run_dir)
-        results["last_session_seconds"] = round(time.perf_counter() - started, 3)
-        atomic_write_text(self.run_dir / "results.json", json.dumps(results, indent=1))
+        write_results(self.layout, results)
         return results

@@ -2,7 +2,7 @@
 run shows how much of the base model's general ability survives continual training (the question
 the RFT paper asks with MMMU / MMLU-Pro).
 
-``evaluation.general`` selects it:
+``evaluation.general.set`` selects it:
 
 * ``auto`` (default): for the shipped ``tiny-llava`` backbone, held-out samples of its own
   pretraining mix (``synth-pretrain`` test split, the question types with a short checkable answer:
@@ -10,7 +10,7 @@ the RFT paper asks with MMMU / MMLU-Pro).
   for any other backbone no general set, because mmcl cannot know what a hub model was trained on;
 * ``none``: no general set;
 * a path to a test file (JSON/JSONL, the stream test-file format) of any held-out benchmark the
-  user names, scored with ``evaluation.general_scorer``.
+  user names, scored with ``evaluation.general.scorer``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def general_task(
     evaluation: EvaluationConfig, backbone: BackboneConfig, stream: StreamConfig, base_dir: Path
 ) -> Task | None:
     """The general-ability set as a task named ``general`` (test split only), or ``None`` when off."""
-    choice = evaluation.general.strip()
+    choice = evaluation.general.set.strip()
     if choice.lower() == "none":
         return None
     if choice.lower() == "auto":
@@ -43,14 +43,14 @@ def general_task(
     path = Path(choice).expanduser()
     path = path if path.is_absolute() else base_dir / path
     if not path.is_file():
-        raise ConfigError(f"evaluation.general: test file not found: {path}")
+        raise ConfigError(f"evaluation.general.set: test file not found: {path}")
     return Task(
         name=GENERAL_TASK,
         description=f"General ability: {path.name}",
         train_file=path,
         test_file=path,
         image_root=None,
-        scorer=evaluation.general_scorer,
+        scorer=evaluation.general.scorer,
         max_new_tokens=16,
     )
 

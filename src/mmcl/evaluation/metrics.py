@@ -82,21 +82,30 @@ def backward_transfer(R: Matrix) -> float | None:
     return _mean([_sub(R[T][k - 1], R[k][k - 1]) for k in range(1, T)])
 
 
+def per_task_forgetting(R: Matrix) -> list[float | None]:
+    """Forgetting of each task k < T after the last stage T: ``max_{l=k..T-1} R[l][k-1] - R[T][k-1]``
+    (Chaudhry et al. 2018, RWalk; the max runs over the stages after task k was learned); ``None`` for the
+    last task, for an unfinished run's missing entries, and for every task if T < 2."""
+    T = _num_tasks(R)
+    if T < 2:
+        return [None] * max(T, 0)
+    per_task: list[float | None] = []
+    for k in range(1, T):
+        seen = [R[l][k - 1] for l in range(k, T)]
+        best = None if any(v is None for v in seen) else max(float(v) for v in seen if v is not None)
+        per_task.append(_sub(best, R[T][k - 1]))
+    return per_task + [None]
+
+
 def forgetting(R: Matrix) -> float | None:
     """Average forgetting: ``(1/(T-1)) * sum_{k=1..T-1} (max_{l=k..T-1} R[l][k-1] - R[T][k-1])``.
 
     Chaudhry et al. 2018, "Riemannian Walk" (RWalk), evaluated after the last stage T;
     the max runs only over stages after task k was learned (l >= k). ``None`` if T < 2.
     """
-    T = _num_tasks(R)
-    if T < 2:
+    if _num_tasks(R) < 2:
         return None
-    per_task: list[float | None] = []
-    for k in range(1, T):
-        seen = [R[l][k - 1] for l in range(k, T)]
-        best = None if any(v is None for v in seen) else max(float(v) for v in seen if v is not None)
-        per_task.append(_sub(best, R[T][k - 1]))
-    return _mean(per_task)
+    return _mean(per_task_forgetting(R)[:-1])
 
 
 def forward_transfer(R: Matrix) -> float | None:
