@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from mmcl.errors import ConfigError
+
 TINY_ARCHITECTURES = ("qwen2-vl", "qwen2.5-vl", "smolvlm")
 
 # ChatML as Qwen2-VL / Qwen2.5-VL render it: a default system turn, an image as
@@ -265,7 +267,7 @@ def build_tiny_arch(
         processor = _idefics3_processor(tokenizer, spec)
         build, processor_class = build_idefics3, None
     else:
-        raise ValueError(f"unknown tiny architecture {architecture!r} (known: {', '.join(TINY_ARCHITECTURES)})")
+        raise ConfigError(f"unknown tiny architecture {architecture!r} (known: {', '.join(TINY_ARCHITECTURES)})")
     tokenizer.chat_template = processor.chat_template
     torch.manual_seed(seed)
     model = build(tokenizer, spec)

@@ -41,6 +41,7 @@ import torch
 
 from mmcl.backbones.backbone import Backbone
 from mmcl.data.sample import Sample
+from mmcl.errors import ConfigError, DataError
 from mmcl.training.common import k3_kl
 from mmcl.training.rollouts import Rollout, completion_logprobs, sample_rollouts
 from mmcl.utils import ShuffledCycle
@@ -57,7 +58,8 @@ RewardFunction = Callable[[Rollout], RewardParts]
 
 @dataclass
 class GrpoConfig:
-    """GRPO hyper-parameters; sources of the defaults in the comments (CPU budget where noted)."""
+    """GRPO hyper-parameters; sources of the defaults in the comments (CPU budget where noted). A bad value
+    is a :class:`ConfigError` naming its ``method.options`` key."""
 
     steps: int = 25  # optimisation steps (x iterations updates); CPU budget: ~1 min per task on the tiny model
     prompts_per_step: int = 16  # prompts per step; CPU budget (TRL: per_device_train_batch_size / group size)
@@ -81,15 +83,18 @@ class GrpoConfig:
 
     def __post_init__(self) -> None:
         if self.lr_scheduler not in ("constant", "linear"):
-            raise ValueError(f"lr_scheduler: expected 'constant' or 'linear', got {self.lr_scheduler!r}")
+            raise ConfigError(
+                f"method.options.lr_scheduler: expected 'constant' or 'linear', got {self.lr_scheduler!r}"
+            )
         if self.loss_type not in ("grpo", "bnpo"):
-            raise ValueError(f"loss_type: expected 'grpo' or 'bnpo', got {self.loss_type!r}")
+            raise ConfigError(f"method.options.loss_type: expected 'grpo' or 'bnpo', got {self.loss_type!r}")
         if self.group_size < 2:
-            raise ValueError("group_size: GRPO needs at least 2 completions per prompt")
+            raise ConfigError("method.options.group_size: GRPO needs at least 2 completions per prompt")
         positive = ("steps", "prompts_per_step", "iterations", "max_new_tokens", "rollout_batch_size", "train_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+                value = getattr(self, name)
+                raise ConfigError(f"method.options.{name}: expected a positive integer, got {value}")
 
 
 # -- the loss, term by term --------------------------------------------------------------------
@@ -239,7 +244,7 @@ def train_grpo(
     """GRPO on ``samples`` (prompts) updating the model's trainable parameters in place; ``reference``
     holds the reference policy's values of those parameters (None: the policy at the start)."""
     if not samples:
-        raise ValueError("no prompts to train on")
+        raise DataError("grpo: no prompts to train on")
     model = backbone.model
     parameters = [p for p in model.parameters() if p.requires_grad]
     if reference is None:

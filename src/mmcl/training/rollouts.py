@@ -26,6 +26,7 @@ import torch
 
 from mmcl.backbones.backbone import Backbone, decoding_settings, only_generation_config
 from mmcl.data.sample import Sample
+from mmcl.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,9 @@ def sample_rollouts(
     least one prompt with all its ``per_sample`` completions). ``seed`` makes the draw reproducible
     (for the same ``batch_size``) without touching the global random state."""
     if per_sample < 1:
-        raise ValueError("per_sample must be >= 1")
+        raise ConfigError(f"rollouts: per_sample must be >= 1, got {per_sample}")
     if temperature <= 0:
-        raise ValueError("temperature must be > 0 for sampling")
+        raise ConfigError(f"rollouts: temperature must be > 0 for sampling, got {temperature}")
     eos_ids = eos_token_ids(backbone)
     suppressed = placeholder_token_ids(backbone)
     prompts_per_call = max(1, batch_size // per_sample)
