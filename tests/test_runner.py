@@ -101,26 +101,33 @@ def copy_run(experiment: Experiment, destination: Path) -> Path:
 def test_full_run_results(seq_lora_run: Experiment) -> None:
     results = seq_lora_run.results()
     assert results["method"] == "seq-lora" and results["stream"] == "synth-domain" and results["seed"] == 0
-    assert results["tasks"] == TASKS
+    assert [task["name"] for task in results["tasks"]] == TASKS and results["schema_version"] == 2
     assert results["row_labels"] == ["base", *TASKS]
+    chance = {task["name"]: task["chance"] for task in results["tasks"]}
+    scorers = {task["name"]: task["scorer"] for task in results["tasks"]}
     matrix = results["matrix"]
     assert len(matrix) == 6 and all(len(row) == 5 for row in matrix)
     # forward_transfer is on by default: every row is full, including tasks not trained yet
     assert all(isinstance(value, float) and 0.0 <= value <= 100.0 for row in matrix for value in row)
     assert METRIC_KEYS <= set(results["metrics"])
     metrics = dict(results["metrics"])
-    expected_tf = climb_average_forgetting(matrix, list(results["chance"].values()))  # None: no task learned above chance
+    expected_tf = climb_average_forgetting(matrix, list(chance.values()))  # None: no task learned above chance
     assert metrics.pop("T_F", None) == (None if expected_tf is None else pytest.approx(expected_tf, abs=1e-4))
     assert metrics == pytest.approx(compute_all(matrix), nan_ok=True)
     # chance from each task's answer space: rs/med/fin mix yes/no (50) with open questions, ad is open,
     # sci has four options
-    assert results["chance"] == {"rs": 25.0, "med": 25.0, "ad": 0.0, "sci": 25.0, "fin": 25.0}
+    assert chance == {"rs": 25.0, "med": 25.0, "ad": 0.0, "sci": 25.0, "fin": 25.0}
     assert results["metrics"]["ACC"] == pytest.approx(sum(matrix[-1]) / 5)
-    assert results["complete"] is True and set(results["stage_seconds"]) == set(TASKS)
+    assert results["complete"] is True and [stage["label"] for stage in results["stages"] if stage["done"]] == TASKS
+    assert all(task["train_samples"] == 8 and task["test_samples"] == 4 for task in results["tasks"])
+    assert all(stage["train_loss"] > 0 for stage in results["stages"])
+    timing = results["timing"]
+    assert len(timing["sessions"]) == 1 and timing["total_seconds"] == pytest.approx(timing["sessions"][0])
+    assert timing["total_seconds"] >= timing["train_seconds"] > 0
     stored = yaml.safe_load((seq_lora_run.run_dir / "config.yaml").read_text(encoding="utf-8"))
     assert results["config_hash"] == stored["fingerprint"]
     assert stored["training"]["learning_rate"] == TRAINING["learning_rate"]
-    assert results["scorers"]["sci"] == "option_letter"
+    assert scorers["sci"] == "option_letter"
     # the warmed-up tiny model gets some answers right: the matrix is not trivially all zeros
     assert any(value > 0 for row in matrix for value in row), matrix
 
@@ -162,7 +169,7 @@ def test_full_run_predictions(seq_lora_run: Experiment, stream_cache_dir: Path) 
             meta, records = prediction_records(seq_lora_run.run_dir / "predictions" / row / f"{task}.jsonl")
             test_ids = [record["question_id"] for record in read_json(data_root / task / "test.json")]
             assert meta["n"] == 4 and [record["id"] for record in records] == test_ids
-            assert meta["scorer"] == results["scorers"][task]
+            assert meta["scorer"] == {t["name"]: t["scorer"] for t in results["tasks"]}[task]
             assert all(isinstance(record["prediction"], str) for record in records)
             mean = 100.0 * sum(record["score"] for record in records) / len(records)
             assert results["matrix"][row_index][task_index] == pytest.approx(mean, abs=1e-3)
@@ -299,7 +306,7 @@ def test_report_rebuilds_results_from_predictions(seq_lora_run: Experiment, tmp_
     results = read_json(run_dir / "results.json")
     assert results["matrix"] == reference["matrix"]
     assert results["metrics"] == reference["metrics"]
-    assert results["row_labels"] == reference["row_labels"] and results["tasks"] == TASKS
+    assert results["row_labels"] == reference["row_labels"] and results["tasks"] == reference["tasks"]
     for name in ("report.html", "matrix.csv", "heatmap.png"):
         assert (run_dir / name).is_file()
     assert "ACC" in rebuilt.out
@@ -341,7 +348,7 @@ def test_joint_trains_once_on_all_tasks(tiny_model_dir: Path, stream_cache_dir: 
     assert len(results["matrix"]) == 2 and all(value is not None for row in results["matrix"] for value in row)
     assert set(results["metrics"]) == {"ACC"}
     assert results["metrics"]["ACC"] == pytest.approx(sum(results["matrix"][1]) / 5)
-    assert results["reference_rows"] == {"joint": results["matrix"][1]}
+    assert results["joint"] is True and results["reference"] is True
     assert [p.name for p in (run_dir / "stages").iterdir()] == ["1_joint"]
     assert read_json(run_dir / "stages" / "1_joint" / "stage.json")["train_samples"] == 40
     assert "stage 1/1 [joint]: training on 40 samples" in result.out

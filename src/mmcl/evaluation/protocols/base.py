@@ -109,9 +109,3 @@ PROTOCOLS: Registry[type[EvaluationProtocol]] = Registry("evaluation protocol")
 def register_protocol(cls: type[EvaluationProtocol]) -> type[EvaluationProtocol]:
     """Class decorator: make the protocol known by ``cls.name`` (a taken name is refused)."""
     return PROTOCOLS.register(cls.name, cls)
-
-
-def mean_of_present(values: Sequence[float | None]) -> float | None:
-    """Mean of the values that are not None (None if there are none)."""
-    present = [value for value in values if value is not None]
-    return sum(present) / len(present) if present else None
