@@ -142,7 +142,7 @@ def _small_options(**extra) -> EvolmmConfig:
 def test_one_stage_trains_both_roles_without_reading_a_label(tiny_model_dir: Path, tasks, tmp_path: Path):
     method = set_up_on_tiny(Evolmm(_small_options(), LoraSettings(rank=4), seed=0), tiny_model_dir, tasks)
     model = method.backbone.model
-    initial = method.state_tensors()
+    initial = method.saved_tensors()
     before = {role: {k: v.clone() for k, v in initial.items() if k.startswith(role)} for role in (PROPOSER, SOLVER)}
     blind = [LabelBlindSample(s) for s in tasks[0].train_samples]
     method.before_task(0, tasks[0])
@@ -177,7 +177,7 @@ def test_one_stage_trains_both_roles_without_reading_a_label(tiny_model_dir: Pat
         adaptive_kl_coefficient(proposer_steps[-1]["proposer_beta"], proposer_steps[-1]["proposer_kl"])
     )
 
-    after = method.state_tensors()
+    after = method.saved_tensors()
     for role in (PROPOSER, SOLVER):
         changed = [k for k in before[role] if not torch.equal(before[role][k], after[k])]
         assert changed, f"{role} adapter did not change"
@@ -186,7 +186,7 @@ def test_one_stage_trains_both_roles_without_reading_a_label(tiny_model_dir: Pat
     # state round trip: a fresh method given the saved state generates the same answers
     copy = set_up_on_tiny(Evolmm(_small_options(), LoraSettings(rank=4), seed=5), tiny_model_dir, tasks)
     copy.load_state_json(json.loads(json.dumps(method.state_json())))
-    copy.load_state_tensors(after)
+    copy.restore_tensors(after)
     assert copy.roles == method.roles and copy.step_log == method.step_log
     test = tasks[0].test_samples[:4]
     assert copy.generate(test, tasks[0], 6) == method.generate(test, tasks[0], 6)

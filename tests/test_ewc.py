@@ -291,11 +291,11 @@ def _displaced(method: Ewc) -> dict[str, torch.Tensor]:
 
 
 def _round_trip(method: Ewc, model_dir: Path, tasks, tmp_path: Path) -> Ewc:
-    save_file(method.state_tensors(), str(tmp_path / "state.safetensors"))
+    save_file(method.saved_tensors(), str(tmp_path / "state.safetensors"))
     (tmp_path / "state.json").write_text(json.dumps(method.state_json()))
     fresh = _method(model_dir, tasks, **vars(method.config))
     fresh.load_state_json(json.loads((tmp_path / "state.json").read_text()))
-    fresh.load_state_tensors(load_file(str(tmp_path / "state.safetensors")))
+    fresh.restore_tensors(load_file(str(tmp_path / "state.safetensors")))
     return fresh
 
 

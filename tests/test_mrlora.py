@@ -266,14 +266,14 @@ def test_routing_report(two_tasks, tasks):
 
 def test_state_round_trip(two_tasks, tiny_model_dir: Path, tasks, tmp_path: Path):
     method, _ = two_tasks
-    save_file(method.state_tensors(), str(tmp_path / "state.safetensors"))
+    save_file(method.saved_tensors(), str(tmp_path / "state.safetensors"))
     (tmp_path / "state.json").write_text(json.dumps(method.state_json()))
     keys = load_file(str(tmp_path / "state.safetensors"))
     assert {k.split("::")[0] for k in keys} == {"expert_rs", "expert_med", "router"}
 
     fresh = new_method(tiny_model_dir, tasks)
     fresh.load_state_json(json.loads((tmp_path / "state.json").read_text()))
-    fresh.load_state_tensors(load_file(str(tmp_path / "state.safetensors")))
+    fresh.restore_tensors(load_file(str(tmp_path / "state.safetensors")))
     assert fresh.trained == method.trained and fresh.routing_set == method.routing_set
     assert fresh.router_experts == 2 and fresh.routing_report() == method.routing_report()
     mixed = [*tasks[0].test_samples[:2], *tasks[1].test_samples[:2]]

@@ -152,13 +152,13 @@ def test_state_round_trip(two_tasks, tiny_model_dir: Path, tasks, tmp_path: Path
     import json
 
     method, _ = two_tasks
-    save_file(method.state_tensors(), str(tmp_path / "state.safetensors"))
+    save_file(method.saved_tensors(), str(tmp_path / "state.safetensors"))
     (tmp_path / "state.json").write_text(json.dumps(method.state_json()))
     assert all(k.split("::")[0] in ("olora_0", "olora_1") for k in load_file(str(tmp_path / "state.safetensors")))
 
     fresh = new_method(tiny_model_dir, tasks)
     fresh.load_state_json(json.loads((tmp_path / "state.json").read_text()))
-    fresh.load_state_tensors(load_file(str(tmp_path / "state.safetensors")))
+    fresh.restore_tensors(load_file(str(tmp_path / "state.safetensors")))
     assert fresh.adapters == ["olora_0", "olora_1"]
     assert all(layer.active_adapters == ["olora_0", "olora_1"] for layer in lora_layers(fresh.backbone.model))
     torch.testing.assert_close(logits(fresh, tasks), logits(method, tasks))

@@ -96,10 +96,9 @@ def asd_train_data(config: AsdConfig, seed: int, task: Task, samples: Sequence[S
 
 
 @register_method
-class AnswerStyleDiversification(SequentialLora):
+class AnswerStyleDiversification(SequentialLora[AsdConfig]):
     name = "asd"
     description = "Sequential LoRA on ASD data: a share of each task rewritten into other answer styles (SEFE)"
-    config_class = AsdConfig
 
     def train_data(self, task_index: int, task: Task, samples: Sequence[Sample]) -> list[Sample]:
         return asd_train_data(self.config, self.seed, task, samples)

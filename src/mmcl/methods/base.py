@@ -1,18 +1,23 @@
 """The method interface the runner knows, and the registry methods join with ``@register_method``.
 
 A method sees one task at a time through hooks (names after Avalanche's vocabulary, without shared
-mutable state): ``setup`` once, then per task ``before_task`` -> ``train_data`` -> training with
+mutable state): ``setup`` once, ``see_tasks`` before each stage (the tasks learned so far and the
+current one, never later ones), then per task ``before_task`` -> ``train_data`` -> training with
 ``extra_loss`` added to the cross-entropy -> ``after_task``. ``generate`` is overridden only when
 inference differs from plain batched generation (e.g. routing). Everything a later stage needs is
-returned by ``state_tensors`` (safetensors) and ``state_json`` (JSON) so a stage can be resumed.
+returned by ``state_tensors`` (nested dicts of tensors, saved as safetensors) and ``state_json``
+(JSON) so a stage can be resumed.
 """
 
 from __future__ import annotations
 
+import functools
+import typing
 from abc import ABC
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Generic, Sequence, TypeVar, Union
 
 import torch
 
@@ -20,7 +25,70 @@ from mmcl.backbones.backbone import Backbone
 from mmcl.streams.stream import Task
 from mmcl.config import LoraSettings, TrainingConfig
 from mmcl.data.sample import Sample
+from mmcl.errors import RunDirError
 from mmcl.registry import Registry
+
+SEPARATOR = "::"  # joins the levels of nested state in a saved key: "fisher::0::<parameter name>"
+
+NestedTensors = dict[str, Union[torch.Tensor, "NestedTensors"]]
+
+
+def _check_key(key: object, where: str) -> str:
+    if not isinstance(key, str) or not key or ":" in key:
+        raise RunDirError(f"{where}: state key {key!r} must be a non-empty string without ':' "
+                          f"({SEPARATOR!r} separates the levels of nested state)")
+    return key
+
+
+def flatten_state(nested: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``{"fisher": {"0": {name: t}}}`` -> ``{"fisher::0::<name>": t}``, in the nested order. A key with
+    ':' (or empty) could not be told apart after flattening: refused with a :class:`RunDirError`."""
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            name = prefix + _check_key(key, prefix.rstrip(":") or "state")
+            if isinstance(value, Mapping):
+                walk(value, name + SEPARATOR)
+            elif isinstance(value, torch.Tensor):
+                flat[name] = value
+            else:
+                raise RunDirError(f"state: {name!r} holds a {type(value).__name__}, expected a tensor or a dict")
+
+    walk(nested, "")
+    return flat
+
+
+def unflatten_state(flat: Mapping[str, Any]) -> NestedTensors:
+    """The inverse of :func:`flatten_state` (order of first appearance kept). Values that are dicts already
+    are merged in, so a nested dict comes back unchanged. A key whose levels collide with another's
+    (``"a"`` and ``"a::b"``) or a malformed key is a :class:`RunDirError`."""
+    nested: NestedTensors = {}
+    for key, value in flat.items():
+        if not isinstance(key, str):
+            raise RunDirError(f"state: key {key!r} is not a string")
+        *parents, leaf = [_check_key(part, f"state key {key!r}") for part in key.split(SEPARATOR)]
+        node = nested
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RunDirError(f"state: key {key!r} collides with {SEPARATOR.join(parents[: depth + 1])!r}")
+        if isinstance(value, Mapping):
+            target = node.setdefault(leaf, {})
+            if not isinstance(target, dict):
+                raise RunDirError(f"state: key {key!r} is both a tensor and a group")
+            for inner_key, inner in unflatten_state(value).items():
+                if inner_key in target:
+                    raise RunDirError(f"state: key {key + SEPARATOR + inner_key!r} appears twice")
+                target[inner_key] = inner
+        elif leaf in node:
+            raise RunDirError(f"state: key {key!r} collides with another saved key")
+        else:
+            node[leaf] = value
+    return nested
+
+
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass
@@ -28,27 +96,76 @@ class NoOptions:
     """This method has no options of its own."""
 
 
-class Method(ABC):
-    """Base class: sequential training with no protection against forgetting unless hooks add it."""
+def _config_type(cls: type) -> type | None:
+    """The options class named by a generic base such as ``Method[EwcConfig]``, or None."""
+    for base in getattr(cls, "__orig_bases__", ()):
+        origin = typing.get_origin(base)
+        if isinstance(origin, type) and issubclass(origin, Method):
+            args = typing.get_args(base)
+            if args and isinstance(args[0], type):
+                return args[0]
+    return None
+
+
+def _stream_compatible(setup):
+    """Let ``setup(backbone, tasks)`` (the contract before ``see_tasks``) keep working: the tasks are
+    shown with ``see_tasks(tasks, len(tasks))`` before the override runs."""
+
+    @functools.wraps(setup)
+    def wrapper(self, backbone, tasks=None):
+        if tasks is not None:
+            self.see_tasks(tasks, len(tasks))
+        return setup(self, backbone)
+
+    wrapper.__wrapped_setup__ = True
+    return wrapper
+
+
+class Method(ABC, Generic[ConfigT]):
+    """Base class: sequential training with no protection against forgetting unless hooks add it.
+
+    Subclass ``Method[MyOptions]`` to make the dataclass ``MyOptions`` the method's ``config_class``
+    (its fields are ``method.options``); setting ``config_class`` explicitly still wins."""
 
     name: ClassVar[str]
     description: ClassVar[str]
     config_class: ClassVar[type] = NoOptions
     trains_jointly: ClassVar[bool] = False  # True: one stage on the union of all tasks (multitask reference)
 
-    def __init__(self, config: Any, lora: LoraSettings, seed: int):
-        self.config = config
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" not in cls.__dict__:
+            derived = _config_type(cls)
+            if derived is not None:
+                cls.config_class = derived
+        setup = cls.__dict__.get("setup")
+        if setup is not None and not getattr(setup, "__wrapped_setup__", False):
+            cls.setup = _stream_compatible(setup)
+
+    def __init__(self, config: ConfigT, lora: LoraSettings, seed: int):
+        self.config: ConfigT = config
         self.lora = lora
         self.seed = seed
         self.log_dir: Path | None = None  # set by the runner: where per-step training scalars go (TensorBoard)
         self.backbone: Backbone | None = None
-        self.tasks: list[Task] = []
+        self.tasks: list[Task] = []  # the tasks learned so far and the current one (see_tasks)
+        self.n_tasks = 0  # how many tasks the stream has (a count: the later tasks stay unseen)
+        self.init_state()
+
+    def init_state(self) -> None:
+        """Set up the method's own state fields (called at the end of ``__init__``)."""
 
     # -- hooks -------------------------------------------------------------------------------
-    def setup(self, backbone: Backbone, tasks: Sequence[Task]) -> None:
-        """Wrap the backbone's model (adapters, frozen parts) before the first task; ``tasks`` is the stream."""
+    def setup(self, backbone: Backbone) -> None:
+        """Wrap the backbone's model (adapters, frozen parts) once, before anything is trained or loaded."""
         self.backbone = backbone
+
+    def see_tasks(self, tasks: Sequence[Task], n_tasks: int) -> None:
+        """Called by the runner before a stage is trained or a stage's state is loaded: ``tasks`` are the
+        tasks learned by then plus the one being trained (``tasks[:k]`` for stage k), ``n_tasks`` the
+        length of the stream."""
         self.tasks = list(tasks)
+        self.n_tasks = n_tasks
 
     def before_task(self, task_index: int, task: Task) -> None:
         """Called before training on ``task`` (0-based ``task_index``)."""
@@ -58,7 +175,8 @@ class Method(ABC):
         return list(samples)
 
     def extra_loss(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> torch.Tensor | None:
-        """A term added to the token cross-entropy during training, or None."""
+        """A term added to the token cross-entropy during training, or None; ``model`` is the model itself
+        (under ``torchrun`` the Trainer's DDP wrapper is taken off first)."""
         return None
 
     def train(self, samples: Sequence[Sample], config: TrainingConfig, work_dir: Path, seed: int) -> dict[str, Any]:
@@ -102,12 +220,21 @@ class Method(ABC):
         assert self.backbone is not None
         return sum(p.numel() for p in self.backbone.model.parameters() if p.requires_grad)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors that define the model after a stage (adapter weights, statistics)."""
+    def state_tensors(self) -> NestedTensors:
+        """Tensors that define the model after a stage (adapter weights, statistics), grouped in nested
+        dicts (keys without ':'), e.g. ``{"fisher": {"0": {name: tensor}}}``."""
         return {}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: NestedTensors) -> None:
         """Restore what ``state_tensors`` returned."""
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """``state_tensors`` flattened for safetensors (levels joined by ``::``)."""
+        return flatten_state(self.state_tensors())
+
+    def restore_tensors(self, flat: Mapping[str, torch.Tensor]) -> None:
+        """Restore a stage from what ``saved_tensors`` returned (or a state file read back)."""
+        self.load_state_tensors(unflatten_state(flat))
 
     def state_json(self) -> dict[str, Any]:
         """JSON-serialisable state (buffers of ids, counters)."""
@@ -116,6 +243,8 @@ class Method(ABC):
     def load_state_json(self, state: dict[str, Any]) -> None:
         """Restore what ``state_json`` returned."""
 
+
+Method.setup = _stream_compatible(Method.setup)
 
 METHODS: Registry[type[Method]] = Registry("method")
 

@@ -352,21 +352,19 @@ def role_update(
 
 
 @register_method
-class Evolmm(Method):
+class Evolmm(Method[EvolmmConfig]):
     name = "evolmm"
     description = "EvoLMM: label-free proposer/solver self-evolution with continuous self-consistency rewards"
-    config_class = EvolmmConfig
 
-    def __init__(self, config: EvolmmConfig, lora, seed: int):
-        super().__init__(config, lora, seed)
-        self.roles = {role: config.initial_role_state() for role in ROLES}
+    def init_state(self) -> None:
+        self.roles = {role: self.config.initial_role_state() for role in ROLES}
         self.step_log: list[dict[str, Any]] = []  # one record per training step, all stages
         self.examples: list[dict[str, Any]] = []  # a few (question, answers) per stage, for the report
         self.stage = 0
         self.stage_tasks: list[str] = []  # names of the tasks of the stage being trained
 
-    def setup(self, backbone, tasks) -> None:
-        super().setup(backbone, tasks)
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
         add_lora(backbone, self.lora, self.seed, adapter_name=SOLVER)
         torch.manual_seed(self.seed + 1)
         backbone.model.add_adapter(PROPOSER, lora_config(self.lora, backbone))
@@ -505,10 +503,10 @@ class Evolmm(Method):
         return [{"title": "EvoLMM self-evolution", "html": "".join(html)}]
 
     # -- state -------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return named_adapters_tensors(self.backbone, list(ROLES))
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         for role in ROLES:
             load_adapter_tensors(self.backbone, adapter_part(tensors, role), role)
         self.backbone.model.set_adapter(SOLVER)

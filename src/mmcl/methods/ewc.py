@@ -46,8 +46,8 @@ from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
 
-FISHER_PREFIX = "fisher::"
-ANCHOR_PREFIX = "anchor::"
+FISHER = "fisher"  # state group: slot -> parameter name -> Fisher diagonal (saved as fisher::<slot>::<name>)
+ANCHOR = "anchor"  # state group: slot -> parameter name -> anchor (saved as anchor::<slot>::<name>)
 MODES = ("per_task", "online")
 FISHER_KINDS = ("true", "empirical")
 
@@ -180,13 +180,11 @@ def diagonal_fisher(
 
 # -- the method ---------------------------------------------------------------------------------------
 @register_method
-class Ewc(SequentialLora):
+class Ewc(SequentialLora[EwcConfig]):
     name = "ewc"
     description = "Sequential LoRA + Elastic Weight Consolidation (diagonal Fisher penalty; per-task or online)"
-    config_class = EwcConfig
 
-    def __init__(self, config: EwcConfig, lora, seed: int):
-        super().__init__(config, lora, seed)
+    def init_state(self) -> None:
         self.consolidated: list[Consolidated] = []  # per_task: one pair per task; online: at most one
         self.tasks_done: list[int] = []  # task indices whose Fisher is in ``consolidated``
         self.penalty_log: list[dict[str, Any]] = []  # per stage: mean / last penalty seen in training
@@ -256,24 +254,28 @@ class Ewc(SequentialLora):
         self.tasks_done.append(task_index)
 
     # -- state ------------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = super().state_tensors()
-        for slot, (fisher, anchor) in enumerate(self.consolidated):
-            for name in fisher:
-                tensors[f"{FISHER_PREFIX}{slot}::{name}"] = fisher[name].detach().cpu().contiguous()
-                tensors[f"{ANCHOR_PREFIX}{slot}::{name}"] = anchor[name].detach().cpu().contiguous()
+    def state_tensors(self) -> dict[str, Any]:
+        """The adapter's weights, and per slot the Fisher diagonal and the anchor by parameter name."""
+        def cpu(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: value.detach().cpu().contiguous() for name, value in part.items()}
+
+        tensors: dict[str, Any] = dict(super().state_tensors())
+        if self.consolidated:
+            tensors[FISHER] = {str(slot): cpu(fisher) for slot, (fisher, _) in enumerate(self.consolidated)}
+            tensors[ANCHOR] = {str(slot): cpu(anchor) for slot, (_, anchor) in enumerate(self.consolidated)}
         return tensors
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_state_tensors({k: v for k, v in tensors.items() if "::" not in k})
+    def load_state_tensors(self, tensors: dict[str, Any]) -> None:
+        super().load_state_tensors({k: v for k, v in tensors.items() if k not in (FISHER, ANCHOR)})
         params = dict(self.backbone.model.named_parameters())
         slots: dict[int, Consolidated] = {}
-        for key, value in tensors.items():
-            for prefix, position in ((FISHER_PREFIX, 0), (ANCHOR_PREFIX, 1)):
-                if key.startswith(prefix):
-                    slot, name = key[len(prefix):].split("::", 1)
+        for position, group in enumerate((FISHER, ANCHOR)):
+            for slot, part in tensors.get(group, {}).items():
+                if not slot.isdigit() or not isinstance(part, dict):
+                    raise RunDirError(f"EWC state: unexpected entry {group}::{slot} in the saved state")
+                for name, value in part.items():
                     if name not in params:
-                        raise RunDirError(f"EWC state: saved tensor {key!r} matches no parameter of the model")
+                        raise RunDirError(f"EWC state: saved tensor {group}::{slot}::{name} matches no parameter of the model")
                     pair = slots.setdefault(int(slot), ({}, {}))
                     pair[position][name] = value.to(device=params[name].device, dtype=torch.float32)
         order = {name: position for position, name in enumerate(params)}  # the model's order: sums as before saving

@@ -3,7 +3,8 @@ evaluated with the true task identity (oracle routing).
 
 No parameter is shared between tasks, so BWT = 0 by construction; the diagonal gives the
 single-task fine-tune scores S_ST that CLiMB's knowledge-transfer metric needs. Tasks without an
-expert yet (forward-transfer evaluations) are answered by the base model.
+expert yet (forward-transfer evaluations) are answered by the base model. The PEFT wrapper is made
+once the first task is known (its expert is the wrapper's first adapter).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from peft import PeftModel
 
 from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
-from mmcl.methods.base import Method, register_method
+from mmcl.methods.base import ConfigT, Method, register_method
 from mmcl.methods.lora_utils import (
     adapter_part,
     add_lora,
@@ -28,17 +30,25 @@ def adapter_name(task: Task) -> str:
 
 
 @register_method
-class TaskExperts(Method):
+class TaskExperts(Method[ConfigT]):
     name = "experts"
     description = "A fresh LoRA per task, chosen by the true task identity at test time (oracle upper bound)"
 
-    def __init__(self, config, lora, seed: int):
-        super().__init__(config, lora, seed)
+    def init_state(self) -> None:
         self.trained: list[str] = []  # adapter names, in task order
 
-    def setup(self, backbone, tasks) -> None:
-        super().setup(backbone, tasks)
-        add_lora(backbone, self.lora, self.seed, adapter_name=adapter_name(self.tasks[0]))
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
+        self._wrap()
+
+    def see_tasks(self, tasks: Sequence[Task], n_tasks: int) -> None:
+        super().see_tasks(tasks, n_tasks)
+        self._wrap()
+
+    def _wrap(self) -> None:
+        """Wrap the model in PEFT with the first task's expert, once the backbone and that task are known."""
+        if self.backbone is not None and self.tasks and not isinstance(self.backbone.model, PeftModel):
+            add_lora(self.backbone, self.lora, self.seed, adapter_name=adapter_name(self.tasks[0]))
 
     def _ensure_adapter(self, name: str, init_seed: int) -> None:
         model = self.backbone.model
@@ -68,10 +78,10 @@ class TaskExperts(Method):
         active = model.active_adapter
         return sum(p.numel() for n, p in model.named_parameters() if f".{active}." in n)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return named_adapters_tensors(self.backbone, self.trained)
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         for index, name in enumerate(self.trained):
             self._ensure_adapter(name, self.seed + index)
             load_adapter_tensors(self.backbone, adapter_part(tensors, name), name)

@@ -117,14 +117,12 @@ def is_short_answer(rollout: Rollout, eos_ids: set[int], max_words: int) -> bool
 
 
 @register_method
-class Grpo(SequentialLora):
+class Grpo(SequentialLora[GrpoOptions]):
     name = "grpo"
     description = "RFT: GRPO with the task's scorer as reward + rollout-based instance filtering, one LoRA continued"
-    config_class = GrpoOptions
 
-    def __init__(self, config: GrpoOptions, lora, seed: int):
-        super().__init__(config, lora, seed)
-        self.options: GrpoOptions = config
+    def init_state(self) -> None:
+        self.options: GrpoOptions = self.config
         self.reference: dict[str, torch.Tensor] | None = None
         self.stage_tasks: list[str] = []
         self.records: list[dict[str, Any]] = []  # one per stage, accumulated across stages

@@ -5,12 +5,12 @@ The multitask upper-bound reference: no sequence, hence no forgetting; evaluated
 
 from __future__ import annotations
 
-from mmcl.methods.base import register_method
+from mmcl.methods.base import NoOptions, register_method
 from mmcl.methods.seq_lora import SequentialLora
 
 
 @register_method
-class JointLora(SequentialLora):
+class JointLora(SequentialLora[NoOptions]):
     name = "joint"
     description = "One LoRA adapter trained on all tasks at once (multitask upper bound, a reference row)"
     trains_jointly = True

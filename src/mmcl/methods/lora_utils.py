@@ -30,23 +30,15 @@ def adapter_tensors(backbone: Backbone, adapter_name: str = "default") -> dict[s
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
-ADAPTER_SEPARATOR = "::"  # saved key = "<adapter name>::<PEFT state key>" when a state holds several adapters
+def named_adapters_tensors(backbone: Backbone, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights of several named adapters, one group per adapter (saved as ``<adapter>::<PEFT key>``)."""
+    return {name: adapter_tensors(backbone, name) for name in names}
 
 
-def named_adapters_tensors(backbone: Backbone, names: list[str]) -> dict[str, torch.Tensor]:
-    """The weights of several named adapters in one flat, safetensors-ready dict."""
-    return {
-        f"{name}{ADAPTER_SEPARATOR}{key}": value
-        for name in names
-        for key, value in adapter_tensors(backbone, name).items()
-    }
-
-
-def adapter_part(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def adapter_part(tensors: dict[str, dict[str, torch.Tensor]], name: str) -> dict[str, torch.Tensor]:
     """The weights of adapter ``name`` out of a :func:`named_adapters_tensors` dict; error if absent."""
-    prefix = f"{name}{ADAPTER_SEPARATOR}"
-    own = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-    if not own:
+    own = tensors.get(name)
+    if not isinstance(own, dict) or not own:
         raise RuntimeError(f"saved state has no weights for adapter {name!r}")
     return own
 

@@ -112,13 +112,11 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 @register_method
-class LearningWithoutForgetting(SequentialLora):
+class LearningWithoutForgetting(SequentialLora[LwfConfig]):
     name = "lwf"
     description = "Sequential LoRA + distillation from the previous model on the new task's answers (LwF)"
-    config_class = LwfConfig
 
-    def __init__(self, config: LwfConfig, lora, seed: int):
-        super().__init__(config, lora, seed)
+    def init_state(self) -> None:
         self.teacher: str | None = None  # None (no distillation), TEACHER (adapter copy) or "base"
 
     # -- teacher ---------------------------------------------------------------------------

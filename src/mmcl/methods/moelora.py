@@ -158,17 +158,16 @@ def moe_layers(model: nn.Module) -> dict[str, MoeLoraLinear]:
 
 
 @register_method
-class MoeLora(Method):
+class MoeLora(Method[MoeLoraConfig]):
     name = "moelora"
     description = "Mixture of LoRA experts with a token-level softmax gate, trained on each task in turn (CoIN)"
-    config_class = MoeLoraConfig
 
     def __init__(self, config: MoeLoraConfig, lora: LoraSettings, seed: int):
         super().__init__(config, lora, seed)
         check_rank(lora.rank, config.experts)  # before the runner creates the run dir
 
-    def setup(self, backbone, tasks) -> None:
-        super().setup(backbone, tasks)
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
         model = backbone.model
         for parameter in model.parameters():
             parameter.requires_grad = False

@@ -59,7 +59,7 @@ from mmcl.errors import ConfigError, MmclError
 from mmcl.methods.base import register_method
 from mmcl.methods.experts import TaskExperts, adapter_name
 from mmcl.methods.lora_utils import adapter_part, adapter_tensors, load_adapter_tensors, lora_config, named_adapters_tensors
-from mmcl.results import BASE_LABEL, stage_name
+from mmcl.layout import BASE_LABEL, row_name
 
 ROUTER = "router"
 BASE_ROUTE = "base"  # the route of samples answered by the base model (no expert yet)
@@ -328,13 +328,12 @@ def raw_stage(summary: dict[str, Any]) -> dict[str, Any]:
 
 # -- the method -----------------------------------------------------------------------------------
 @register_method
-class MrLora(TaskExperts):
+class MrLora(TaskExperts[MrLoraConfig]):
     name = "mrlora"
     description = "MR-LoRA: a fresh LoRA expert per task and a LoRA router (an MLLM prompt) that picks the expert"
-    config_class = MrLoraConfig
 
-    def __init__(self, config: MrLoraConfig, lora, seed: int):
-        super().__init__(config, lora, seed)
+    def init_state(self) -> None:
+        super().init_state()
         self.routing_set: dict[str, list[str]] = {}  # task name -> training-sample ids, in task order
         self.router_experts = 0  # number of experts (letters) the router was last trained on; 0 = none
         self.routing: dict[str, dict[str, Any]] = {}  # stage key -> raw routing counters
@@ -346,12 +345,15 @@ class MrLora(TaskExperts):
         self._shared_prefix = 0  # the shared prefix length of the last next_token_logits call (0 = not shared)
 
     # -- set-up and training ---------------------------------------------------------------------
-    def setup(self, backbone, tasks) -> None:
-        if len(tasks) > len(LETTERS):
-            raise ConfigError(f"method mrlora: at most {len(LETTERS)} tasks can be routed, the stream has {len(tasks)}")
-        super().setup(backbone, tasks)
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
         self._letter_ids = None
         self._prefix_sharing = None
+
+    def see_tasks(self, tasks: Sequence[Task], n_tasks: int) -> None:
+        if n_tasks > len(LETTERS):
+            raise ConfigError(f"method mrlora: at most {len(LETTERS)} tasks can be routed, the stream has {n_tasks}")
+        super().see_tasks(tasks, n_tasks)
 
     @property
     def expert_tasks(self) -> list[Task]:
@@ -472,7 +474,7 @@ class MrLora(TaskExperts):
     def after_task(self, task_index: int, task: Task) -> None:
         super().after_task(task_index, task)
         self.routing_set[task.name] = self.pick_routing_ids(task)
-        last = task_index == len(self.tasks) - 1
+        last = task_index == self.n_tasks - 1
         if len(self.trained) >= 2 and (self.config.router_protocol == "per-stage" or last):
             self.train_router(task_index)
         self.backbone.model.set_adapter(adapter_name(task))
@@ -507,7 +509,7 @@ class MrLora(TaskExperts):
         if self.config.router_protocol == "paper":
             return self.route_by_generation([router_prompt(sample, descriptions) for sample in samples], samples)
         if self._letter_ids is None or len(self._letter_ids) < count:
-            self._letter_ids = letter_token_ids(self.backbone, max(count, len(self.tasks)))
+            self._letter_ids = letter_token_ids(self.backbone, max(count, self.n_tasks))
         model.set_adapter(ROUTER, inference_mode=True)
         was_training = model.training
         model.eval()
@@ -593,7 +595,7 @@ class MrLora(TaskExperts):
         return self.backbone.generate(samples, max_new_tokens)
 
     def generate(self, samples: Sequence[Sample], task: Task, max_new_tokens: int) -> list[str]:
-        del task  # routing never looks at the task identity
+        # routing never looks at the task identity; the statistics score the answers with its scorer
         samples = list(samples)
         model = self.backbone.model
         self.last_fallbacks = [False] * len(samples)
@@ -601,29 +603,32 @@ class MrLora(TaskExperts):
             with model.disable_adapter():
                 answers = self.backbone.generate(samples, max_new_tokens)
             self.last_routes = [BASE_ROUTE] * len(samples)
-        elif not self.evaluates_stage(len(self.trained), len(self.tasks)):
+        elif not self.evaluates_stage(len(self.trained), self.n_tasks):
             answers = [""] * len(samples)  # placeholders: the protocol defines no model at this stage
             self.last_routes = [NOT_EVALUATED] * len(samples)
         else:
             choices = self.route(samples)
             answers = generate_grouped(samples, choices, lambda e, group: self._run_expert(e, group, max_new_tokens))
             self.last_routes = [self.expert_tasks[int(c)].name for c in choices]
-        self._record(samples, answers, max_new_tokens)
+        self._record(samples, answers, max_new_tokens, task)
         return answers
 
     # -- routing statistics ----------------------------------------------------------------------
     def stage_key(self) -> str:
         """The label of the current stage as the runner names it (``<k>_<task>``; ``0_base`` before any)."""
         if not self.trained:
-            return stage_name(0, BASE_LABEL)
-        return stage_name(len(self.trained), self.expert_tasks[-1].name)
+            return row_name(0, BASE_LABEL)
+        return row_name(len(self.trained), self.expert_tasks[-1].name)
 
-    def _record(self, samples: list[Sample], answers: list[str], max_new_tokens: int) -> None:
+    def _record(self, samples: list[Sample], answers: list[str], max_new_tokens: int, evaluated_task: Task) -> None:
+        from mmcl.evaluation.general import GENERAL_TASK
         from mmcl.evaluation.scorers import score_one
 
-        tasks = {task.name: task for task in self.tasks}
+        tasks = {task.name: task for task in self.tasks}  # the stream's tasks are scored, the general set is not
+        if evaluated_task.name != GENERAL_TASK:
+            tasks.setdefault(evaluated_task.name, evaluated_task)  # a later task under forward transfer
         experts = [task.name for task in self.expert_tasks]
-        evaluated = self.evaluates_stage(len(self.trained), len(self.tasks))
+        evaluated = self.evaluates_stage(len(self.trained), self.n_tasks)
         stage = self.routing.setdefault(self.stage_key(), {"experts": experts, "evaluated": evaluated, "tasks": {}})
         oracle_answers = dict(enumerate(answers))
         if not evaluated:

@@ -107,19 +107,17 @@ def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @register_method
-class OLora(Method):
+class OLora(Method[OLoraConfig]):
     name = "olora"
     description = "O-LoRA: a new LoRA per task, old ones frozen and summed, new A kept orthogonal to the old As"
-    config_class = OLoraConfig
 
-    def __init__(self, config: OLoraConfig, lora, seed: int):
-        super().__init__(config, lora, seed)
+    def init_state(self) -> None:
         self.adapters: list[str] = []  # trained adapters, in task order
         self.current: str | None = None  # the adapter being trained (None between tasks)
 
     # -- PEFT bookkeeping ----------------------------------------------------------------------
-    def setup(self, backbone, tasks) -> None:
-        super().setup(backbone, tasks)
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
         if self.lora.targets is None and self.config.modules == "attention-qv":
             self.lora = replace(self.lora, targets=query_value_only(backbone.lora_targets))
         add_lora(backbone, self.lora, self.seed, adapter_name=adapter_name(0))
@@ -189,10 +187,10 @@ class OLora(Method):
         name = self.current or (self.adapters[-1] if self.adapters else adapter_name(0))
         return sum(p.numel() for n, p in self.backbone.model.named_parameters() if f".{name}." in n)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return named_adapters_tensors(self.backbone, self.adapters)
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         for index, name in enumerate(self.adapters):
             self._ensure_adapter(name, self.seed + index)
             load_adapter_tensors(self.backbone, adapter_part(tensors, name), name)

@@ -22,8 +22,9 @@ Merging is done per LoRA layer in place (``base_layer.weight += scaling * B A``)
 wrapper in ``backbone.model`` stays the same object for the whole run; the layer's LoRA is then
 re-initialised from a seed that depends only on (seed, number of finished tasks).
 
-State: ``state_tensors`` holds every finished task's LoRA weights (``task<k>::<module>::A|B``) and the
-key positions (``positions::<module>``, flat int32 indices into the (out, in) weight). Storing the
+State: ``state_tensors`` holds every finished task's LoRA weights (group ``task<k>``, saved as
+``task<k>::<module>::A|B``) and the key positions (group ``positions``, saved as ``positions::<module>``,
+flat int32 indices into the (out, in) weight). Storing the
 per-task LoRAs is more compact than storing the merged deltas (``r (in + out)`` per task instead of
 ``in x out``, i.e. smaller for fewer than ``in out / (r (in + out))`` tasks: 256 for rank 8 on
 4096-wide layers) and lets a resumed run re-merge the same tensors in the same order, which
@@ -33,7 +34,7 @@ rebuilds bit-identical base weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -43,7 +44,7 @@ from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
 
 ADAPTER = "default"
-SEP = "::"
+POSITIONS = "positions"  # state group: module name -> flat key positions (saved as positions::<module>)
 
 
 @dataclass
@@ -58,6 +59,9 @@ class RegLoraConfig:
             raise ConfigError(f"method.options.top_ratio: expected a share in [0, 1], got {self.top_ratio}")
         if self.reg_lambda < 0:
             raise ConfigError(f"method.options.reg_lambda: must be >= 0, got {self.reg_lambda}")
+
+
+RegLoraConfigT = TypeVar("RegLoraConfigT", bound=RegLoraConfig)  # SEFE's options extend RegLoRA's
 
 
 # -- pure functions ------------------------------------------------------------------------------
@@ -154,21 +158,20 @@ def merge_lora(layer: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, sign: f
 
 
 @register_method
-class RegLora(SequentialLora):
+class RegLora(SequentialLora[RegLoraConfigT]):
     name = "reglora"
     description = "RegLoRA (SEFE): merge each task's LoRA, penalise the new LoRA at earlier tasks' key positions"
     config_class = RegLoraConfig
 
-    def __init__(self, config: RegLoraConfig, lora, seed: int):
-        super().__init__(config, lora, seed)
+    def init_state(self) -> None:
         self.positions: dict[str, torch.Tensor] = {}  # module name -> sorted flat key positions (int64)
         self.merged: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []  # per finished task: name -> (A, B)
         self._layers: dict[str, torch.nn.Module] = {}
         self._index: KeyIndex | None = None  # all modules' key positions as one gather, on the weights' device
 
     # -- PEFT bookkeeping ----------------------------------------------------------------------
-    def setup(self, backbone, tasks) -> None:
-        super().setup(backbone, tasks)
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
         from peft.tuners.lora import LoraLayer
 
         self._layers = {}
@@ -226,32 +229,30 @@ class RegLora(SequentialLora):
         return self.penalty()
 
     # -- state ---------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for index, task_lora in enumerate(self.merged):
-            for name, (A, B) in task_lora.items():
-                tensors[f"task{index}{SEP}{name}{SEP}A"] = A.contiguous()
-                tensors[f"task{index}{SEP}{name}{SEP}B"] = B.contiguous()
-        for name, positions in self.positions.items():
-            tensors[f"positions{SEP}{name}"] = positions.to(torch.int32).contiguous()
+    def state_tensors(self) -> dict[str, Any]:
+        """Per finished task ``task<k>``: module name -> {"A", "B"}; and ``positions``: module name -> key positions."""
+        tensors: dict[str, Any] = {
+            f"task{index}": {name: {"A": A.contiguous(), "B": B.contiguous()} for name, (A, B) in task_lora.items()}
+            for index, task_lora in enumerate(self.merged)
+        }
+        if self.positions:
+            tensors[POSITIONS] = {name: p.to(torch.int32).contiguous() for name, p in self.positions.items()}
         return tensors
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict[str, Any]) -> None:
         incoming: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         positions: dict[str, torch.Tensor] = {}
-        for key, value in tensors.items():
-            head, _, rest = key.partition(SEP)
-            if head == "positions":
-                positions[rest] = value.to(torch.long)
-            elif head.startswith("task"):
-                index = int(head[4:])
-                name, _, which = rest.rpartition(SEP)
-                while len(incoming) <= index:
-                    incoming.append({})
-                A, B = incoming[index].get(name, (None, None))
-                incoming[index][name] = (value, B) if which == "A" else (A, value)
-            else:
+        for key, group in tensors.items():
+            if not isinstance(group, dict) or not (key == POSITIONS or (key.startswith("task") and key[4:].isdigit())):
                 raise RuntimeError(f"reglora: unexpected key {key!r} in saved state")
+            if key == POSITIONS:
+                positions.update((name, value.to(torch.long)) for name, value in group.items())
+                continue
+            index = int(key[4:])
+            while len(incoming) <= index:
+                incoming.append({})
+            for name, pair in group.items():
+                incoming[index][name] = (pair.get("A"), pair.get("B")) if isinstance(pair, dict) else (None, None)
         unknown = set(positions).union(*incoming) - set(self._layers) if incoming or positions else set()
         if unknown:
             raise RuntimeError(f"reglora: saved state names unknown LoRA modules: {sorted(unknown)[:3]}")

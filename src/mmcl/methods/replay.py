@@ -72,13 +72,11 @@ def reservoir_buffer(seed: int, seen: Sequence[tuple[str, str]], capacity: int) 
 
 
 @register_method
-class ExperienceReplay(SequentialLora):
+class ExperienceReplay(SequentialLora[ReplayConfig]):
     name = "replay"
     description = "Sequential LoRA + a replay buffer of past tasks' samples (random or reservoir)"
-    config_class = ReplayConfig
 
-    def __init__(self, config: ReplayConfig, lora, seed: int):
-        super().__init__(config, lora, seed)
+    def init_state(self) -> None:
         self.buffer: list[tuple[str, str]] = []  # (task name, sample id)
         self.seen = 0  # reservoir: distinct training samples seen so far
         self.capacity = 0  # reservoir: sum of the finished tasks' quotas

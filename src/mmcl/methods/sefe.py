@@ -31,10 +31,9 @@ class SefeConfig(AsdConfig, RegLoraConfig):
 
 
 @register_method
-class Sefe(RegLora):
+class Sefe(RegLora[SefeConfig]):
     name = "sefe"
     description = "SEFE: answer-style diversification of the data (ASD) + RegLoRA"
-    config_class = SefeConfig
 
     def train_data(self, task_index: int, task: Task, samples: Sequence[Sample]) -> list[Sample]:
         return asd_train_data(self.config, self.seed, task, samples)

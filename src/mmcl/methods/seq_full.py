@@ -11,16 +11,16 @@ from __future__ import annotations
 import torch
 
 from mmcl.backbones.parts import vision_encoder_parameter_names
-from mmcl.methods.base import Method, register_method
+from mmcl.methods.base import Method, NoOptions, register_method
 
 
 @register_method
-class SequentialFullFineTuning(Method):
+class SequentialFullFineTuning(Method[NoOptions]):
     name = "seq-full"
     description = "Full fine-tuning of language model + projector on each task in turn (no adapter)"
 
-    def setup(self, backbone, tasks) -> None:
-        super().setup(backbone, tasks)
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
         frozen = set(vision_encoder_parameter_names(backbone.model))
         for name, parameter in backbone.model.named_parameters():
             parameter.requires_grad = name not in frozen

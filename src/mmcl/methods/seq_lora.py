@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from mmcl.methods.base import Method, register_method
+from mmcl.methods.base import ConfigT, Method, register_method
 from mmcl.methods.lora_utils import adapter_tensors, add_lora, load_adapter_tensors
 
 
 @register_method
-class SequentialLora(Method):
+class SequentialLora(Method[ConfigT]):
     name = "seq-lora"
     description = "One LoRA adapter fine-tuned on each task in turn (the forgetting baseline)"
 
-    def setup(self, backbone, tasks) -> None:
-        super().setup(backbone, tasks)
+    def setup(self, backbone) -> None:
+        super().setup(backbone)
         add_lora(backbone, self.lora, self.seed)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

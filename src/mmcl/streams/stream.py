@@ -133,6 +133,10 @@ class StreamSpec:
     name: str
     description: str
     build: Callable[[dict[str, Any], Path], list[Task]]  # (options, cache dir) -> tasks
+    # what ``mmcl list --stream`` shows as its options: a dataclass (fields with help and range metadata),
+    # or else a mapping of option -> default; None: not declared
+    options_class: type | None = None
+    defaults: dict[str, Any] | None = None
 
 
 STREAMS: Registry[StreamSpec] = Registry("stream")

@@ -38,7 +38,11 @@ class SampleDataset(Dataset):
 
 
 class ContinualTrainer(Trainer):
-    """HF Trainer whose loss is the model's token cross-entropy plus ``extra_loss`` (EWC, LwF, ...)."""
+    """HF Trainer whose loss is the model's token cross-entropy plus ``extra_loss`` (EWC, LwF, ...).
+
+    ``extra_loss`` gets the model itself: the wrapper the Trainer puts around it for distributed
+    training (DDP under ``torchrun``, DeepSpeed, FSDP) is taken off with ``accelerator.unwrap_model``,
+    so parameter and module names are the same as in a single process."""
 
     def __init__(self, *args, extra_loss: ExtraLoss | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -47,7 +51,7 @@ class ContinualTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.extra_loss is not None:
-            extra = self.extra_loss(model, inputs, outputs)
+            extra = self.extra_loss(self.accelerator.unwrap_model(model), inputs, outputs)
             if extra is not None:
                 if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                     # the CE is then summed over the accumulated batch and not divided by the
