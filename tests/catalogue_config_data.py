@@ -144,7 +144,15 @@ CONFIG_CASES = [
     config_case("max-length-zero", r"backbone\.max_length: must be in \[1, inf\), got 0", backbone__max_length=0),
     config_case("max-new-tokens-zero", r"evaluation\.max_new_tokens: must be in \[1, inf\), got 0", evaluation__max_new_tokens=0),
     config_case("limit-zero", r"evaluation\.limit: must be in \[1, inf\), got 0", evaluation__limit=0),
-    config_case("low-shot-negative", r"evaluation\.low_shot: must be in \[0, inf\), got -1", evaluation__low_shot=-1),
+    config_case("low-shot-negative", r"evaluation\.low_shot\.shots: must be in \[0, inf\), got -1", evaluation__low_shot=-1),
+    config_case("low-shot-section-negative", r"evaluation\.low_shot\.shots: must be in \[0, inf\), got -2",
+                evaluation={"batch_size": 8, "general": "none", "low_shot": {"shots": -2}}),
+    config_case("superficial-section-word", r"evaluation\.superficial\.enabled: expected bool, got str 'yes'",
+                evaluation={"batch_size": 8, "general": {"set": "none"}, "superficial": {"enabled": "yes"}}),
+    config_case("protocol-unknown", r"evaluation\.protocols\.short_answer: unknown evaluation protocol 'short_answer'",
+                evaluation={"batch_size": 8, "general": "none", "protocols": {"short_answer": {}}}),
+    config_case("protocol-builtin-as-plugin", r"evaluation\.protocols\.general: a built-in protocol; set evaluation\.general",
+                evaluation={"batch_size": 8, "general": "none", "protocols": {"general": {}}}),
     config_case("seed-too-large", r"seed: must be in \[0, 2147483647\], got 1099511627776", seed=2**40),
     config_case("task-max-new-tokens-zero", r"stream\.tasks\[0\]\.max_new_tokens: must be in \[1, inf\), got 0",
                 stream={"tasks": [{**_tasks("a")[0], "max_new_tokens": 0}]}),
@@ -300,4 +308,23 @@ OTHER_CASES = [
          r"no task folders", nothing_written),
 ]
 
-CASES = [*CONFIG_CASES, *DATA_PAIRS, *OTHER_CASES]
+def _low_shot_frozen_method(fx: Fixtures) -> Invocation:
+    config = base_config(fx, method={"name": "olora"}, training__max_steps=1)
+    config["evaluation"] = {"batch_size": 8, "general": "none", "low_shot": 2, "evaluate_base": False,
+                            "forward_transfer": True}  # fmt: skip
+    return Invocation(["run", str(write_config(fx.tmp_path / "exp.yaml", config))])
+
+
+def _first_stage_kept(fx: Fixtures) -> None:
+    assert (run_dir(fx) / "stages" / "1_rs" / "state.safetensors").is_file()
+    assert len(list((run_dir(fx) / "predictions" / "1_rs").glob("*.jsonl"))) == 5
+
+
+MID_RUN_CASES = [
+    # O-LoRA freezes the finished task's adapter: low-shot fine-tuning after stage 1 has nothing to train
+    Case("config-low-shot-nothing-trainable", _low_shot_frozen_method, 2,
+         r"evaluation\.low_shot: method olora leaves nothing trainable between tasks \(after stage 1_rs\)",
+         _first_stage_kept),
+]
+
+CASES = [*CONFIG_CASES, *DATA_PAIRS, *OTHER_CASES, *MID_RUN_CASES]
