@@ -164,4 +164,4 @@ def test_run_evaluates_general_set_probes_and_low_shot(tiny_model_dir: Path, str
 
     bad = dict(config, evaluation={"general": str(tmp_path / "missing.json")}, output_dir=str(tmp_path / "r2"))
     missing = invoke(["run", str(write_config(tmp_path / "bad.yaml", bad))])
-    assert missing.code == 2 and "evaluation.general: test file not found" in missing.err
+    assert missing.code == 2 and "evaluation.general.set: test file not found" in missing.err
