@@ -19,7 +19,7 @@ from mmcl.errors import ConfigError
 from mmcl.evaluation.protocols import PROTOCOLS, EvaluationProtocol, Row, RunView, register_protocol
 from mmcl.layout import RunLayout
 from mmcl.results import SCHEMA_VERSION, collect_results, load_results, results_from_dict
-from mmcl.runner import same_results_settings
+from mmcl.run_dir import same_results_settings
 from test_runner import invoke, read_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_v1"  # a run dir written by mmcl before results had a schema

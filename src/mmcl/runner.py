@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from safetensors.torch import load_file
 
 from mmcl.backbones.backbone import GREEDY_DECODING
 from mmcl.backbones.registry import resolve_backbone
 from mmcl.data.lengths import check_lengths
 from mmcl.streams.stream import Task, build_stream
-from mmcl.config import ExperimentConfig, config_from_stored, from_dict
+from mmcl.config import ExperimentConfig, from_dict
 from mmcl import errors
 from mmcl.errors import ConfigError, DataError, MmclError, RunDirError
 from mmcl import distributed
@@ -31,50 +30,14 @@ from mmcl.evaluation.protocols.general import GeneralAbility
 from mmcl.evaluation.protocols.low_shot import LowShotTransfer
 from mmcl.evaluation.protocols.matrix import AccuracyMatrix
 from mmcl.evaluation.protocols.superficial import SuperficialProbes
-from mmcl.fingerprint import Change, changes, data_fingerprints
 from mmcl.layout import RunLayout
 from mmcl.lock import RunLock
 from mmcl.methods import METHODS, Method
+from mmcl.run_dir import claim_run_dir, reconcile_data
 from mmcl.results import Results, collect_results, record_session, run_rows, write_results
 from mmcl.utils import atomic_write_text, save_tensors
 
 Log = Callable[[str], None]
-def same_results_settings(stored: Any, config: ExperimentConfig) -> bool:
-    """Whether a run dir's recorded config computes what ``config`` computes: the same fingerprint, or
-    (a config.yaml of an older mmcl, whose fingerprint covered other fields) the same fingerprint once
-    its config is read by today's rules."""
-    if not isinstance(stored, dict):
-        return False
-    if stored.get("fingerprint") == config.fingerprint():
-        return True
-    try:
-        return config_from_stored(stored, "config.yaml").fingerprint() == config.fingerprint()
-    except ConfigError:
-        return False
-
-
-def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
-    """Create the run dir, or reuse it only if it was made by the same config."""
-    run_dir = config.run_dir
-    layout = RunLayout(run_dir)
-    config_file = layout.config_file
-    if config_file.exists():
-        stored = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        same = same_results_settings(stored, config)
-        if not same and not overwrite:
-            raise RunDirError(
-                f"{run_dir}: holds a run of a different config; pick another --out or pass --overwrite to replace it"
-            )
-        if not same:  # everything but the lock this run holds
-            for child in run_dir.iterdir():
-                if child != layout.lock_file:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"fingerprint": config.fingerprint(), **config.to_dict()}
-    atomic_write_text(config_file, yaml.safe_dump(resolved, sort_keys=False))
-    return run_dir
-
-
 def check_tasks(tasks: list[Task], test_only: list[Task] = ()) -> None:
     """Refuse to start on bad data: the first problem, with file and record, and how many more there are."""
     problems = [problem for task in tasks for problem in task.problems()]
@@ -224,7 +187,8 @@ class ContinualRun:
             if self.lock.taken_over:
                 self.log(f"took over a stale lock on {self.run_dir} ({self.lock.taken_over})")
             claim_run_dir(self.config, overwrite)
-            self.reconcile_data(recompute_changed)
+            reconcile_data(self.layout, self.tasks, self.general, self.stages, self.rows, self.protocols,
+                           recompute_changed, self.log)
             tests = {task.name: self.test_samples(task) for task in self.tasks}
             chance = {task.name: task_chance(tests[task.name], task.scorer, task.chance) for task in self.tasks}
             counts = {name: len(samples) for name, samples in tests.items()}
@@ -232,101 +196,6 @@ class ContinualRun:
         except BaseException:
             self.abandon()
             raise
-
-    def reconcile_data(self, recompute_changed: bool) -> None:
-        """Compare the data with the fingerprints the run dir recorded (``data.json``); refuse on a change,
-        or with ``recompute_changed`` delete exactly the stages and evaluations that depend on it. A run dir
-        from before fingerprints were recorded gets the current data's fingerprints (trusted on first use)."""
-        current = data_fingerprints(self.tasks, self.general)
-        stored_file = self.layout.data_file
-        try:
-            stored = json.loads(stored_file.read_text(encoding="utf-8")) if stored_file.is_file() else None
-            if stored is not None and not isinstance(stored, dict):
-                raise ValueError(f"expected an object, found {type(stored).__name__}")
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise RunDirError(
-                f"{stored_file}: unreadable data fingerprints ({exc}); delete it to trust the current data, "
-                "or use another --out"
-            ) from None
-        if stored is None and self.layout.plan_file.exists():
-            self.log(f"{self.run_dir}: made before data fingerprints were recorded; recording the current data's "
-                     f"(results computed earlier are taken to come from it)")
-        found = changes(stored, current) if stored is not None else []
-        if found and not recompute_changed:
-            more = f" (and {len(found) - 1} more file(s))" if len(found) > 1 else ""
-            raise RunDirError(
-                f"{self.run_dir}: data changed since its results were computed: {found[0].describe()}{more}; "
-                "pass --recompute-changed to redo what depends on it, or use another --out"
-            )
-        if found:
-            stale = self.stale_outputs(found)
-            for change in found:
-                self.log(f"data changed: {change.describe()}")
-            stages_dir = self.layout.stages_dir
-            self.log(f"recomputing what depends on it: {sum(1 for p in stale if p.parent == stages_dir)} stage(s), "
-                     f"{sum(1 for p in stale if p.parent != stages_dir)} evaluation file(s)/folder(s)")
-            self.prune_method_summary(found)
-            for path in stale:
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            self.layout.results_file.unlink(missing_ok=True)
-        atomic_write_text(stored_file, json.dumps(current, indent=1))
-
-    def stale_outputs(self, found: list[Change]) -> list[Path]:
-        """Existing stage dirs and evaluation files that depend on the changed files: a changed train file of
-        a task invalidates the stage training it, every later stage and their rows (and low-shot files of
-        the task, whose shots it holds); a changed test file, every evaluation of that task in every row;
-        a changed general set, every general file."""
-        train = {change.task for change in found if change.split == "train"}
-        test = {change.task for change in found if change.split == "test"}
-        general = any(change.task is None for change in found)
-        first = next(
-            (index for index, (_, stage_tasks) in enumerate(self.stages, start=1) if train & {t.name for t in stage_tasks}),
-            len(self.stages) + 1,
-        )
-        stale: list[Path] = []
-        for index in range(first, len(self.stages) + 1):
-            label = self.stages[index - 1][0]
-            stale += [self.layout.stage_dir(index, label), self.layout.stage_work_dir(index, label)]
-        folders = [protocol.folder for protocol in self.protocols]
-        for row in self.rows:
-            if row.index >= first:  # every file of the row, whichever protocol wrote it
-                stale += [self.layout.row_dir(folder, row.name) for folder in folders]
-                stale += [self.layout.row_file(folder, row.name) for folder in folders]
-                continue
-            for task in self.tasks:
-                if task.name in test:  # the task's evaluations in every protocol
-                    stale += [self.layout.task_file(folder, row.name, task.name) for folder in folders]
-                elif task.name in train:  # low-shot files hold shots of the task's training data
-                    stale.append(self.layout.task_file(LowShotTransfer.folder, row.name, task.name))
-            if general:
-                stale.append(self.layout.row_file(GeneralAbility.folder, row.name))
-        return [path for path in stale if path.exists()]
-
-    def prune_method_summary(self, found: list[Change]) -> None:
-        """Drop the method's evaluation facts of the evaluations that are redone, so a resumed method does
-        not add new counts to stale ones. Summaries laid out as ``stages -> row label -> tasks -> task``
-        (MR-LoRA's routing) lose exactly those entries; any other layout is kept as it is."""
-        file = self.layout.method_summary_file
-        if not file.is_file():
-            return
-        try:
-            stored = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            return  # unreadable: the next evaluation rewrites it
-        summary = stored.get("summary") if isinstance(stored, dict) else None
-        rows = summary.get("stages") if isinstance(summary, dict) else None
-        if not isinstance(rows, dict):
-            return
-        stale = {path.relative_to(self.run_dir).parts for path in self.stale_outputs(found)}
-        for row, entry in list(rows.items()):
-            predictions = AccuracyMatrix.folder
-            if (predictions, row) in stale or any(parts[0] == self.layout.stages_dir.name and parts[1] == row for parts in stale):
-                del rows[row]
-            elif isinstance(entry, dict) and isinstance(entry.get("tasks"), dict):
-                for task in list(entry["tasks"]):
-                    if (predictions, row, f"{task}.jsonl") in stale:
-                        del entry["tasks"][task]
-        atomic_write_text(file, json.dumps(stored, indent=1))
 
     def holds_results(self) -> bool:
         """Whether the run dir holds a finished stage or evaluation file."""
