@@ -109,8 +109,11 @@ def train_on_samples(
     work_dir: Path,
     seed: int,
     extra_loss: ExtraLoss | None = None,
+    log_dir: Path | None = None,
 ) -> dict[str, float]:
-    """Train ``backbone.model`` in place on ``samples``; returns the Trainer's final metrics.
+    """Train ``backbone.model`` in place on ``samples``; returns the Trainer's final metrics. With
+    ``log_dir``, the Trainer's own TensorBoard reporting writes its logging steps' scalars there
+    (``train/loss``, ``train/learning_rate``, ``train/grad_norm``, ...); it changes no training number.
 
     Under ``torchrun`` the Trainer runs DDP; ``config.batch_size`` stays the global batch (split over
     the processes) so that a multi-process run takes the same optimisation steps as a single one."""
@@ -158,5 +161,16 @@ def train_on_samples(
         trainer.add_callback(StepBarCallback)
     else:
         trainer.add_callback(StepLogCallback)
-    result = trainer.train()
+    writer = None
+    if log_dir is not None:  # transformers 5 has no logging_dir argument: the callback gets its writer
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        writer = SummaryWriter(log_dir=str(log_dir))
+        trainer.add_callback(TensorBoardCallback(tb_writer=writer))
+    try:
+        result = trainer.train()
+    finally:
+        if writer is not None:
+            writer.close()
     return dict(result.metrics)
