@@ -47,15 +47,19 @@ def _set_assignments(assignments: list[str] | None) -> dict[str, Any]:
 def command_run(args: argparse.Namespace) -> int:
     from mmcl import distributed
     from mmcl.config import load_config
+    from mmcl.plugins import load_plugins, loaded_plugins
     from mmcl.report.render import format_table, write_report
     from mmcl.runner import ContinualRun
 
+    load_plugins(args.plugin or [])  # on every torchrun process, before anything is looked up by name
     config_path = Path(args.config) if args.config else None
     if config_path is not None and config_path.is_dir():  # a folder of <task>/{train,test}.json: its stream
         config = load_config(None, {**_folder_stream(config_path), **_overrides(args)})
         config_path = None
     else:
         config = load_config(config_path, _overrides(args))
+    if hasattr(config, "plugins"):
+        config.plugins = loaded_plugins()
     base_dir = config_path.parent if config_path else Path.cwd()
     distributed.init_from_env()
     if not distributed.is_main():  # under torchrun, process 0 alone reports
@@ -106,17 +110,17 @@ def _folder_stream(folder: Path) -> dict[str, Any]:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from mmcl.layout import RunLayout
     from mmcl.report.render import format_table, write_report
-    from mmcl.results import collect_results
-    from mmcl.utils import atomic_write_text
+    from mmcl.results import collect_results, write_results
 
     run_dir = Path(args.run_dir)
     results = collect_results(run_dir)
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1))
+    write_results(RunLayout(run_dir), results)
     report = write_report(run_dir, results)
     print(format_table(results))
     print(f"\nreport: {report}")
-    if not results["complete"]:
+    if not results.complete:
         from mmcl.errors import UnfinishedRunError
         from mmcl.report.render import unfinished_notice
 
@@ -136,10 +140,31 @@ def command_compare(args: argparse.Namespace) -> int:
 
 def command_list(args: argparse.Namespace) -> int:
     from mmcl.backbones.registry import PRESETS
+    from mmcl.plugins import load_plugins
     from mmcl.streams import registry  # noqa: F401
     from mmcl.streams.stream import STREAMS
     from mmcl.methods import METHODS
 
+    load_plugins(args.plugin or [])
+    if args.method is not None:
+        method = METHODS.lookup(args.method, "--method")
+        print(f"{args.method}: {method.description}")
+        print(f"defined by {METHODS.origin(args.method)}")
+        _print_options(method.config_class, "method.options")
+        return 0
+    if args.stream is not None:
+        spec = STREAMS.lookup(args.stream, "--stream")
+        print(f"{args.stream}: {spec.description}")
+        print(f"defined by {STREAMS.origin(args.stream)}")
+        if spec.options_class is not None:
+            _print_options(spec.options_class, "stream.options")
+        elif spec.defaults:
+            print("options (stream.options.<name>):")
+            for key, value in spec.defaults.items():
+                print(f"  {key}: {type(value).__name__} = {_shown_default(value)}")
+        else:
+            print("options: none declared")
+        return 0
     sections = [
         ("streams", {name: spec.description for name, spec in STREAMS.items()}),
         ("methods", {name: cls.description for name, cls in METHODS.items()}),
@@ -152,6 +177,53 @@ def command_list(args: argparse.Namespace) -> int:
             print(f"  {name.ljust(width)}  {description}")
     print("backbones also accept any Hugging Face image-text-to-text hub id or local model directory")
     return 0
+
+
+def _type_label(annotation: Any) -> str:
+    """``int | None``, ``dict[str, str]``, ``float`` ... as the annotation reads."""
+    import types
+    import typing
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_label(option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _shown_default(value: Any) -> str:
+    """A default as it is written in YAML (``null``, ``true``, quoted strings)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, (str, dict, list)) else str(value)
+
+
+def _print_options(options_class: type, key: str) -> None:
+    """Every field of the dataclass ``options_class``: type, default, range and help."""
+    import dataclasses
+    import typing
+
+    fields = [f for f in dataclasses.fields(options_class) if f.init] if dataclasses.is_dataclass(options_class) else []
+    if not fields:
+        print("options: none")
+        return
+    hints = typing.get_type_hints(options_class)
+    print(f"options ({key}.<name>):")
+    for f in fields:
+        if f.default is not dataclasses.MISSING:
+            default = f" = {_shown_default(f.default)}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f" = {_shown_default(f.default_factory())}"
+        else:
+            default = " (required)"
+        interval = f", range {f.metadata['range']}" if f.metadata.get("range") else ""
+        print(f"  {f.name}: {_type_label(hints.get(f.name, f.type))}{default}{interval}")
+        if f.metadata.get("help"):
+            print(f"      {f.metadata['help']}")
 
 
 def command_data_check(args: argparse.Namespace) -> int:
@@ -194,7 +266,7 @@ def command_data_check(args: argparse.Namespace) -> int:
 
 def _general_file_task(config: Any, base_dir: Path):
     """The general-ability test file when the config names one (``auto`` is generated data, ``none`` is off)."""
-    if config.evaluation.general.strip().lower() in ("auto", "none"):
+    if config.evaluation.general.set.strip().lower() in ("auto", "none"):
         return None
     from mmcl.evaluation.general import general_task
 
@@ -242,12 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any key, e.g. training.epochs=2")
     run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                      help="debug output, dependencies' warnings and logs (also MMCL_DEBUG=1)")
+    run.add_argument("--plugin", action="append", metavar="FILE",
+                     help="a Python file that registers methods, streams, scorers or presets (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="replace a run dir made by a different config")
     run.add_argument("--recompute-changed", action="store_true",
                      help="the data changed since the run dir was made: redo the stages and evaluations that depend on it")
     run.set_defaults(handler=command_run)
 
     listing = commands.add_parser("list", help="registered streams, methods and backbones")
+    one = listing.add_mutually_exclusive_group()
+    one.add_argument("--method", metavar="NAME", help="one method: its description and options")
+    one.add_argument("--stream", metavar="NAME", help="one stream: its description and options")
+    listing.add_argument("--plugin", action="append", metavar="FILE", help="load a plugin file first (repeatable)")
     listing.set_defaults(handler=command_list)
 
     report = commands.add_parser("report", help="rebuild results.json and the report from stored predictions")

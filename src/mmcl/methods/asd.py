@@ -19,13 +19,14 @@ authors publish them for CoIN) replace the rewrite per task through ``asd_files`
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from mmcl.streams.stream import Task
 from mmcl.data.answer_styles import STYLES, answer_vocabulary, fitting_styles, parse, question_group, rewrite
 from mmcl.data.sample import Sample
+from mmcl.config import setting
 from mmcl.errors import ConfigError
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
@@ -71,8 +72,9 @@ def diversify(
 class AsdConfig:
     """ASD options (default share from the paper: X = 20%)."""
 
-    share: float = 0.2  # share of each task's training samples rewritten into other answer styles
-    asd_files: dict[str, str] = field(default_factory=dict)  # task name -> pre-generated ASD LLaVA JSON
+    share: float = setting(0.2, help="share of each task's training samples rewritten into other answer styles")
+    asd_files: dict[str, str] = setting({}, help="task name -> pre-generated ASD file (LLaVA JSON) used instead of "
+                                        "the rule-based rewrite")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.share <= 1.0:

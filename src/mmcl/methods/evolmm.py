@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from mmcl.streams.stream import Task
-from mmcl.config import TrainingConfig
+from mmcl.config import TrainingConfig, setting
 from mmcl.data.sample import IMAGE_PLACEHOLDER, Sample
 from mmcl.errors import ConfigError
 from mmcl.methods.base import Method, register_method
@@ -141,39 +141,41 @@ class EvolmmConfig:
     cap (``length_cap``).
     """
 
-    protocol: str = "tiny-calibrated"  # or "reference"; see above
-    # optimisation steps per stage; tiny: 40 (calibrated: ~1 min per synth task); reference: unset =
-    # one pass over the stage's images (the paper runs 16180 steps over its whole pool, train.sh)
-    steps_per_task: int | None = None
-    images_per_step: int | None = None  # tiny: 8 (calibrated); reference: 1 (train.py L929-931)
-    solver_samples: int = 5  # N answers per question (--num_solver_samples 5, train.sh)
-    proposer_every: int = 5  # proposer update every k-th step (--proposer_update_freq 5, train.sh; L1015)
-    question_max_new_tokens: int | None = None  # tiny: 16 (calibrated); reference: 128 (train.py L139)
-    answer_max_new_tokens: int | None = None  # tiny: 12 (calibrated); reference: 128 (train.py L138)
-    temperature: float = 1.0  # sampling temperature of both roles, log-probs use the same (train.py L136)
-    learning_rate: float | None = None  # AdamW per role; tiny: 1e-3 (calibrated); reference: 1e-6 (L131)
-    weight_decay: float | None = None  # AdamW; tiny: 0 (= Adam, as calibrated); reference: 0.01 (L132)
-    max_grad_norm: float = field(default=1.0, metadata={"range": "(0, inf)"})  # train.py L133 (grad_clip), L607
-    kl_estimator: str | None = None  # "k3" (tiny) or "full" (reference, train.py L590-599)
-    update: str | None = None  # "batch" (tiny) or "per-completion" (reference, train.py L993-999)
-    proposer_questions: str | None = None  # "since-last" (tiny) or "current-step" (reference, L1015-1020)
-    baseline_start: str | None = None  # "first-reward" (tiny) or "zero" (reference, train.py L676-677)
-    prompt_format: str | None = None  # "plain" (tiny) or "tags" (reference, train.py L301-327, L940-958)
-    answer_normalization: str | None = None  # "scorer" (tiny) or "reference" (train.py L81-86)
-    length_cap: str | None = None  # "released" (tiny; min(1, .) of train.py L980) or "paper" (reference: no cap)
-    solver_gamma: float = field(default=rewards.SOLVER_GAMMA, metadata={"range": "[0, inf)"})  # 0.7 (--solver_soft_gamma)
-    length_penalty: float = field(default=rewards.LENGTH_PENALTY, metadata={"range": "[0, inf)"})  # lambda_len 0.1 (train.py L143)
-    length_tau_words: float = rewards.LENGTH_TAU_WORDS  # tau 6 words (train.py L144)
-    entropy_target: float = field(default=rewards.ENTROPY_TARGET, metadata={"range": "[0, inf)"})  # mu 0.9 nats (train.py L148)
-    entropy_width: float = rewards.ENTROPY_WIDTH  # sigma 0.35 nats (train.py L149)
-    baseline_decay: float = rewards.BASELINE_DECAY  # b <- 0.9 b + 0.1 r (train.py L678, L847-851)
-    kl_target: float = rewards.KL_TARGET  # 0.02 nats per token (--kl_target, train.sh)
-    kl_adapt_rate: float = field(default=rewards.KL_ADAPT_RATE, metadata={"range": "[0, inf)"})  # 0.1 (--kl_adapt_rate, train.sh)
-    initial_kl_coef: float = 1e-3  # beta at the start of training, per role (train.py L135 kl_coef)
-    # tiny: the tiny model's pretraining proposal prompt; reference: the tag protocol (our wording)
-    proposer_prompt: str | None = None
-    solver_prompt: str | None = None  # "{question}" is replaced by the question; tiny: the question alone
-    fallback_question: str | None = None  # asked when no question was proposed; tiny: none (reward 0)
+    protocol: str = setting("tiny-calibrated", help="tiny-calibrated | reference (the authors' released "
+                            "train.py); fills every option left unset, see the class doc")
+    # tiny: 40 (calibrated: ~1 min per synth task); reference: unset = one pass over the stage's images (the
+    # paper runs 16180 steps over its whole pool, train.sh)
+    steps_per_task: int | None = setting(None, help="optimisation steps per stage (null: the protocol's; "
+                                         "reference: one pass over the stage's images)")
+    images_per_step: int | None = setting(None, help="images per step (tiny: 8; reference: 1, train.py L929-931)")
+    solver_samples: int = setting(5, help="N answers per question (--num_solver_samples 5, train.sh)")
+    proposer_every: int = setting(5, help="proposer update every k-th step (--proposer_update_freq 5, train.sh; L1015)")
+    question_max_new_tokens: int | None = setting(None, help="question length cap (tiny: 16; reference: 128, L139)")
+    answer_max_new_tokens: int | None = setting(None, help="answer length cap (tiny: 12; reference: 128, L138)")
+    temperature: float = setting(1.0, help="sampling temperature of both roles; log-probs use the same (L136)")
+    learning_rate: float | None = setting(None, help="AdamW per role (tiny: 1e-3, calibrated; reference: 1e-6, L131)")
+    weight_decay: float | None = setting(None, help="AdamW weight decay (tiny: 0, i.e. Adam; reference: 0.01, L132)")
+    max_grad_norm: float = setting(1.0, "(0, inf)", "gradient-norm clip (train.py L133, L607)")
+    kl_estimator: str | None = setting(None, help="k3 (tiny) or full (reference, train.py L590-599)")
+    update: str | None = setting(None, help="batch (tiny) or per-completion (reference, train.py L993-999)")
+    proposer_questions: str | None = setting(None, help="since-last (tiny) or current-step (reference, L1015-1020)")
+    baseline_start: str | None = setting(None, help="first-reward (tiny) or zero (reference, train.py L676-677)")
+    prompt_format: str | None = setting(None, help="plain (tiny) or tags (reference, train.py L301-327, L940-958)")
+    answer_normalization: str | None = setting(None, help="scorer (tiny) or reference (train.py L81-86)")
+    length_cap: str | None = setting(None, help="released (tiny; min(1, .) of train.py L980) or paper (reference: no cap)")
+    solver_gamma: float = setting(rewards.SOLVER_GAMMA, "[0, inf)", "gamma of the solver reward, 0.7 (--solver_soft_gamma)")
+    length_penalty: float = setting(rewards.LENGTH_PENALTY, "[0, inf)", "lambda_len 0.1 (train.py L143)")
+    length_tau_words: float = setting(rewards.LENGTH_TAU_WORDS, help="tau, 6 words (train.py L144)")
+    entropy_target: float = setting(rewards.ENTROPY_TARGET, "[0, inf)", "mu of the proposer reward, 0.9 nats (L148)")
+    entropy_width: float = setting(rewards.ENTROPY_WIDTH, help="sigma of the proposer reward, 0.35 nats (L149)")
+    baseline_decay: float = setting(rewards.BASELINE_DECAY, help="b <- 0.9 b + 0.1 r (train.py L678, L847-851)")
+    kl_target: float = setting(rewards.KL_TARGET, help="KL target of the adaptive beta, 0.02 nats per token (train.sh)")
+    kl_adapt_rate: float = setting(rewards.KL_ADAPT_RATE, "[0, inf)", "adaptation rate of beta, 0.1 (train.sh)")
+    initial_kl_coef: float = setting(1e-3, help="beta at the start of training, per role (train.py L135 kl_coef)")
+    proposer_prompt: str | None = setting(None, help="tiny: the tiny model's pretraining proposal prompt; "
+                                          "reference: the tag protocol (our wording)")
+    solver_prompt: str | None = setting(None, help="{question} is replaced by the question; tiny: the question alone")
+    fallback_question: str | None = setting(None, help="asked when no question was proposed; tiny: none (reward 0)")
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:

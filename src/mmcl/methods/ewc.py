@@ -42,6 +42,7 @@ import torch
 from mmcl.backbones.backbone import IGNORE_INDEX
 from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
+from mmcl.config import setting
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
@@ -66,11 +67,15 @@ class EwcConfig:
     # true Fisher (empirical: 5000 / 4 = 1250). Penalised stage 2: mean penalty 0.156 (old F, 5000) and 0.156
     # (true F, 700). The scale depends on the model, LoRA rank, learning rate, stage length and answer lengths:
     # re-calibrate elsewhere; every stage's mean penalty is written to state.json under "penalty".
-    lambda_: float = 700.0
-    fisher_samples: int = 200  # training samples of the finished task used for the Fisher (fewer if the task has fewer)
-    mode: str = "per_task"  # per_task (Kirkpatrick 2017) | online (Schwarz 2018)
-    gamma: float = 1.0  # online mode: decay of the accumulated Fisher, F <- gamma * F + F_new
-    fisher: str = "true"  # true (answer tokens drawn from the model, the Fisher of the paper) | empirical (the data's)
+    lambda_: float = setting(700.0, help="weight of the penalty lambda_ * sum F (theta - theta*)^2 (calibrated for "
+                             "rank-8 LoRA on the tiny model; re-calibrate elsewhere)")
+    fisher_samples: int = setting(200, help="training samples of the finished task the Fisher is estimated on "
+                                  "(fewer if the task has fewer)")
+    mode: str = setting("per_task", help="per_task: one Fisher/anchor pair per task (Kirkpatrick 2017); "
+                        "online: one accumulated pair (Schwarz 2018)")
+    gamma: float = setting(1.0, help="online mode: decay of the accumulated Fisher, F <- gamma * F + F_new")
+    fisher: str = setting("true", help="true: answer tokens drawn from the model (the paper's Fisher); "
+                          "empirical: the data's answer tokens")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

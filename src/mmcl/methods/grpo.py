@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import torch
 
 from mmcl.streams.stream import Task
-from mmcl.config import TrainingConfig
+from mmcl.config import TrainingConfig, setting
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError
 from mmcl.evaluation.scorers import score_one
@@ -65,27 +65,30 @@ _DEFAULTS = GrpoConfig()
 class GrpoOptions:
     """GRPO, filtering and warm-up options (sources of the GRPO defaults: :class:`GrpoConfig`)."""
 
-    steps: int = _DEFAULTS.steps  # GRPO steps per task
-    epochs: float = 0.0  # if > 0: passes over the kept prompts, overrides steps
-    prompts_per_step: int = _DEFAULTS.prompts_per_step
-    group_size: int = _DEFAULTS.group_size
-    temperature: float = field(default=_DEFAULTS.temperature, metadata={"range": "(0, inf)"})
-    top_p: float = field(default=_DEFAULTS.top_p, metadata={"range": "(0, 1]"})
-    max_new_tokens: int | None = None  # None: the task's own generation budget
-    clip_epsilon: float = field(default=_DEFAULTS.clip_epsilon, metadata={"range": "[0, inf)"})
-    kl_coef: float = field(default=_DEFAULTS.kl_coef, metadata={"range": "[0, inf)"})
-    iterations: int = _DEFAULTS.iterations
-    learning_rate: float = field(default=_DEFAULTS.learning_rate, metadata={"range": "(0, inf)"})
-    lr_scheduler: str = _DEFAULTS.lr_scheduler
-    loss_type: str = _DEFAULTS.loss_type
-    scale_rewards: bool = _DEFAULTS.scale_rewards
-    format_weight: float = field(default=_DEFAULTS.format_weight, metadata={"range": "[0, inf)"})
-    format_max_words: int = 3  # synth answers are one word; a short line allows "two cars"-style answers
-    filter: bool = True  # rollout-based instance filtering (RFT's RIF)
-    filter_rollouts: int = 4  # k rollouts per training instance for filtering
-    drop_all_correct: bool = False  # also drop instances every filtering rollout solved
-    sft_warmup_steps: int = 20  # SFT steps before GRPO on each task (0 = off); see the module doc
-    reference_after_warmup: bool = True  # KL reference = model after the warm-up (False: before the task)
+    steps: int = setting(_DEFAULTS.steps, help="GRPO steps per task")
+    epochs: float = setting(0.0, help="if > 0: passes over the kept prompts, overriding steps")
+    prompts_per_step: int = setting(_DEFAULTS.prompts_per_step, help="prompts per GRPO step")
+    group_size: int = setting(_DEFAULTS.group_size, help="G, completions sampled per prompt (at least 2)")
+    temperature: float = setting(_DEFAULTS.temperature, "(0, inf)", "sampling temperature of the rollouts")
+    top_p: float = setting(_DEFAULTS.top_p, "(0, 1]", "nucleus sampling of the rollouts")
+    max_new_tokens: int | None = setting(None, help="completion length cap (null: the task's own generation budget)")
+    clip_epsilon: float = setting(_DEFAULTS.clip_epsilon, "[0, inf)", "PPO clip range epsilon")
+    kl_coef: float = setting(_DEFAULTS.kl_coef, "[0, inf)", "beta, weight of the KL term to the reference policy")
+    iterations: int = setting(_DEFAULTS.iterations, help="mu, policy updates per batch of rollouts")
+    learning_rate: float = setting(_DEFAULTS.learning_rate, "(0, inf)", "AdamW learning rate of the GRPO phase")
+    lr_scheduler: str = setting(_DEFAULTS.lr_scheduler, help="constant | linear (decay to 0)")
+    loss_type: str = setting(_DEFAULTS.loss_type, help="grpo: token mean per sequence (DeepSeekMath); bnpo: token "
+                             "mean over the batch")
+    scale_rewards: bool = setting(_DEFAULTS.scale_rewards, help="divide advantages by the group's reward std "
+                                  "(false: Dr. GRPO)")
+    format_weight: float = setting(_DEFAULTS.format_weight, "[0, inf)", "reward = accuracy + format_weight x format")
+    # synth answers are one word; a short line allows "two cars"-style answers
+    format_max_words: int = setting(3, help="format reward: at most this many words on one line ending with EOS")
+    filter: bool = setting(True, help="rollout-based instance filtering (RFT's RIF) before GRPO")
+    filter_rollouts: int = setting(4, help="rollouts per training instance for filtering")
+    drop_all_correct: bool = setting(False, help="also drop instances every filtering rollout solved")
+    sft_warmup_steps: int = setting(20, help="SFT steps before GRPO on each task (0 = off, pure RFT); see the module doc")
+    reference_after_warmup: bool = setting(True, help="KL reference = the model after the warm-up (false: before the task)")
 
     def __post_init__(self) -> None:
         if self.filter_rollouts < 1:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from mmcl.backbones.backbone import IGNORE_INDEX
 from mmcl.streams.stream import Task
+from mmcl.config import setting
 from mmcl.errors import ConfigError
 from mmcl.methods.base import register_method
 from mmcl.methods.lora_utils import adapter_tensors, load_adapter_tensors
@@ -58,10 +59,11 @@ class LwfConfig:
     """Distillation strength and temperature; defaults are Li & Hoiem's (TPAMI 2017, Sec. 3: "lambda_o
     = 1", "T = 2", the old-task loss not rescaled by T^2)."""
 
-    temperature: float = 2.0  # softmax temperature T of teacher and student (Li & Hoiem: T = 2)
-    alpha: float = 1.0  # weight lambda_o of the distillation term, loss = CE + alpha * KD (Li & Hoiem: 1)
-    t_squared: bool = False  # scale KD by T^2 as Hinton et al. 2015 (Li & Hoiem: no; mmcl before 2026-12 used T^2 with alpha 0.5)
-    distill_from_base: bool = False  # on the first task, distill from the base model (no teacher otherwise)
+    temperature: float = setting(2.0, help="softmax temperature T of teacher and student (Li & Hoiem: T = 2)")
+    alpha: float = setting(1.0, help="weight of the distillation term, loss = CE + alpha * KD (Li & Hoiem: 1)")
+    # mmcl before 2026-12 used T^2 with alpha 0.5
+    t_squared: bool = setting(False, help="scale KD by T^2 as Hinton et al. 2015 (Li & Hoiem: no)")
+    distill_from_base: bool = setting(False, help="on the first task, distill from the base model (no teacher otherwise)")
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:

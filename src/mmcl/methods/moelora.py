@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from mmcl.config import LoraSettings
+from mmcl.config import LoraSettings, setting
 from mmcl.errors import ConfigError
 from mmcl.methods.base import Method, register_method
 
@@ -50,7 +50,7 @@ class MoeLoraConfig:
     # E, LoRA experts per layer sharing the rank r (r/E each). CoIN (zackschen/CoIN,
     # scripts/LLaVA/Train_MOE/*.sh) uses --expert_num 8 with r = 128 (rank 16 per expert); 4 here keeps
     # rank 2 per expert at the tiny model's r = 8 (8 would leave rank-1 experts). Set 8 to match CoIN.
-    experts: int = 4
+    experts: int = setting(4, help="LoRA experts per layer sharing the rank r (r/experts each; CoIN uses 8)")
 
     def __post_init__(self) -> None:
         if self.experts < 1:

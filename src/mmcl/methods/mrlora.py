@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mmcl.streams.stream import Task
-from mmcl.config import LoraSettings, TrainingConfig
+from mmcl.config import LoraSettings, TrainingConfig, setting
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, MmclError
 from mmcl.methods.base import register_method
@@ -82,20 +82,20 @@ class MrLoraConfig:
     # Routing-set size per task. Repo: the router's data is ``task5Router_train20.json`` with images
     # ``num5sample_images20`` (README "MR-LoRA training and evaluation", scripts/LLaVA/Train_dom_single/
     # 0_train_router.sh): 20 samples of every task.
-    router_samples_per_task: int = 20
+    router_samples_per_task: int = setting(20, help="training samples of each task in the routing set (repo: 20)")
     # Router LoRA rank and alpha; None = the experts'. Repo 0_train_router.sh: ``--lora_r 128 --lora_alpha
     # 256``, the same as the experts.
-    router_rank: int | None = None
-    router_alpha: float | None = None
+    router_rank: int | None = setting(None, help="rank of the router LoRA (null: the experts' lora.rank)")
+    router_alpha: float | None = setting(None, help="alpha of the router LoRA (null: the experts' lora.alpha)")
     # Router training. Repo 0_train_router.sh: 40 epochs (35 for the ability stream,
     # Train_ability_single/0_train_router.sh) at lr 5e-6, batch 4 per GPU x 8 GPUs = 32, cosine schedule,
     # warmup 3%. Ours, calibrated on the shipped tiny-llava and synth-domain (router accuracy 100% on every
     # task's 100 test samples at every stage): 20 epochs at lr 5e-3, batch 8. With 10 epochs stage 5 fell
     # to 96%; with batch 4 training was unstable. Router training still costs more than an expert stage
     # there (20 epochs of 40-100 prompts of ~190 tokens, against a few epochs of 300 prompts of ~60 tokens).
-    router_epochs: float = 20.0
-    router_learning_rate: float = 5e-3
-    router_batch_size: int = 8
+    router_epochs: float = setting(20.0, help="epochs of one router training round (calibrated on tiny-llava; repo: 40)")
+    router_learning_rate: float = setting(5e-3, help="learning rate of router training (calibrated on tiny-llava; repo: 5e-6)")
+    router_batch_size: int = setting(8, help="batch size of router training")
     # "per-stage" protocol: at most this many rounds of ``router_epochs``; a round follows the first only
     # while the router still sends some of its own routing-set samples to a wrong expert. Ours: tasks that
     # share their images and differ only in the question (CoIN's VQAv2 and Grounding) are told apart much
@@ -104,7 +104,8 @@ class MrLoraConfig:
     # image twin's expert. Misrouted prompts are repeated in the next round (see MrLora.train_router).
     # Synth-domain needs one round (100% on its routing set), so it costs nothing there but one routing pass
     # over the routing set per stage. The repo trains a fixed 40 epochs without a check.
-    router_max_rounds: int = 4
+    router_max_rounds: int = setting(4, help="per-stage protocol: at most this many training rounds, repeated while "
+                                     "the router misroutes part of its own routing set")
     # How each expert is described in the router prompt: "line" = the first line of the task's description,
     # "title" = that line's part before its first colon, or all of it if it has none ("Remote sensing: count
     # buildings ..." -> "Remote sensing"), "name" = the task's name. Ours: "title", a short label; the full
@@ -112,7 +113,8 @@ class MrLoraConfig:
     # letter), while at test time it costs little (the prompt prefix is shared, see MrLora.next_token_logits).
     # Repo (ETrain/Eval/LLaVA/CoIN/model_agents_select_lora.py, ROUTING_PROMPT): hand-written
     # one-sentence descriptions of each expert ("A financial expert specializing in ...").
-    router_description: str = "title"
+    router_description: str = setting("title", help="how the router prompt names an expert: line (first line of the "
+                                      "task's description), title (its part before a colon), name (the task's name)")
     # When the router is trained and how it picks an expert (see ROUTER_PROTOCOLS):
     # "per-stage" (ours, the default): after every task from the second on, the router is trained further
     # on the routing sets of all tasks so far, and it picks an expert by comparing the logits of the
@@ -125,13 +127,15 @@ class MrLoraConfig:
     # every task's routing samples, so only the last row of the matrix is an MR-LoRA result: earlier rows
     # are not evaluated (empty answers as placeholders, flagged in the routing report; see
     # MrLora.evaluates_stage).
-    router_protocol: str = "per-stage"
+    router_protocol: str = setting("per-stage", help="per-stage: router trained after every task, letter logits "
+                                   "compared; paper: trained once after the last task, generated answer (MLLM-CL repo)")
     # "paper" protocol only: how many tokens the router may generate. Repo model_agents_select_lora.py:
     # ``--max_new_tokens`` default 16, greedy (``--temperature 0``).
-    router_max_new_tokens: int = 16
+    router_max_new_tokens: int = setting(16, help="paper protocol: tokens the router may generate (repo: 16)")
     # Also score oracle routing in the report (an extra generation for misrouted samples only). Ours: a
     # diagnostic that separates routing errors from expert errors; the paper reports router accuracy apart.
-    oracle_scores: bool = True
+    oracle_scores: bool = setting(True, help="also score oracle routing (each sample answered by its own task's "
+                                  "expert) in the routing report")
 
     def __post_init__(self) -> None:
         if self.router_samples_per_task < 1:

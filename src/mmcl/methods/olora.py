@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from mmcl.streams.stream import Task
+from mmcl.config import setting
 from mmcl.errors import ConfigError
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.lora_utils import (
@@ -49,12 +50,12 @@ class OLoraConfig:
     LLaMA, ``q_proj`` and ``v_proj``; r = 8, alpha 32, dropout 0.1 -- rank, alpha and dropout come from the
     run's ``lora`` settings here)."""
 
-    lambda1: float = 0.5  # weight of the orthogonality penalty sum |A_old A_new^T| (authors' scripts: 0.5)
-    lambda2: float = 0.0  # weight of the L2 (Frobenius norm) penalty on the new adapter's A and B (authors' scripts: 0)
-    # Which linear layers get the adapters when `lora.targets` is not set: "attention-qv" = the query and
-    # value projections of the language model (the authors' LLaMA set-up); "backbone" = the backbone's
-    # default LoRA targets (every language-model linear layer and the projector, as seq-lora).
-    modules: str = "attention-qv"
+    lambda1: float = setting(0.5, help="weight of the orthogonality penalty sum |A_old A_new^T| (authors' scripts: 0.5)")
+    lambda2: float = setting(0.0, help="weight of the L2 (Frobenius norm) penalty on the new adapter's A and B "
+                             "(authors' scripts: 0)")
+    modules: str = setting("attention-qv", help="layers with adapters when lora.targets is not set: attention-qv = "
+                           "the language model's query and value projections (the authors' LLaMA set-up); backbone = "
+                           "the backbone's default LoRA targets (as seq-lora)")
 
     def __post_init__(self) -> None:
         for key in ("lambda1", "lambda2"):

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import torch
 
 from mmcl.streams.stream import Task
+from mmcl.config import setting
 from mmcl.errors import ConfigError
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
@@ -51,8 +52,8 @@ POSITIONS = "positions"  # state group: module name -> flat key positions (saved
 class RegLoraConfig:
     """RegLoRA options (defaults from the paper)."""
 
-    top_ratio: float = 0.02  # share of each module's |B A| entries kept as key positions per task
-    reg_lambda: float = 2.5e3  # weight of the penalty on the new LoRA's update at the key positions
+    top_ratio: float = setting(0.02, help="share of each module's |B A| entries kept as key positions per task")
+    reg_lambda: float = setting(2.5e3, help="weight of the penalty on the new LoRA's update at the key positions")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.top_ratio <= 1.0:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
+from mmcl.config import setting
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
@@ -42,9 +43,10 @@ RESERVOIR_SCHEME = "min-key"  # written to state.json; states without it come fr
 class ReplayConfig:
     """Buffer size and selection rule."""
 
-    ratio: float = 0.1  # share of each task's training samples kept when per_task is not set
-    per_task: int | None = field(default=None, metadata={"range": "[0, inf)"})  # fixed number of samples kept per task (overrides ratio)
-    selection: str = "random"  # random | reservoir
+    ratio: float = setting(0.1, help="share of each task's training samples kept when per_task is not set")
+    per_task: int | None = setting(None, "[0, inf)", "fixed number of samples kept per task (overrides ratio)")
+    selection: str = setting("random", help="random: a draw from each finished task; reservoir: one uniform buffer "
+                             "over every sample seen")
 
     def __post_init__(self) -> None:
         if self.selection not in ("random", "reservoir"):
