@@ -174,3 +174,23 @@ def mean_of_present(values: Sequence[float | None]) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
     present = [value for value in values if value is not None]
     return sum(present) / len(present) if present else None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """The one low-level bytes write (tests inject disk faults here)."""
+    path.write_bytes(data)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _write_bytes(temporary, data)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise
