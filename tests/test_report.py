@@ -185,6 +185,16 @@ def test_format_table() -> None:
     assert joint[4] == "-" * len(joint[0])  # a rule between the matrix and the reference rows
 
 
+def test_format_table_is_never_squeezed() -> None:
+    """A stream of many long task names: the table grows as wide as it needs, no cell is cut."""
+    names = [f"a_rather_long_task_name_{i}" for i in range(30)]
+    tasks = [TaskInfo(name, "", "exact_match", 4, None, None, None) for name in names]
+    wide = make_results(tasks=tasks, matrix=[[50.0] * 30, [60.0] * 30], row_labels=["base", names[0]],
+                        protocols={}, per_task_forgetting=[], examples={})  # fmt: skip
+    header = format_table(wide).splitlines()[0]
+    assert header.split() == ["stage", *names, "avg"] and "…" not in format_table(wide)
+
+
 def test_format_table_shows_the_forgetting_split() -> None:
     summary = {"forgetting": {"total": 20.0, "essential": 5.0, "superficial": 15.0}}
     part = SuperficialPart([], [], [], [], [], summary)

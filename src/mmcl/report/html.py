@@ -3,7 +3,18 @@
 ``{"title", "html"}`` report section is inserted as it is, since it comes from method code).
 
 The report renders each evaluation protocol's part with the template the protocol declares
-(``EvaluationProtocol.template``); a protocol without one (a plugin's) gets its part as a key/value table."""
+(``EvaluationProtocol.template``); a protocol without one (a plugin's) gets its part as a key/value table.
+
+A method's report sections (``Results.method_sections``, from ``Method.report_sections()``) are data:
+
+- ``{"title", "kind": "table", "columns": [...], "rows": [[...], ...], "note"}``: a table (cells as text);
+- ``{"title", "kind": "curves", "x_label", "y_label", "series": {name: [y or None, ...]}, "x": [...],
+  "note", "y_log": bool, "x_marks": [x, ...]}``: one panel of curves drawn as an embedded PNG (``x``
+  optional, default 0, 1, ...; ``y_log`` a log y axis; ``x_marks`` dotted vertical lines, e.g. stage
+  boundaries; both optional);
+- ``{"title", "html"}`` (legacy): HTML inserted as it is.
+
+``note`` is optional; a section of another shape is shown as a line saying why it cannot be."""
 
 from __future__ import annotations
 
@@ -98,7 +109,7 @@ def protocol_views(results: Results) -> list[dict[str, Any]]:
     for name, part in results.protocols.items():
         if part is None:
             continue
-        protocol = PROTOCOLS[name] if name in PROTOCOLS else None
+        protocol = PROTOCOLS.get(name)
         template = getattr(protocol, "template", None)
         views.append({
             "name": name, "title": getattr(protocol, "title", name), "template": template, "part": part,
@@ -168,8 +179,8 @@ def run_facts(results: Results) -> list[tuple[str, str]]:
         ("training time", fmt.duration(timing.train_seconds)),
         ("evaluation time", fmt.duration(timing.eval_seconds)),
         ("total time", fmt.total_time(results)),
-        ("progress", f"{progress.stages_done} of {progress.stages_planned} stages, "
-                     f"{progress.evaluations_done} of {progress.evaluations_planned} evaluations"),
+        ("progress", (f"{progress.stages_done} of {progress.stages_planned} stages, "
+                      f"{progress.evaluations_done} of {progress.evaluations_planned} evaluations")),
         ("config hash", results.config_hash or "n/a"), ("git commit", results.git_commit or "n/a"),
         ("plugins", fmt.plain(plugins) if plugins else "none"),
     ]  # fmt: skip

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from rich import box
 from rich.console import Console, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -31,7 +32,8 @@ from mmcl.utils import mean_of_present
 
 # Header rule and section rules of dashes, no edges: readable in logs and in any encoding.
 RULES = box.Box("    \n    \n -- \n    \n -- \n -- \n    \n    \n", ascii=True)
-MIN_WIDTH = 400  # text lines wrap only beyond this (or beyond the table, if wider)
+MIN_WIDTH = 400  # the console's width at least (wider when a table or a line needs it)
+UNBOUNDED = 1_000_000  # the width a table is measured in
 
 
 def stdout_is_terminal() -> bool:
@@ -61,12 +63,16 @@ def render_text(*parts: RenderableType | str | None, styles: dict[int, str] | No
     """``parts`` (rich renderables, or strings printed as they are) one below the other, as text, each table
     closed by a rule; string part ``i`` in ``styles[i]`` on a terminal. None parts are left out."""
     terminal = stdout_is_terminal()
-    widths = [len(line) for part in parts if isinstance(part, str) for line in part.splitlines()]
     buffer = io.StringIO()
     console = Console(
-        file=buffer, width=max([MIN_WIDTH, *widths]), force_terminal=terminal, no_color=not terminal,
+        file=buffer, width=MIN_WIDTH, force_terminal=terminal, no_color=not terminal,
         color_system="standard" if terminal else None, markup=False, highlight=False, emoji=False,
     )  # fmt: skip
+    unbounded = console.options.update_width(UNBOUNDED)
+    widths = [
+        len(line) for part in parts if isinstance(part, str) for line in part.splitlines()
+    ] + [Measurement.get(console, unbounded, part).maximum for part in parts if part is not None and not isinstance(part, str)]
+    console.width = max([MIN_WIDTH, *widths])  # no table is squeezed, no line wrapped
     for index, part in enumerate(parts):
         if part is None:
             continue
