@@ -114,7 +114,7 @@ def write_plan(
         "backbone": config.backbone.name,
         "seed": config.seed,
         "joint": method.trains_jointly,
-        "reference": bool(getattr(method, "reference", method.trains_jointly)),
+        "reference": method.reference,
         "tasks": [
             {"name": t.name, "description": t.description, "scorer": t.scorer, "max_new_tokens": t.max_new_tokens,
              "chance": chance[t.name], "train_samples": len(t.train_samples), "test_samples": test_counts[t.name]}

@@ -131,6 +131,8 @@ class Method(ABC, Generic[ConfigT]):
     description: ClassVar[str]
     config_class: ClassVar[type] = NoOptions
     trains_jointly: ClassVar[bool] = False  # True: one stage on the union of all tasks (multitask reference)
+    # True: an upper bound drawn as a reference row (joint, experts), not a continual learner to rank
+    reference: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -33,6 +33,7 @@ def adapter_name(task: Task) -> str:
 class TaskExperts(Method[ConfigT]):
     name = "experts"
     description = "A fresh LoRA per task, chosen by the true task identity at test time (oracle upper bound)"
+    reference = True  # an oracle: it knows the task at test time
 
     def init_state(self) -> None:
         self.trained: list[str] = []  # adapter names, in task order

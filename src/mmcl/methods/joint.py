@@ -14,3 +14,4 @@ class JointLora(SequentialLora[NoOptions]):
     name = "joint"
     description = "One LoRA adapter trained on all tasks at once (multitask upper bound, a reference row)"
     trains_jointly = True
+    reference = True

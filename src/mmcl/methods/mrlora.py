@@ -334,6 +334,7 @@ def raw_stage(summary: dict[str, Any]) -> dict[str, Any]:
 @register_method
 class MrLora(TaskExperts[MrLoraConfig]):
     name = "mrlora"
+    reference = False  # routes by a learned router, not by the true task: a continual learner
     description = "MR-LoRA: a fresh LoRA expert per task and a LoRA router (an MLLM prompt) that picks the expert"
 
     def init_state(self) -> None:
