@@ -67,18 +67,27 @@ def test_climb_average_forgetting_golden() -> None:
 
 
 def test_compare_never_uses_the_base_row_as_chance(tmp_path: Path) -> None:
-    """A run without recorded chance scores (made before them) gets no T_F and no T_K."""
-    from mmcl.report.compare import with_climb_metrics
+    """A run without recorded chance scores (made before them) gets no T_K; T_F comes with each run's
+    results (collect_results), never from compare."""
+    from mmcl.report.compare_runs import ComparedRun, with_climb_metrics
+    from mmcl.results import TaskInfo
+    from test_report import make_results
 
-    tasks, base = ["nlvr2", "vcr"], [40.0, 0.0]
-    run = {"method": "seq-lora", "tasks": tasks, "matrix": [base, [80.0, 30.0], [65.0, 70.0]], "metrics": {}}
-    experts = {"method": "experts", "tasks": tasks, "matrix": [base, [90.0, 0.0], [90.0, 65.0]], "metrics": {}}
-    metrics = with_climb_metrics([run, experts])[0]["metrics"]
-    assert "T_F" not in metrics and "T_K" not in metrics
-    chance = {"nlvr2": 50.0, "vcr": 25.0}
-    metrics = with_climb_metrics([{**run, "chance": chance}, {**experts, "chance": chance}])[0]["metrics"]
+    base = [40.0, 0.0]
+
+    def runs(chance: dict[str, float | None]) -> list:
+        tasks = [TaskInfo(name, "", "exact_match", 4, chance[name], None, None) for name in ("nlvr2", "vcr")]
+        made = [
+            make_results(tasks=tasks, row_labels=["base", "nlvr2", "vcr"], matrix=[base, [80.0, 30.0], [65.0, 70.0]],
+                         per_task_forgetting=[15.0, None], metrics={}),
+            make_results(method="experts", reference=True, tasks=tasks, row_labels=["base", "nlvr2", "vcr"],
+                         matrix=[base, [90.0, 0.0], [90.0, 65.0]], per_task_forgetting=[0.0, None], metrics={}),
+        ]  # fmt: skip
+        return [ComparedRun(results, f"dir{i}", None, None, {}, dict(results.metrics)) for i, results in enumerate(made)]
+
+    assert "T_K" not in with_climb_metrics(runs({"nlvr2": None, "vcr": None}))[0].metrics
+    metrics = with_climb_metrics(runs({"nlvr2": 50.0, "vcr": 25.0}))[0].metrics
     transfer = [100 * (80 - 90) / (90 - 50), 100 * (70 - 65) / (65 - 25)]
     assert metrics["T_K"] == pytest.approx(sum(transfer) / 2)
-    assert metrics["T_F"] == pytest.approx(100 * (80 - 65) / (80 - 50))
     # a single-task score at or below chance gives no scale: that task's T_K is left out
     assert climb_knowledge_transfer(70.0, 20.0, 25.0) is None and climb_knowledge_transfer(70.0, 25.0, 25.0) is None

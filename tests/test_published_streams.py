@@ -307,20 +307,22 @@ def test_climb_converts_raw_annotations_to_generative_qa(tmp_path: Path) -> None
 
 
 def test_climb_metrics_normalise_by_single_task_and_chance() -> None:
-    from mmcl.report.compare import with_climb_metrics
+    from mmcl.evaluation.metrics import climb_average_forgetting
+    from mmcl.report.compare_runs import ComparedRun, with_climb_metrics
+    from mmcl.results import TaskInfo
+    from test_report import make_results
 
-    # rows: base, after nlvr2, after vcr; columns: nlvr2, vcr (chance 50 and 25)
-    tasks, base = ["nlvr2", "vcr"], [40.0, 0.0]
-    chance = {task: CLIMB_RANDOM_SCORES[task] for task in tasks}  # as results.json records it
-    run = {"method": "seq-lora", "tasks": tasks, "matrix": [base, [80.0, 30.0], [65.0, 70.0]], "metrics": {},
-           "chance": chance}
-    experts = {"method": "experts", "tasks": tasks, "matrix": [base, [90.0, 0.0], [90.0, 65.0]], "metrics": {},
-               "chance": chance}
-    metrics = with_climb_metrics([run, experts])[0]["metrics"]
+    # rows: base, after nlvr2, after vcr; columns: nlvr2, vcr (chance 50 and 25, as run.json records it)
     assert CLIMB_RANDOM_SCORES["nlvr2"] == 50.0 and CLIMB_RANDOM_SCORES["vcr"] == 25.0
+    tasks = [TaskInfo(name, "", "exact_match", 4, CLIMB_RANDOM_SCORES[name], None, None) for name in ("nlvr2", "vcr")]
+    matrix, single = [[40.0, 0.0], [80.0, 30.0], [65.0, 70.0]], [[40.0, 0.0], [90.0, 0.0], [90.0, 65.0]]
+    made = [make_results(tasks=tasks, row_labels=["base", "nlvr2", "vcr"], matrix=matrix, metrics={}),
+            make_results(method="experts", reference=True, tasks=tasks, row_labels=["base", "nlvr2", "vcr"],
+                         matrix=single, metrics={})]  # fmt: skip
+    runs = [ComparedRun(results, f"dir{i}", None, None, {}, {}) for i, results in enumerate(made)]
     transfer = [100 * (80 - 90) / (90 - 50), 100 * (70 - 65) / (65 - 25)]
-    assert metrics["T_K"] == pytest.approx(sum(transfer) / 2)
-    assert metrics["T_F"] == pytest.approx(100 * (80 - 65) / (80 - 50))
+    assert with_climb_metrics(runs)[0].metrics["T_K"] == pytest.approx(sum(transfer) / 2)
+    assert climb_average_forgetting(matrix, [50.0, 25.0]) == pytest.approx(100 * (80 - 65) / (80 - 50))
 
 
 # ---------------------------------------------------------------------------------------------- errors

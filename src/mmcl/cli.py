@@ -130,11 +130,11 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_compare(args: argparse.Namespace) -> int:
-    from mmcl.report.compare import write_comparison
+    from mmcl.report.compare import compare_runs
 
-    text, csv_path, png_path = write_comparison([Path(d) for d in args.run_dirs], Path(args.out))
-    print(text)
-    print(f"\ntable: {csv_path}\nplot: {png_path}")
+    comparison = compare_runs([Path(d) for d in args.run_dirs], Path(args.out))
+    print(comparison.text)
+    print(f"\ntable: {comparison.csv_path}\nplot: {comparison.png_path}\npage: {comparison.html_path}")
     return 0
 
 
