@@ -149,13 +149,13 @@ def command_list(args: argparse.Namespace) -> int:
     if args.method is not None:
         method = METHODS.lookup(args.method, "--method")
         print(f"{args.method}: {method.description}")
-        print(f"defined by {METHODS.origin(args.method)}")
+        print(f"defined by {_origin_shown(METHODS.origin(args.method))}")
         _print_options(method.config_class, "method.options")
         return 0
     if args.stream is not None:
         spec = STREAMS.lookup(args.stream, "--stream")
         print(f"{args.stream}: {spec.description}")
-        print(f"defined by {STREAMS.origin(args.stream)}")
+        print(f"defined by {_origin_shown(STREAMS.origin(args.stream))}")
         if spec.options_class is not None:
             _print_options(spec.options_class, "stream.options")
         elif spec.defaults:
@@ -177,6 +177,15 @@ def command_list(args: argparse.Namespace) -> int:
             print(f"  {name.ljust(width)}  {description}")
     print("backbones also accept any Hugging Face image-text-to-text hub id or local model directory")
     return 0
+
+
+def _origin_shown(origin: str) -> str:
+    """``module.qualname``; for a plugin file's definition, the file instead of its content-hash module name."""
+    from mmcl.plugins import MODULE_PREFIX
+
+    module, _, qualname = origin.partition(".")
+    source = getattr(sys.modules.get(module), "__file__", None) if module.startswith(MODULE_PREFIX) else None
+    return f"{qualname} in {source}" if source else origin
 
 
 def _type_label(annotation: Any) -> str:
