@@ -381,7 +381,8 @@ def test_run_on_declared_task_files(tmp_path: Path, tiny_stream_config: dict, ca
     run_dir = Path(config["output_dir"])
     plan = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     assert plan["stream"] == "files" and plan["stages"] == ["one"]
-    assert plan["tasks"] == [{"name": "one", "description": "one", "scorer": "yes_no", "max_new_tokens": 3, "chance": 50.0}]
+    assert plan["tasks"] == [{"name": "one", "description": "one", "scorer": "yes_no", "max_new_tokens": 3, "chance": 50.0,
+                             "train_samples": 4, "test_samples": 3}]
     results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     assert results["row_labels"] == ["base", "one"] and [task["scorer"] for task in results["tasks"]] == ["yes_no"]
     lines = (run_dir / "predictions" / "1_one" / "one.jsonl").read_text(encoding="utf-8").splitlines()
