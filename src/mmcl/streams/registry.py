@@ -45,6 +45,7 @@ register_stream(
         name="synth-domain",
         description="Five procedurally drawn domains (aerial map, scan, road, diagram, chart) in MLLM-CL's domain order",
         build=_synth_domain,
+        defaults=SYNTH_DOMAIN_DEFAULTS,
     )
 )
 

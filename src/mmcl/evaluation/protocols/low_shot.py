@@ -88,7 +88,7 @@ class LowShotTransfer(EvaluationProtocol):
                 f"(after stage {row.name}), so there is no model to fine-tune on the low-shot samples; set "
                 "evaluation.low_shot.shots=0 for this method"
             )
-        tensors = {name: tensor.detach().clone() for name, tensor in method.state_tensors().items()}
+        tensors = {name: tensor.detach().clone() for name, tensor in method.saved_tensors().items()}
         state = json.loads(json.dumps(method.state_json()))
         config = run.config
         shots = low_shot_samples(task, self.settings.shots, config.seed)
@@ -98,7 +98,7 @@ class LowShotTransfer(EvaluationProtocol):
         started = time.perf_counter()
         answers = run.answers(row.index, task, samples, config.evaluation.max_new_tokens or task.max_new_tokens)
         method.load_state_json(state)
-        method.load_state_tensors(tensors)
+        method.restore_tensors(tensors)
         if run.is_main():
             score = write_predictions(out_file, samples, answers, task.scorer, time.perf_counter() - started)
             run.log(f"  low-shot [{row.name}] {task.name} after {len(shots)} samples: {score:.1f}")
