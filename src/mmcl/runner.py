@@ -30,7 +30,7 @@ from mmcl.evaluation.protocols.general import GeneralAbility
 from mmcl.evaluation.protocols.low_shot import LowShotTransfer
 from mmcl.evaluation.protocols.matrix import AccuracyMatrix
 from mmcl.evaluation.protocols.superficial import SuperficialProbes
-from mmcl.layout import RunLayout
+from mmcl.layout import RunLayout, row_name
 from mmcl.lock import RunLock
 from mmcl.methods import METHODS, Method
 from mmcl.run_dir import claim_run_dir, reconcile_data
@@ -275,6 +275,7 @@ class ContinualRun:
             self.method.before_task(position, task)
             samples.extend(self.method.train_data(position, task, task.train_samples))
         self.log(f"stage {index}/{len(self.stages)} [{label}]: training on {len(samples)} samples")
+        self.method.stage_name = row_name(index, label)  # names the stage's training curves (TensorBoard)
         metrics = self.method.train(samples, self.config.training, work_dir / "trainer", seed=self.config.seed + index)
         for task in stage_tasks:
             self.method.after_task(self.tasks.index(task), task)
