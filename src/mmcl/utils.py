@@ -13,7 +13,7 @@ import random
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from mmcl.errors import OutputError
 
@@ -91,19 +91,23 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temp file in ``path``'s folder, then rename it to ``path`` (a crash leaves no half file)."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _write_text(temporary, text)
+            write(temporary)
             os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
             raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    _atomic_write(Path(path), lambda temporary: _write_text(temporary, text))
 
 
 def save_tensors(tensors: dict, path: Path | str) -> None:
@@ -183,14 +187,4 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _write_bytes(temporary, data)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
-            raise
+    _atomic_write(Path(path), lambda temporary: _write_bytes(temporary, data))
