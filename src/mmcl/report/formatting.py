@@ -66,6 +66,7 @@ def number(value: Any, signed: bool = False, null: str = "-") -> str:
     value = finite(value)
     if value is None:
         return null
+    value = round(value, 1) + 0.0  # a value that rounds to zero shows as 0.0, never -0.0
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
