@@ -29,7 +29,8 @@ from mmcl.streams.registry import SYNTH_DOMAIN_DEFAULTS
 from mmcl.streams.stream import StreamConfig, build_stream
 from mmcl.config import LoraSettings
 from mmcl.methods.experts import adapter_name
-from mmcl.methods.mrlora import DESCRIPTION_MODES, ROUTER, MrLora, MrLoraConfig, router_prompt
+from mmcl.methods.mrlora import MrLora
+from mmcl.methods.mrlora_router import DESCRIPTION_MODES, ROUTER, MrLoraConfig, router_prompt
 
 
 def batches(samples, size):
@@ -55,7 +56,8 @@ def main() -> int:
     backbone = load_backbone(args.backbone, device="cpu" if not torch.cuda.is_available() else "auto")
 
     method = MrLora(MrLoraConfig(router_description=args.router_description, oracle_scores=False), LoraSettings(), 0)
-    method.setup(backbone, tasks)
+    method.setup(backbone)
+    method.see_tasks(tasks, len(tasks))
     for index, task in enumerate(tasks):
         method.before_task(index, task)  # adds the task's expert adapter (freshly initialised)
         method.trained.append(adapter_name(task))

@@ -49,7 +49,8 @@ def main() -> int:
         batch = backbone.collate([backbone.encode_for_training(s) for s in tasks[0].train_samples[: args.batch_size]])
 
     method = RegLora(RegLoraConfig(top_ratio=args.top_ratio), LoraSettings(), seed=0)
-    method.setup(backbone, tasks)
+    method.setup(backbone)
+    method.see_tasks(tasks, len(tasks))
     model = backbone.model
 
     def randomise_B() -> None:

@@ -128,10 +128,11 @@ def tasks(stream_cache_dir: Path):
 
 
 def set_up_on_tiny(method, model_dir: Path, tasks):
-    """``method`` set up on a freshly loaded copy of the tiny model (CPU)."""
+    """``method`` set up on a freshly loaded copy of the tiny model (CPU), shown all of ``tasks``."""
     from mmcl.backbones.registry import load_backbone
 
-    method.setup(load_backbone(str(model_dir), device="cpu"), tasks)
+    method.setup(load_backbone(str(model_dir), device="cpu"))
+    method.see_tasks(tasks, len(tasks))
     return method
 
 

@@ -75,7 +75,7 @@ def test_seq_full_freezes_the_vision_encoder_only(arch: str, model_dirs: dict[st
 
     backbone = load_backbone(str(model_dirs[arch]), device="cpu")
     method = SequentialFullFineTuning(NoOptions(), LoraSettings(), seed=0)
-    method.setup(backbone, [])
+    method.setup(backbone)
     parameters = dict(backbone.model.named_parameters())
     parts = part_parameter_names(backbone.model)
     assert parts["vision_encoder"] and not any(parameters[n].requires_grad for n in parts["vision_encoder"])

@@ -21,7 +21,7 @@ from mmcl.cli import main
 from mmcl.config import TrainingConfig
 from mmcl.errors import ConfigError
 from mmcl.methods.base import LoraSettings
-from mmcl.methods import evolmm
+from mmcl.methods import evolmm_update
 from mmcl.methods.evolmm import PROPOSER, SOLVER, Evolmm, EvolmmConfig, exact_kl, k3_kl, role_update
 from mmcl.training.evolmm_rewards import (
     adaptive_kl_coefficient,
@@ -191,7 +191,13 @@ def test_one_stage_trains_both_roles_without_reading_a_label(tiny_model_dir: Pat
     test = tasks[0].test_samples[:4]
     assert copy.generate(test, tasks[0], 6) == method.generate(test, tasks[0], 6)
     sections = method.report_sections()
-    assert sections[0]["title"] == "EvoLMM self-evolution" and "data:image/png;base64," in sections[0]["html"]
+    assert [s["kind"] for s in sections] == ["curves", "curves", "curves", "table", "table"]
+    rewards_panel, _, beta_panel, stage_table, examples = sections
+    assert rewards_panel["title"] == "EvoLMM self-evolution: rewards" and not rewards_panel["y_log"]
+    assert beta_panel["y_log"] and rewards_panel["x"] == [r["step"] for r in method.step_log]
+    assert all(len(values) == len(rewards_panel["x"]) for values in rewards_panel["series"].values())
+    assert len(stage_table["rows"]) == method.stage and len(stage_table["rows"][0]) == len(stage_table["columns"])
+    assert len(examples["rows"]) == sum(len(e["pairs"]) for e in method.examples)
 
 
 def evolmm_run_config(model_dir: Path, cache_dir: Path, path: Path, out: Path, options: dict) -> Path:
@@ -332,7 +338,7 @@ def test_reference_update_steps_once_per_completion_with_baseline_and_beta_in_be
     model = _StubModel()
     backbone = type("StubBackbone", (), {"model": model, "device": torch.device("cpu")})()
     theta = torch.tensor([0.0, math.log(2.0), 0.0], requires_grad=True)  # pi = (1/4, 1/2, 1/4)
-    monkeypatch.setattr(evolmm, "completion_scores", _stub_scores(theta, model))
+    monkeypatch.setattr(evolmm_update, "completion_scores", _stub_scores(theta, model))
     options = EvolmmConfig(protocol="reference")
     state = options.initial_role_state()
     seen = []  # (baseline, beta) when each optimizer step happens

@@ -183,7 +183,8 @@ def _method(model_dir: Path, tasks, **options) -> Ewc:
     from mmcl.backbones.registry import load_backbone
 
     method = Ewc(EwcConfig(**options), LoraSettings(rank=4, alpha=8.0), seed=0)
-    method.setup(load_backbone(str(model_dir), device="cpu"), tasks)
+    method.setup(load_backbone(str(model_dir), device="cpu"))
+    method.see_tasks(tasks, len(tasks))
     return method
 
 

@@ -14,7 +14,7 @@ from conftest import make_stream_config, set_up_on_tiny, write_config
 from mmcl.config import LoraSettings
 from mmcl.errors import ConfigError
 from mmcl.methods.base import METHODS
-from mmcl.methods.grpo import Grpo, GrpoOptions, is_short_answer, sparkline, summarise
+from mmcl.methods.grpo import Grpo, GrpoOptions, is_short_answer, reward_curves, stage_table, summarise
 from mmcl.training.grpo import (
     RewardParts,
     StepLog,
@@ -110,7 +110,21 @@ def test_report_helpers():
     assert summary["reward_first"] == pytest.approx(0.3) and summary["reward_last"] == pytest.approx(0.8)
     assert summary["steps"] == 10 and len(summary["reward_curve"]) == 10
     assert summarise([]) == {"steps": 0}
-    assert sparkline([0.0, 1.0, 0.5]).startswith("<svg") and sparkline([1.0]) == ""
+    records = [
+        {"tasks": ["a"], "train_samples": 4, "sft_warmup_steps": 0, "kept": 3, "kept_share": 0.75, **summary},
+        {"tasks": ["b"], "train_samples": 4, "sft_warmup_steps": 2, "kl_reference": "after warm-up", "steps": 0},
+        {"tasks": ["c"], "train_samples": 4, "sft_warmup_steps": 0, **summarise(history[:3])},
+    ]
+    table = stage_table(records)
+    assert table["kind"] == "table" and len(table["rows"]) == 3 and len(table["columns"]) == len(table["rows"][0])
+    assert table["rows"][0][3] == "3/4 (75%)" and table["rows"][0][5] == "0.300 → 0.800"
+    assert table["rows"][1][2] == "SFT 2 steps (KL reference: model after warm-up)" and table["rows"][1][5] == "- → -"
+    (curves,) = reward_curves(records)
+    assert curves["kind"] == "curves" and curves["x"] == list(range(1, 14)) and curves["x_marks"] == [10.5]
+    first, empty, last = curves["series"].values()
+    assert first[:10] == summary["reward_curve"] and first[10:] == [None] * 3 and set(empty) == {None}
+    assert last == [None] * 10 + [round(0.1 * i, 4) for i in range(1, 4)]
+    assert reward_curves(records[1:2]) == []
 
 
 # -- (3) rollouts on the tiny model ------------------------------------------------------------------------
@@ -308,4 +322,6 @@ def test_grpo_trains_the_adapter_against_the_right_reference(tiny_model_dir, tas
     after = trainable_snapshot(method.backbone.model)
     assert any(not torch.equal(after[k], seen["at_grpo_start"][k]) for k in after)  # GRPO moved the adapter
     assert method.reference is None  # released after the stage
-    assert method.report_sections()[0]["html"].count("<tr>") == 2  # header + one stage
+    table, curves = method.report_sections()
+    assert table["kind"] == "table" and len(table["rows"]) == 1  # one stage
+    assert curves["kind"] == "curves" and len(curves["x"]) == 2 and curves["x_marks"] == []

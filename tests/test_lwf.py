@@ -101,7 +101,8 @@ def _method(tiny_model_dir: Path, tasks, **options) -> LearningWithoutForgetting
 
     backbone = load_backbone(str(tiny_model_dir), device="cpu")
     method = LearningWithoutForgetting(LwfConfig(**options), LoraSettings(rank=4), seed=0)
-    method.setup(backbone, tasks)
+    method.setup(backbone)
+    method.see_tasks(tasks, len(tasks))
     return method
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import eval_logits, set_up_on_tiny
 import mmcl.methods.moelora  # noqa: F401  (registers "moelora")
-from mmcl.errors import ConfigError
+from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import METHODS, LoraSettings
 from mmcl.methods.moelora import MoeLora, MoeLoraConfig, MoeLoraLinear, moe_layers, wrap_linear_layers
 
@@ -161,7 +161,7 @@ def test_state_round_trip_and_generate(tiny_model_dir: Path, tasks, tmp_path: Pa
     answers = fresh.generate(samples, tasks[1], 4)
     assert len(answers) == 3 and answers == method.generate(samples, tasks[1], 4)
 
-    with pytest.raises(RuntimeError, match="missing keys"):
+    with pytest.raises(RunDirError, match="missing keys"):
         fresh.load_state_tensors({k: v for k, v in list(saved.items())[1:]})
 
 

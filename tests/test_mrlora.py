@@ -15,8 +15,8 @@ import mmcl.methods.mrlora  # noqa: F401  (registers "mrlora")
 from mmcl.data.sample import Sample
 from mmcl.methods.base import LoraSettings
 from mmcl.methods.lora_utils import adapter_tensors
-from mmcl.methods.mrlora import (
-    MrLora,
+from mmcl.methods.mrlora import MrLora
+from mmcl.methods.mrlora_router import (
     MrLoraConfig,
     choose_experts,
     common_prefix_length,
@@ -24,11 +24,10 @@ from mmcl.methods.mrlora import (
     generate_grouped,
     group_by_expert,
     letter_token_ids,
-    raw_stage,
     read_router_answer,
     router_prompt,
-    summarize_stage,
 )
+from mmcl.methods.mrlora_stats import new_entry, raw_stage, routing_sections, summarize_stage
 
 
 def sample(index: int, task: str = "t", prompt: str = "<image>\nHow many bars?") -> Sample:
@@ -262,6 +261,35 @@ def test_routing_report(two_tasks, tasks):
     assert report["stages"]["1_rs"]["experts"] == ["rs"]
     assert report["stages"]["1_rs"]["router_accuracy"] == 100.0
     assert "0_base" in report["stages"]
+
+    overview, *details = method.report_sections()  # data only: tables
+    assert overview["title"] == "MR-LoRA routing" and overview["kind"] == "table"
+    assert [row[0] for row in overview["rows"]] == list(report["stages"]) and overview["note"] == report["protocol_note"]
+    after_two = next(section for section in details if "after stage 2_med" in section["title"])
+    assert after_two["kind"] == "table" and f"router accuracy {stage['router_accuracy']:.1f}%" in after_two["title"]
+    assert after_two["columns"] == ["true task \\ expert", "rs", "med", "router acc.", "score", "oracle score"]
+    assert [row[0] for row in after_two["rows"]] == ["rs", "med", "ad"]
+    assert after_two["rows"][0][1:3] == [str(n) for n in confusion["counts"][0]] and after_two["rows"][2][3:] == [
+        "-", f"{stage['tasks']['ad']['score']:.1f}", "-"]  # fmt: skip
+    assert all(len(row) == len(section["columns"]) for section in details for row in section["rows"])
+
+
+def test_routing_sections_mark_the_stages_a_protocol_does_not_evaluate():
+    skipped = new_entry()
+    skipped.update(n=2, routed={"not-evaluated": 2})
+    last = new_entry()
+    last.update(n=2, routed={"a": 1, "b": 1}, score_sum=1.0, score_n=2, fallback=1)
+    stages = {
+        "1_a": summarize_stage({"experts": ["a"], "evaluated": False, "tasks": {"a": skipped}}),
+        "2_b": summarize_stage({"experts": ["a", "b"], "evaluated": True, "tasks": {"a": last}}),
+    }
+    report = {"protocol": "paper", "protocol_note": "Paper protocol.", "stages": stages}
+    overview, final = routing_sections(report)
+    assert overview["rows"] == [["1_a", "not evaluated", "-"], ["2_b", "50.0", "1"]]
+    assert "not evaluated" in overview["note"] and "'paper'" in overview["note"]
+    assert final["title"] == "MR-LoRA routing after stage 2_b: router accuracy 50.0%"
+    assert final["rows"] == [["a", "1", "1", "50.0", "50.0", "-"]] and "1 illegal router answers" in final["note"]
+    assert routing_sections({**report, "stages": {}}) == []
 
 
 def test_state_round_trip(two_tasks, tiny_model_dir: Path, tasks, tmp_path: Path):

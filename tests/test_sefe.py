@@ -185,7 +185,8 @@ def test_reglora_merges_and_resets(tiny_model_dir: Path, stream_cache_dir: Path,
         Path.cwd(),
     )
     method = RegLora(RegLoraConfig(), LoraSettings(rank=4, alpha=8.0), seed=0)
-    method.setup(load_backbone(str(tiny_model_dir), device="cpu"), tasks)
+    method.setup(load_backbone(str(tiny_model_dir), device="cpu"))
+    method.see_tasks(tasks, len(tasks))
     model = method.backbone.model
     assert method.extra_loss(model, {}, None) is None  # first task: no penalty
     with torch.no_grad():  # pretend training moved the LoRA
@@ -217,13 +218,15 @@ def test_reglora_merges_and_resets(tiny_model_dir: Path, stream_cache_dir: Path,
     ]).mean() * 2.5e3  # fmt: skip
     torch.testing.assert_close(method.extra_loss(model, {}, None), expected)
     method._fresh_lora()
-    state = method.state_tensors()
-    assert all(v.dtype == torch.int32 for k, v in state.items() if k.startswith("positions::"))
+    state = method.saved_tensors()  # flat, as saved: "positions::<module>", "task0::<module>::A", ...
+    positions = [v for k, v in state.items() if k.startswith("positions::")]
+    assert len(positions) == len(method._layers) and all(v.dtype == torch.int32 for v in positions)
 
     fresh = RegLora(RegLoraConfig(), LoraSettings(rank=4, alpha=8.0), seed=0)
-    fresh.setup(load_backbone(str(tiny_model_dir), device="cpu"), tasks)
+    fresh.setup(load_backbone(str(tiny_model_dir), device="cpu"))
+    fresh.see_tasks(tasks, len(tasks))
     fresh.load_state_json(method.state_json())
-    fresh.load_state_tensors(state)
+    fresh.restore_tensors(state)
     assert torch.equal(logits(fresh), logits(method))
     for (name, a), b in zip(method.backbone.model.state_dict().items(), fresh.backbone.model.state_dict().values()):
         assert torch.equal(a, b), name

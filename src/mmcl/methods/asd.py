@@ -45,7 +45,7 @@ def diversify(
     type (``metadata["qtype"]``, ``""`` when absent) to a list; default: the content answers of
     ``samples`` per question type. A sample with no fitting style is left as it is."""
     if not 0.0 <= share <= 1.0:
-        raise ValueError(f"ASD share must be in [0, 1], got {share}")
+        raise ConfigError(f"ASD share must be in [0, 1], got {share}")
     samples = list(samples)
     if vocabulary is None:
         vocabulary = answer_vocabulary(samples)
@@ -97,10 +97,18 @@ def asd_train_data(config: AsdConfig, seed: int, task: Task, samples: Sequence[S
     return diversify(samples, config.share, seed=f"{seed}/{task.name}")
 
 
-@register_method
-class AnswerStyleDiversification(SequentialLora[AsdConfig]):
-    name = "asd"
-    description = "Sequential LoRA on ASD data: a share of each task rewritten into other answer styles (SEFE)"
+class AsdTrainData:
+    """Mixin for a method whose options are (or extend) :class:`AsdConfig`: it trains on ASD data
+    (:func:`asd_train_data`). Put it before the method's base class (``asd``, ``sefe``)."""
+
+    config: AsdConfig
+    seed: int
 
     def train_data(self, task_index: int, task: Task, samples: Sequence[Sample]) -> list[Sample]:
         return asd_train_data(self.config, self.seed, task, samples)
+
+
+@register_method
+class AnswerStyleDiversification(AsdTrainData, SequentialLora[AsdConfig]):
+    name = "asd"
+    description = "Sequential LoRA on ASD data: a share of each task rewritten into other answer styles (SEFE)"

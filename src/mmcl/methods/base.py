@@ -11,7 +11,6 @@ returned by ``state_tensors`` (nested dicts of tensors, saved as safetensors) an
 
 from __future__ import annotations
 
-import functools
 import typing
 from abc import ABC
 from collections.abc import Mapping
@@ -107,20 +106,6 @@ def _config_type(cls: type) -> type | None:
     return None
 
 
-def _stream_compatible(setup):
-    """Let ``setup(backbone, tasks)`` (the contract before ``see_tasks``) keep working: the tasks are
-    shown with ``see_tasks(tasks, len(tasks))`` before the override runs."""
-
-    @functools.wraps(setup)
-    def wrapper(self, backbone, tasks=None):
-        if tasks is not None:
-            self.see_tasks(tasks, len(tasks))
-        return setup(self, backbone)
-
-    wrapper.__wrapped_setup__ = True
-    return wrapper
-
-
 class Method(ABC, Generic[ConfigT]):
     """Base class: sequential training with no protection against forgetting unless hooks add it.
 
@@ -140,15 +125,13 @@ class Method(ABC, Generic[ConfigT]):
             derived = _config_type(cls)
             if derived is not None:
                 cls.config_class = derived
-        setup = cls.__dict__.get("setup")
-        if setup is not None and not getattr(setup, "__wrapped_setup__", False):
-            cls.setup = _stream_compatible(setup)
 
     def __init__(self, config: ConfigT, lora: LoraSettings, seed: int):
         self.config: ConfigT = config
         self.lora = lora
         self.seed = seed
         self.log_dir: Path | None = None  # set by the runner: where per-step training scalars go (TensorBoard)
+        self.stage_name = "stage"  # set by the runner before ``train``: the stage's name, e.g. "2_med"
         self.backbone: Backbone | None = None
         self.tasks: list[Task] = []  # the tasks learned so far and the current one (see_tasks)
         self.n_tasks = 0  # how many tasks the stream has (a count: the later tasks stay unseen)
@@ -189,7 +172,16 @@ class Method(ABC, Generic[ConfigT]):
         from mmcl.training.sft import train_on_samples
 
         assert self.backbone is not None
-        return train_on_samples(self.backbone, samples, config, work_dir, seed=seed, extra_loss=self.extra_loss)
+        return train_on_samples(
+            self.backbone, samples, config, work_dir, seed=seed, extra_loss=self.extra_loss, log_dir=self.sft_log_dir()
+        )
+
+    def sft_log_dir(self, part: str = "sft") -> Path | None:
+        """Where a supervised training of the current stage writes its TensorBoard curves:
+        ``<log_dir>/<part>/<stage name>`` (e.g. ``tensorboard/sft/2_med``), None when nothing is logged."""
+        if self.log_dir is None:
+            return None
+        return self.log_dir / part / self.stage_name
 
     def after_task(self, task_index: int, task: Task) -> None:
         """Called after training on ``task`` (statistics, experts, routers)."""
@@ -213,8 +205,12 @@ class Method(ABC, Generic[ConfigT]):
     def load_evaluation_summary(self, summary: dict[str, Any]) -> None:
         """Restore what ``evaluation_summary`` returned when a run is resumed."""
 
-    def report_sections(self) -> list[dict[str, str]]:
-        """Extra report sections ``{"title", "html"}`` rendered from the evaluation summary."""
+    def report_sections(self) -> list[dict[str, Any]]:
+        """Extra report sections built from the evaluation summary, as data (never HTML): tables
+        ``{"title", "kind": "table", "columns", "rows", "note"}`` and panels of curves ``{"title",
+        "kind": "curves", "x_label", "y_label", "series": {name: [y or None, ...]}, "x", "note", "y_log",
+        "x_marks"}`` (see :mod:`mmcl.report.html`, which draws them; a method imports nothing from
+        ``mmcl.report``)."""
         return []
 
     # -- state -------------------------------------------------------------------------------
@@ -245,8 +241,6 @@ class Method(ABC, Generic[ConfigT]):
     def load_state_json(self, state: dict[str, Any]) -> None:
         """Restore what ``state_json`` returned."""
 
-
-Method.setup = _stream_compatible(Method.setup)
 
 METHODS: Registry[type[Method]] = Registry("method")
 

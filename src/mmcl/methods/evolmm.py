@@ -13,14 +13,14 @@ Two protocols (``method.options.protocol``, see :class:`EvolmmConfig`): ``tiny-c
 batched updates, k3 KL, sizes calibrated for the tiny CPU backbone) and ``reference`` (the authors'
 released ``src/train.py``: exact full-vocabulary KL, one AdamW step per completion with the baseline
 and beta updated in between, the ``<question>``/``<answer>`` tag protocol, lr 1e-6, weight decay 0.01).
+
+The update of a role is in :mod:`mmcl.methods.evolmm_update`, the loop's other pieces (role state, image
+order, prompts, stage metrics, the report's data) in :mod:`mmcl.methods.evolmm_parts`.
 """
 
 from __future__ import annotations
 
-import base64
-import random
 from dataclasses import asdict, dataclass
-from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,18 +28,32 @@ import torch
 
 from mmcl.streams.stream import Task
 from mmcl.config import TrainingConfig, setting
-from mmcl.data.sample import IMAGE_PLACEHOLDER, Sample
+from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError
 from mmcl.methods.base import Method, register_method
+from mmcl.methods.evolmm_parts import (
+    ImageItem,
+    RoleState,
+    curve_sections,
+    examples_table,
+    image_cycle,
+    proposal_prompt,
+    question_prompt,
+    question_text,
+    stage_metrics,
+    stage_table,
+)
+from mmcl.methods.evolmm_update import exact_kl, k3_kl, role_update  # noqa: F401  (the KL estimators, re-exported)
 from mmcl.methods.lora_utils import (
+    adapter_parameter_count,
     adapter_part,
     add_lora,
+    ensure_adapter,
     load_adapter_tensors,
-    lora_config,
     named_adapters_tensors,
 )
 from mmcl.training import evolmm_rewards as rewards
-from mmcl.training.rollouts import Rollout, completion_logprobs, placeholder_token_ids, sample_rollouts
+from mmcl.training.rollouts import Rollout, sample_rollouts
 from mmcl.training.scalars import write_scalars
 
 PROPOSER, SOLVER = "proposer", "solver"
@@ -92,7 +106,6 @@ CHOICES = {
     "answer_normalization": tuple(rewards.NORMALIZERS),
     "length_cap": ("released", "paper"),
 }
-
 
 @dataclass
 class EvolmmConfig:
@@ -204,153 +217,8 @@ class EvolmmConfig:
         if "{question}" not in self.solver_prompt:
             raise ConfigError("method.options.solver_prompt: must contain {question}")
 
-    def initial_role_state(self) -> "RoleState":
+    def initial_role_state(self) -> RoleState:
         return RoleState(baseline=0.0 if self.baseline_start == "zero" else None, beta=self.initial_kl_coef)
-
-
-@dataclass
-class RoleState:
-    """What a role carries from step to step and stage to stage."""
-
-    baseline: float | None = None  # EMA of the mean reward; None until the first update
-    beta: float = 1e-3  # adaptive KL coefficient
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """The only things training takes from a sample: its id, its task name (for error messages) and images."""
-
-    id: str
-    task: str
-    images: tuple[Path, ...]
-
-
-def exact_kl(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """KL(pi || ref) = sum_v pi(v) (log pi(v) - log ref(v)) over the last axis, from two
-    log-distributions [..., V] (the reference's per-token KL, train.py L590-598)."""
-    return (policy.exp() * (policy - reference)).sum(dim=-1)
-
-
-def k3_kl(logprobs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """The k3 estimate exp(ref - logp) - (ref - logp) - 1 of KL(pi || ref) from the sampled token's
-    log-probs under both (non-negative, unbiased)."""
-    delta = reference - logprobs
-    return torch.exp(delta) - delta - 1.0
-
-
-def completion_scores(
-    backbone, rollouts: Sequence[Rollout], temperature: float, full: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(logprobs [B, L], mask [B, L], full [B, L, V'] or None): the sampled tokens' log-probs as
-    :func:`completion_logprobs` computes them and, with ``full``, the whole next-token log-distribution
-    at each completion position (over the vocabulary minus the image placeholders, which are never
-    sampled). The full rows come from the logits of that same forward pass (caught by a forward
-    hook), so they follow whatever inputs and position ids the shared scorer uses; their values at
-    the sampled ids are checked against ``logprobs``."""
-    if not full:
-        logprobs, mask = completion_logprobs(backbone, rollouts, temperature)
-        return logprobs, mask, None
-    caught: list[torch.Tensor] = []
-    handle = backbone.model.register_forward_hook(lambda module, args, output: caught.append(output.logits))
-    try:
-        logprobs, mask = completion_logprobs(backbone, rollouts, temperature)
-    finally:
-        handle.remove()
-    if not caught:
-        raise RuntimeError("evolmm: completion_logprobs did not call backbone.model; no logits for the full KL")
-    width = mask.shape[1]
-    # the completion ends every row and the logit at position p predicts token p + 1
-    logits = caught[-1][:, -(width + 1) : -1, :].float() / temperature
-    vocabulary = logits.shape[-1]
-    suppressed = set(placeholder_token_ids(backbone))
-    keep = torch.tensor([v for v in range(vocabulary) if v not in suppressed], device=logits.device)
-    full_logprobs = torch.log_softmax(logits.index_select(-1, keep), dim=-1)
-    column = torch.full((vocabulary,), -1, dtype=torch.long, device=logits.device)
-    column[keep] = torch.arange(keep.numel(), device=logits.device)
-    ids = torch.zeros_like(mask)
-    for row, rollout in enumerate(rollouts):
-        ids[row, : rollout.completion_ids.numel()] = rollout.completion_ids.to(ids.device)
-    at_ids = full_logprobs.gather(-1, column[ids].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    real = mask.bool()
-    if not torch.allclose(at_ids[real].detach(), logprobs[real].detach(), atol=1e-4, rtol=1e-4):
-        raise RuntimeError("evolmm: full-vocabulary scores disagree with completion_logprobs (layout changed?)")
-    return logprobs, mask, full_logprobs
-
-
-def policy_update(
-    backbone,
-    role: str,
-    rollouts: Sequence[Rollout],
-    role_rewards: Sequence[float],
-    state: RoleState,
-    optimizer: torch.optim.Optimizer,
-    options: EvolmmConfig,
-) -> dict[str, Any]:
-    """One REINFORCE step of ``role``'s adapter on ``rollouts``: token-mean of -(r - b) log pi(token)
-    plus beta times the token-mean KL to the adapter-free backbone, KL_t either the k3 estimator
-    exp(ref - logp) - (ref - logp) - 1 on the sampled token (non-negative, unbiased) or the exact
-    sum_v pi(v) (log pi(v) - log ref(v)) (``options.kl_estimator``). Then b and beta are updated with
-    the step's mean reward and KL."""
-    model = backbone.model
-    model.set_adapter(role)  # the only active and trainable adapter
-    full = options.kl_estimator == "full"
-    reward_mean = sum(role_rewards) / len(role_rewards)
-    baseline = reward_mean if state.baseline is None else state.baseline
-    advantages = torch.tensor([r - baseline for r in role_rewards], dtype=torch.float32, device=backbone.device)
-    with torch.no_grad(), model.disable_adapter():
-        reference, _, reference_full = completion_scores(backbone, rollouts, options.temperature, full)
-    logprobs, mask, policy_full = completion_scores(backbone, rollouts, options.temperature, full)
-    mask = mask.to(logprobs.dtype)
-    tokens = mask.sum().clamp(min=1.0)
-    if full:
-        kl_per_token = exact_kl(policy_full, reference_full)
-    else:
-        kl_per_token = k3_kl(logprobs, reference)
-    kl = (kl_per_token * mask).sum() / tokens
-    policy_loss = -(advantages[:, None] * logprobs * mask).sum() / tokens
-    beta = state.beta
-    loss = policy_loss + beta * kl
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
-    optimizer.step()
-    kl_value = float(kl.detach())
-    state.baseline = rewards.ema_baseline(state.baseline, reward_mean, options.baseline_decay)
-    state.beta = rewards.adaptive_kl_coefficient(beta, kl_value, options.kl_target, options.kl_adapt_rate)
-    return {"reward": reward_mean, "kl": kl_value, "beta": beta, "baseline": state.baseline,
-            "loss": float(loss.detach()), "updates": 1}  # fmt: skip
-
-
-def role_update(
-    backbone,
-    role: str,
-    rollouts: Sequence[Rollout],
-    role_rewards: Sequence[float],
-    state: RoleState,
-    optimizer: torch.optim.Optimizer,
-    options: EvolmmConfig,
-) -> dict[str, Any]:
-    """``options.update``: ``batch`` is one :func:`policy_update` on all ``rollouts``;
-    ``per-completion`` is one per rollout in order, each against the baseline and beta the previous
-    one left (the reference's loop, train.py L993-999). Returns the mean reward, KL and loss, beta
-    before the first update, the baseline after the last, the number of optimizer steps and (per
-    completion) each update's record under ``"each"``."""
-    if options.update == "batch":
-        return policy_update(backbone, role, rollouts, role_rewards, state, optimizer, options)
-    each = [
-        policy_update(backbone, role, [rollout], [reward], state, optimizer, options)
-        for rollout, reward in zip(rollouts, role_rewards, strict=True)
-    ]
-    return {
-        "reward": sum(role_rewards) / len(role_rewards),
-        "kl": sum(u["kl"] for u in each) / len(each),
-        "beta": each[0]["beta"],
-        "baseline": state.baseline,
-        "loss": sum(u["loss"] for u in each) / len(each),
-        "updates": len(each),
-        "each": each,
-    }
 
 
 @register_method
@@ -368,8 +236,7 @@ class Evolmm(Method[EvolmmConfig]):
     def setup(self, backbone) -> None:
         super().setup(backbone)
         add_lora(backbone, self.lora, self.seed, adapter_name=SOLVER)
-        torch.manual_seed(self.seed + 1)
-        backbone.model.add_adapter(PROPOSER, lora_config(self.lora, backbone))
+        ensure_adapter(backbone, PROPOSER, self.lora, self.seed + 1)
         backbone.model.set_adapter(SOLVER)
 
     def before_task(self, task_index: int, task: Task) -> None:
@@ -391,7 +258,7 @@ class Evolmm(Method[EvolmmConfig]):
         self.stage += 1
         task_label = "+".join(self.stage_tasks) or f"stage {self.stage}"
         self.stage_tasks = []
-        order = _image_cycle(len(items), seed)
+        order = image_cycle(len(items), seed)
         images_per_step = options.images_per_step
         steps = options.steps_per_task or -(-len(items) // images_per_step)  # unset: one pass over the images
         optimizers = {
@@ -412,13 +279,13 @@ class Evolmm(Method[EvolmmConfig]):
             step_seed = seed * 1_000_003 + step * 2
             backbone.model.set_adapter(PROPOSER)
             questions = [group[0] for group in sample_rollouts(
-                backbone, [_proposal_prompt(item, options.proposer_prompt) for item in batch], 1,
+                backbone, [proposal_prompt(item, options.proposer_prompt) for item in batch], 1,
                 options.question_max_new_tokens, options.temperature, seed=step_seed)]  # fmt: skip
-            asked = [_question_text(q, tags) or options.fallback_question for q in questions]
+            asked = [question_text(q, tags) or options.fallback_question for q in questions]
             backbone.model.set_adapter(SOLVER)
             groups = sample_rollouts(
                 backbone,
-                [_question_prompt(item, options.solver_prompt.replace("{question}", question))
+                [question_prompt(item, options.solver_prompt.replace("{question}", question))
                  for item, question in zip(batch, asked)],
                 options.solver_samples, options.answer_max_new_tokens, options.temperature,
                 batch_size=max(32, options.solver_samples), seed=step_seed + 1,
@@ -485,10 +352,10 @@ class Evolmm(Method[EvolmmConfig]):
         backbone.model.set_adapter(SOLVER)
         backbone.model.train(was_training)
         write_scalars(self.log_dir, "evolmm", stage_log, first_step=stage_log[0]["step"] if stage_log else 0)
-        return _stage_metrics(stage_log, self.roles)
+        return stage_metrics(stage_log, self.roles)
 
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for role in ROLES for p in self._role_parameters(role))
+        return adapter_parameter_count(self.backbone.model, ROLES)
 
     # -- report ------------------------------------------------------------------------------
     def evaluation_summary(self) -> dict[str, Any] | None:
@@ -497,12 +364,11 @@ class Evolmm(Method[EvolmmConfig]):
         roles = {role: asdict(state) for role, state in self.roles.items()}
         return {"steps": self.step_log, "examples": self.examples, "roles": roles}
 
-    def report_sections(self) -> list[dict[str, str]]:
+    def report_sections(self) -> list[dict[str, Any]]:
         """Reward, KL and beta curves over all training steps, a per-stage table and sample questions."""
         if not self.step_log:
             return []
-        html = [_curves_html(self.step_log), _stage_table_html(self.step_log), _examples_html(self.examples)]
-        return [{"title": "EvoLMM self-evolution", "html": "".join(html)}]
+        return [*curve_sections(self.step_log), stage_table(self.step_log), *examples_table(self.examples)]
 
     # -- state -------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -526,125 +392,3 @@ class Evolmm(Method[EvolmmConfig]):
         self.roles = {role: RoleState(**state["roles"][role]) for role in ROLES} if "roles" in state else self.roles
         self.step_log = list(state.get("steps", []))
         self.examples = list(state.get("examples", []))
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def _image_cycle(count: int, seed: int):
-    """Indices 0..count-1 in a fresh seeded shuffle per pass, forever."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(count))
-        rng.shuffle(order)
-        yield from order
-
-
-def _proposal_prompt(item: ImageItem, instruction: str) -> Sample:
-    placeholders = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in item.images)
-    prompt = placeholders + instruction
-    return Sample(id=f"{item.id}#propose", task=item.task, images=item.images, prompt=prompt, answer="")
-
-
-def _question_text(question: Rollout, tags: bool = False) -> str:
-    """The proposed question as the solver sees it: with ``tags`` the ``<question>`` tag's content (or
-    the whole output), on one line, without image placeholders (one would ask for another image)."""
-    text = rewards.parse_question(question.text) if tags else question.text
-    return " ".join(text.replace(IMAGE_PLACEHOLDER, " ").split())
-
-
-def _question_prompt(item: ImageItem, question: str) -> Sample:
-    placeholders = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in item.images)
-    return Sample(id=f"{item.id}#solve", task=item.task, images=item.images, prompt=placeholders + question, answer="")
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def _stage_metrics(log: list[dict[str, Any]], roles: dict[str, RoleState]) -> dict[str, Any]:
-    """What stage.json records: means over the stage and the controllers' final values."""
-    return {
-        "train_loss": _mean([r["solver_loss"] for r in log]),
-        "steps": len(log),
-        "solver_reward": _mean([r["solver_reward"] for r in log]),
-        "proposer_reward": _mean([r["proposer_reward"] for r in log]),
-        "answer_entropy": _mean([r["answer_entropy"] for r in log]),
-        "solver_kl": _mean([r["solver_kl"] for r in log]),
-        "proposer_kl": _mean([r["proposer_kl"] for r in log]),
-        **{f"{role}_beta_final": state.beta for role, state in roles.items()},
-        **{f"{role}_baseline_final": state.baseline for role, state in roles.items()},
-    }
-
-
-def _curves_png(log: list[dict[str, Any]]) -> bytes:
-    """Three panels over training steps: rewards and baselines, KL per role, beta per role (log scale)."""
-    from mmcl.report.render import _new_figure, _png_bytes
-
-    fig = _new_figure(11.0, 3.4)
-    panels = [
-        ("rewards", ["solver_reward", "solver_baseline", "proposer_reward", "proposer_baseline"], False),
-        ("KL to reference (nats/token)", ["solver_kl", "proposer_kl"], False),
-        ("KL coefficient beta", ["solver_beta", "proposer_beta"], True),
-    ]
-    boundaries = [r["step"] - 0.5 for prev, r in zip(log, log[1:]) if r["stage"] != prev["stage"]]
-    for index, (title, keys, log_scale) in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, 3, index)
-        for key in keys:
-            points = [(r["step"], r[key]) for r in log if r.get(key) is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="." if len(points) < 40 else None, linewidth=1.2, label=key)
-        for x in boundaries:
-            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
-        if log_scale:
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    return _png_bytes(fig)
-
-
-def _curves_html(log: list[dict[str, Any]]) -> str:
-    data = base64.b64encode(_curves_png(log)).decode("ascii")
-    return f'<img alt="EvoLMM reward, KL and beta curves" src="data:image/png;base64,{data}">'
-
-
-def _stage_table_html(log: list[dict[str, Any]]) -> str:
-    def cell(value: float | None, digits: int = 3) -> str:
-        return "-" if value is None else f"{value:.{digits}g}"
-
-    rows = []
-    for stage in sorted({r["stage"] for r in log}):
-        part = [r for r in log if r["stage"] == stage]
-        last = part[-1]
-        proposer_last = next((r for r in reversed(part) if r["proposer_beta"] is not None), {})
-        rows.append(
-            f"<tr><td>{stage}</td><td>{escape(str(last['task']))}</td><td>{len(part)}</td>"
-            f"<td>{cell(_mean([r['solver_reward'] for r in part]))}</td>"
-            f"<td>{cell(_mean([r['proposer_reward'] for r in part]))}</td>"
-            f"<td>{cell(_mean([r['answer_entropy'] for r in part]))}</td>"
-            f"<td>{cell(_mean([r['solver_kl'] for r in part]))}</td><td>{cell(last['solver_beta'])}</td>"
-            f"<td>{cell(_mean([r['proposer_kl'] for r in part]))}</td>"
-            f"<td>{cell(proposer_last.get('proposer_beta'))}</td>"
-            f"<td>{cell(_mean([r['distinct_questions'] for r in part]))}</td></tr>"
-        )
-    header = "".join(
-        f"<th>{h}</th>" for h in ("stage", "task", "steps", "solver reward", "proposer reward", "answer entropy",
-                                  "solver KL", "solver beta (last)", "proposer KL", "proposer beta (last)",
-                                  "distinct questions")
-    )  # fmt: skip
-    return f"<p>Means over each stage's steps.</p><table><tr>{header}</tr>{''.join(rows)}</table>"
-
-
-def _examples_html(examples: list[dict[str, Any]]) -> str:
-    parts = []
-    for example in examples:
-        items = "".join(
-            f"<li>{escape(pair['question'] or '(empty question)')} &rarr; {escape(' | '.join(pair['answers']))}</li>"
-            for pair in example["pairs"]
-        )
-        title = f"stage {example['stage']} ({escape(str(example['task']))}): last step's questions"
-        parts.append(f"<h3>{title}</h3><ul>{items}</ul>")
-    return "".join(parts)

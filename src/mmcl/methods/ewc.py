@@ -43,7 +43,7 @@ from mmcl.backbones.backbone import IGNORE_INDEX
 from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
 from mmcl.config import setting
-from mmcl.errors import ConfigError, RunDirError
+from mmcl.errors import ConfigError, DataError, RunDirError
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
 
@@ -148,7 +148,7 @@ def diagonal_fisher(
     (``kind="true"``). Runs in eval mode; leaves no gradients behind. Samples without an answer token
     are skipped."""
     if kind not in FISHER_KINDS:
-        raise ValueError(f"EWC: unknown Fisher {kind!r}, expected one of {FISHER_KINDS}")
+        raise ConfigError(f"EWC: unknown Fisher {kind!r}, expected one of {FISHER_KINDS}")
     if kind == "true" and generator is None:
         generator = torch.Generator().manual_seed(0)
     sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -179,7 +179,7 @@ def diagonal_fisher(
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     if used == 0:
-        raise RuntimeError("EWC: no sample with an answer token to estimate the Fisher from")
+        raise DataError("EWC: no sample with an answer token to estimate the Fisher from")
     return {name: value / used for name, value in sums.items()}
 
 

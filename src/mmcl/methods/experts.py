@@ -18,12 +18,13 @@ from mmcl.streams.stream import Task
 from mmcl.data.sample import Sample
 from mmcl.methods.base import ConfigT, Method, register_method
 from mmcl.methods.lora_utils import (
-    adapter_part,
+    adapter_parameter_count,
     add_lora,
-    load_adapter_tensors,
-    lora_config,
+    ensure_adapter,
     named_adapters_tensors,
+    restore_adapters,
 )
+
 
 def adapter_name(task: Task) -> str:
     return f"expert_{task.name}".replace(".", "_")
@@ -51,15 +52,9 @@ class TaskExperts(Method[ConfigT]):
         if self.backbone is not None and self.tasks and not isinstance(self.backbone.model, PeftModel):
             add_lora(self.backbone, self.lora, self.seed, adapter_name=adapter_name(self.tasks[0]))
 
-    def _ensure_adapter(self, name: str, init_seed: int) -> None:
-        model = self.backbone.model
-        if name not in model.peft_config:
-            torch.manual_seed(init_seed)
-            model.add_adapter(name, lora_config(self.lora, self.backbone))
-
     def before_task(self, task_index: int, task: Task) -> None:
         name = adapter_name(task)
-        self._ensure_adapter(name, self.seed + task_index)
+        ensure_adapter(self.backbone, name, self.lora, self.seed + task_index)
         self.backbone.model.set_adapter(name)  # makes this adapter the only trainable one
 
     def after_task(self, task_index: int, task: Task) -> None:
@@ -76,16 +71,13 @@ class TaskExperts(Method[ConfigT]):
 
     def trainable_parameters(self) -> int:
         model = self.backbone.model
-        active = model.active_adapter
-        return sum(p.numel() for n, p in model.named_parameters() if f".{active}." in n)
+        return adapter_parameter_count(model, [model.active_adapter])
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return named_adapters_tensors(self.backbone, self.trained)
 
     def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        for index, name in enumerate(self.trained):
-            self._ensure_adapter(name, self.seed + index)
-            load_adapter_tensors(self.backbone, adapter_part(tensors, name), name)
+        restore_adapters(self.backbone, tensors, self.trained, self.lora, self.seed)
 
     def state_json(self) -> dict[str, Any]:
         return {"trained": self.trained}

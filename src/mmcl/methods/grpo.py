@@ -31,9 +31,7 @@ The run's ``training`` section is only used by the SFT warm-up; GRPO has its own
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from html import escape
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,6 +42,7 @@ from mmcl.config import TrainingConfig, setting
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError
 from mmcl.evaluation.scorers import score_one
+from mmcl.log import info
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
 from mmcl.training.grpo import (
@@ -99,10 +98,7 @@ class GrpoOptions:
             raise ConfigError(f"method.options.format_max_words: expected >= 1, got {self.format_max_words}")
         if self.epochs < 0:
             raise ConfigError(f"method.options.epochs: expected >= 0, got {self.epochs}")
-        try:
-            self.grpo_config(max_new_tokens=self.max_new_tokens or 1, steps=self.steps)
-        except ValueError as exc:
-            raise ConfigError(f"method.options.{exc}") from None
+        self.grpo_config(max_new_tokens=self.max_new_tokens or 1, steps=self.steps)  # its checks: ConfigError
 
     def grpo_config(self, max_new_tokens: int, steps: int) -> GrpoConfig:
         shared = {f.name for f in dataclasses.fields(GrpoConfig)} & {f.name for f in dataclasses.fields(self)}
@@ -160,7 +156,9 @@ class Grpo(SequentialLora[GrpoOptions]):
             self.reference = trainable_snapshot(backbone.model)
         if options.sft_warmup_steps > 0:
             warmup = dataclasses.replace(config, max_steps=options.sft_warmup_steps, progress_bar=False)
-            warmup_metrics = train_on_samples(backbone, samples, warmup, work_dir / "sft_warmup", seed=seed)
+            warmup_metrics = train_on_samples(
+                backbone, samples, warmup, work_dir / "sft_warmup", seed=seed, log_dir=self.sft_log_dir()
+            )
             record["sft_warmup_loss"] = warmup_metrics.get("train_loss")
             if options.reference_after_warmup:
                 self.reference = trainable_snapshot(backbone.model)
@@ -180,7 +178,7 @@ class Grpo(SequentialLora[GrpoOptions]):
                 kept_share=result.kept_share,
                 filter_accuracy=sum(result.mean_accuracy) / max(len(result.mean_accuracy), 1),
             )
-            print(f"  grpo: kept {len(prompts)}/{len(samples)} instances after filtering", flush=True)
+            info(f"  grpo: kept {len(prompts)}/{len(samples)} instances after filtering")
         history: list[StepLog] = []
         if prompts:
             steps = options.steps
@@ -190,16 +188,15 @@ class Grpo(SequentialLora[GrpoOptions]):
 
             def log(entry: StepLog) -> None:
                 if entry.step % 10 == 0 or entry.step == steps:
-                    print(
+                    info(
                         f"  grpo step {entry.step}/{steps}: reward {entry.reward:.3f} accuracy {entry.accuracy:.3f}"
-                        f" format {entry.format:.3f} kl {entry.kl:.4f} clipped {entry.clip_fraction:.3f}",
-                        flush=True,
+                        f" format {entry.format:.3f} kl {entry.kl:.4f} clipped {entry.clip_fraction:.3f}"
                     )
 
             history = train_grpo(backbone, prompts, reward, grpo, seed=seed, reference=self.reference, log=log)
         else:
             record["skipped"] = "no training instance left after filtering"
-            print("  grpo: no instance left after filtering; GRPO skipped for this stage", flush=True)
+            info("  grpo: no instance left after filtering; GRPO skipped for this stage")
         record.update(summarise(history))
         self.records.append(record)
         steps = [dataclasses.asdict(entry) for entry in history]
@@ -227,42 +224,12 @@ class Grpo(SequentialLora[GrpoOptions]):
         """The stage records (restored from ``state_json`` on resume, so nothing to load back)."""
         return {"stages": self.records}
 
-    def report_sections(self) -> list[dict[str, str]]:
-        """One row per stage: warm-up used, filtering kept share, reward/accuracy at the first and last
-        steps, final KL, and the reward curve as an inline SVG sparkline."""
+    def report_sections(self) -> list[dict[str, Any]]:
+        """A table with one row per stage (warm-up used, filtering kept share, reward and accuracy reward at
+        the first and last steps, final KL) and the reward curves of all stages, stage boundaries marked."""
         if not self.records:
             return []
-
-        def cell(value: Any, digits: int = 3) -> str:
-            if value is None:
-                return "-"
-            return f"{value:.{digits}f}" if isinstance(value, float) else escape(str(value))
-
-        rows = []
-        for index, record in enumerate(self.records, start=1):
-            warmup = f"SFT {record['sft_warmup_steps']} steps" if record.get("sft_warmup_steps") else "none"
-            if "kl_reference" in record:
-                warmup += f" (KL reference: model {escape(record['kl_reference'])})"
-            kept = (
-                f"{record['kept']}/{record['train_samples']} ({100 * record['kept_share']:.0f}%)"
-                if "kept" in record
-                else "no filtering"
-            )
-            rows.append(
-                f"<tr><td>{index}</td><td>{escape(', '.join(record['tasks']))}</td><td>{warmup}</td><td>{kept}</td>"
-                f"<td>{cell(record.get('steps'))}</td>"
-                f"<td>{cell(record.get('reward_first'))} &rarr; {cell(record.get('reward_last'))}</td>"
-                f"<td>{cell(record.get('accuracy_first'))} &rarr; {cell(record.get('accuracy_last'))}</td>"
-                f"<td>{cell(record.get('kl_last'), 4)}</td><td>{sparkline(record.get('reward_curve', []))}</td></tr>"
-            )
-        html = (
-            "<p>Per stage: SFT warm-up, rollout-based instance filtering (kept instances / training instances),"
-            " mean reward and accuracy reward of the sampled groups (mean of the first and of the last 5 steps),"
-            " KL to the reference at the end, and the reward curve.</p>"
-            "<table><tr><th>stage</th><th>task</th><th>warm-up</th><th>kept after filtering</th><th>steps</th>"
-            "<th>reward</th><th>accuracy reward</th><th>KL</th><th>reward curve</th></tr>" + "".join(rows) + "</table>"
-        )
-        return [{"title": "GRPO (RFT) training", "html": html}]
+        return [stage_table(self.records), *reward_curves(self.records)]
 
 
 def summarise(history: Sequence[StepLog], window: int = 5) -> dict[str, Any]:
@@ -288,17 +255,64 @@ def summarise(history: Sequence[StepLog], window: int = 5) -> dict[str, Any]:
     }
 
 
-def sparkline(values: Sequence[float], width: int = 160, height: int = 28) -> str:
-    """An inline SVG polyline of ``values`` (empty string for fewer than two points)."""
-    if len(values) < 2 or not all(math.isfinite(v) for v in values):
-        return ""
-    low, high = min(values), max(values)
-    span = high - low if high > low else 1.0
-    points = " ".join(
-        f"{width * i / (len(values) - 1):.1f},{height - 2 - (height - 4) * (v - low) / span:.1f}"
-        for i, v in enumerate(values)
-    )
-    return (
-        f'<svg width="{width}" height="{height}" role="img" aria-label="reward {low:.2f} to {high:.2f}">'
-        f'<polyline fill="none" stroke="#3366cc" stroke-width="1.5" points="{points}"/></svg>'
-    )
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def stage_table(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The report's table of the stage records (see :meth:`Grpo.report_sections`)."""
+    rows = []
+    for index, record in enumerate(records, start=1):
+        warmup = f"SFT {record['sft_warmup_steps']} steps" if record.get("sft_warmup_steps") else "none"
+        if "kl_reference" in record:
+            warmup += f" (KL reference: model {record['kl_reference']})"
+        kept = (
+            f"{record['kept']}/{record['train_samples']} ({100 * record['kept_share']:.0f}%)"
+            if "kept" in record
+            else "no filtering"
+        )
+        rows.append([
+            str(index), ", ".join(record["tasks"]), warmup, kept, _cell(record.get("steps")),
+            f"{_cell(record.get('reward_first'))} → {_cell(record.get('reward_last'))}",
+            f"{_cell(record.get('accuracy_first'))} → {_cell(record.get('accuracy_last'))}",
+            _cell(record.get("kl_last"), 4),
+        ])  # fmt: skip
+    return {
+        "title": "GRPO (RFT) training",
+        "kind": "table",
+        "note": "Per stage: SFT warm-up, rollout-based instance filtering (kept instances / training instances), "
+        "mean reward and accuracy reward of the sampled groups (mean of the first and of the last 5 steps) and "
+        "KL to the reference at the end.",
+        "columns": ["stage", "task", "warm-up", "kept after filtering", "steps", "reward", "accuracy reward", "KL"],
+        "rows": rows,
+    }
+
+
+def reward_curves(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The mean reward per GRPO step of every stage on one axis (steps counted over all stages), one
+    curve per stage and dotted lines at the stage boundaries; no section when no stage has a curve."""
+    curves = [record.get("reward_curve") or [] for record in records]
+    total = sum(len(curve) for curve in curves)
+    if not total:
+        return []
+    series: dict[str, list[float | None]] = {}
+    marks, start = [], 0
+    for index, (record, curve) in enumerate(zip(records, curves), start=1):
+        if start and curve:
+            marks.append(start + 0.5)
+        series[f"stage {index} ({', '.join(record['tasks'])})"] = [None] * start + list(curve) + [None] * (
+            total - start - len(curve)
+        )
+        start += len(curve)
+    return [{
+        "title": "GRPO (RFT) reward curves",
+        "kind": "curves",
+        "note": "Mean reward of the sampled groups at each GRPO step; dotted lines separate the stages.",
+        "x_label": "GRPO step (all stages)",
+        "y_label": "mean reward",
+        "x": list(range(1, total + 1)),
+        "series": series,
+        "x_marks": marks,
+    }]  # fmt: skip

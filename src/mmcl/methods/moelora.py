@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from mmcl.config import LoraSettings, setting
-from mmcl.errors import ConfigError
+from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import Method, register_method
 
 
@@ -201,13 +201,13 @@ class MoeLora(Method[MoeLoraConfig]):
         missing = sorted(parameters.keys() - tensors.keys())
         unexpected = sorted(tensors.keys() - parameters.keys())
         if missing or unexpected:
-            raise RuntimeError(f"moelora state: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+            raise RunDirError(f"moelora state: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
         with torch.no_grad():
             for name, parameter in parameters.items():
                 value = tensors[name]
                 if value.shape != parameter.shape:
                     shapes = f"{tuple(value.shape)}, expected {tuple(parameter.shape)}"
-                    raise RuntimeError(f"moelora state: {name} has shape {shapes}")
+                    raise RunDirError(f"moelora state: {name} has shape {shapes}")
                 parameter.copy_(value)
 
     def state_json(self) -> dict[str, Any]:
@@ -215,7 +215,7 @@ class MoeLora(Method[MoeLoraConfig]):
 
     def load_state_json(self, state: dict[str, Any]) -> None:
         if state and (state.get("experts"), state.get("rank")) != (self.config.experts, self.lora.rank):
-            raise RuntimeError(
+            raise RunDirError(
                 f"moelora state: saved with experts={state.get('experts')} rank={state.get('rank')}, "
                 f"this run has experts={self.config.experts} rank={self.lora.rank}"
             )

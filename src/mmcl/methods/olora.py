@@ -30,14 +30,14 @@ import torch
 
 from mmcl.streams.stream import Task
 from mmcl.config import setting
-from mmcl.errors import ConfigError
+from mmcl.errors import ConfigError, DataError
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.lora_utils import (
-    adapter_part,
+    adapter_parameter_count,
     add_lora,
-    load_adapter_tensors,
-    lora_config,
+    ensure_adapter,
     named_adapters_tensors,
+    restore_adapters,
 )
 
 PREFIX = "olora_"
@@ -123,12 +123,6 @@ class OLora(Method[OLoraConfig]):
             self.lora = replace(self.lora, targets=query_value_only(backbone.lora_targets))
         add_lora(backbone, self.lora, self.seed, adapter_name=adapter_name(0))
 
-    def _ensure_adapter(self, name: str, init_seed: int) -> None:
-        model = self.backbone.model
-        if name not in model.peft_config:
-            torch.manual_seed(init_seed)
-            model.add_adapter(name, lora_config(self.lora, self.backbone))
-
     def _activate(self, active: list[str], trainable: str | None) -> None:
         """Make ``active`` the adapters summed in every LoRA layer; only ``trainable`` gets gradients."""
         model = self.backbone.model
@@ -140,8 +134,8 @@ class OLora(Method[OLoraConfig]):
     def before_task(self, task_index: int, task: Task) -> None:
         name = adapter_name(task_index)
         if name in self.adapters:
-            raise RuntimeError(f"olora: adapter {name} was already trained (task {task.name} seen twice?)")
-        self._ensure_adapter(name, self.seed + task_index)
+            raise DataError(f"olora: adapter {name} was already trained (task {task.name} seen twice?)")
+        ensure_adapter(self.backbone, name, self.lora, self.seed + task_index)
         self.current = name
         self._activate([*self.adapters, name], trainable=name)
 
@@ -186,15 +180,13 @@ class OLora(Method[OLoraConfig]):
     def trainable_parameters(self) -> int:
         """Parameters of the newest adapter (the one trained in the last stage)."""
         name = self.current or (self.adapters[-1] if self.adapters else adapter_name(0))
-        return sum(p.numel() for n, p in self.backbone.model.named_parameters() if f".{name}." in n)
+        return adapter_parameter_count(self.backbone.model, [name])
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return named_adapters_tensors(self.backbone, self.adapters)
 
     def load_state_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        for index, name in enumerate(self.adapters):
-            self._ensure_adapter(name, self.seed + index)
-            load_adapter_tensors(self.backbone, adapter_part(tensors, name), name)
+        restore_adapters(self.backbone, tensors, self.adapters, self.lora, self.seed)
         if self.adapters:
             self._activate(self.adapters, trainable=None)
 

@@ -40,7 +40,7 @@ import torch
 
 from mmcl.streams.stream import Task
 from mmcl.config import setting
-from mmcl.errors import ConfigError
+from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import register_method
 from mmcl.methods.seq_lora import SequentialLora
 
@@ -245,7 +245,7 @@ class RegLora(SequentialLora[RegLoraConfigT]):
         positions: dict[str, torch.Tensor] = {}
         for key, group in tensors.items():
             if not isinstance(group, dict) or not (key == POSITIONS or (key.startswith("task") and key[4:].isdigit())):
-                raise RuntimeError(f"reglora: unexpected key {key!r} in saved state")
+                raise RunDirError(f"reglora: unexpected key {key!r} in saved state")
             if key == POSITIONS:
                 positions.update((name, value.to(torch.long)) for name, value in group.items())
                 continue
@@ -256,7 +256,7 @@ class RegLora(SequentialLora[RegLoraConfigT]):
                 incoming[index][name] = (pair.get("A"), pair.get("B")) if isinstance(pair, dict) else (None, None)
         unknown = set(positions).union(*incoming) - set(self._layers) if incoming or positions else set()
         if unknown:
-            raise RuntimeError(f"reglora: saved state names unknown LoRA modules: {sorted(unknown)[:3]}")
+            raise RunDirError(f"reglora: saved state names unknown LoRA modules: {sorted(unknown)[:3]}")
         # keep the merges the model already holds when they are a prefix of the saved ones (exact),
         # undo the others (in reverse order), then merge what is missing in order
         keep = 0

@@ -12,11 +12,8 @@ The composition of its two halves, each also selectable alone for ablations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
-from mmcl.streams.stream import Task
-from mmcl.data.sample import Sample
-from mmcl.methods.asd import AsdConfig, asd_train_data
+from mmcl.methods.asd import AsdConfig, AsdTrainData
 from mmcl.methods.base import register_method
 from mmcl.methods.reglora import RegLora, RegLoraConfig
 
@@ -31,9 +28,6 @@ class SefeConfig(AsdConfig, RegLoraConfig):
 
 
 @register_method
-class Sefe(RegLora[SefeConfig]):
+class Sefe(AsdTrainData, RegLora[SefeConfig]):
     name = "sefe"
     description = "SEFE: answer-style diversification of the data (ASD) + RegLoRA"
-
-    def train_data(self, task_index: int, task: Task, samples: Sequence[Sample]) -> list[Sample]:
-        return asd_train_data(self.config, self.seed, task, samples)

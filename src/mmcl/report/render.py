@@ -12,7 +12,7 @@ from pathlib import Path
 from mmcl.layout import RunLayout
 from mmcl.report.formatting import METRIC_EXPLANATIONS, matrix_rows, reference_rows, unfinished_notice
 from mmcl.report.html import render_report_html
-from mmcl.report.plots import accuracy_curves_png, heatmap_png, new_figure, png_bytes
+from mmcl.report.plots import accuracy_curves_png, heatmap_png
 from mmcl.report.text import format_table
 from mmcl.results import Results
 from mmcl.utils import atomic_write_bytes, atomic_write_text
@@ -26,9 +26,6 @@ __all__ = [
     "plot_accuracy_curves",
     "write_report",
 ]
-
-# Old private names, kept only while methods/evolmm.py imports them: use mmcl.report.plots instead.
-_new_figure, _png_bytes = new_figure, png_bytes
 
 
 def matrix_csv_text(results: Results) -> str:
