@@ -230,8 +230,8 @@ def test_reglora_merges_and_resets(tiny_model_dir: Path, stream_cache_dir: Path,
     assert torch.equal(logits(fresh), logits(method))
     for (name, a), b in zip(method.backbone.model.state_dict().items(), fresh.backbone.model.state_dict().values()):
         assert torch.equal(a, b), name
-    fresh.load_state_tensors({})  # back to the base model (undo the merge)
-    fresh.load_state_tensors(state)
+    fresh.restore_tensors({})  # back to the base model (undo the merge)
+    fresh.restore_tensors(state)
     torch.testing.assert_close(logits(fresh), logits(method))
 
 
