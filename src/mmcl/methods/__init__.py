@@ -1,4 +1,5 @@
-"""Continual-learning methods, one per file, registered by name on import."""
+"""Continual-learning methods, one per file, registered by name on import (a method's larger pieces live in
+helper modules beside it: ``mrlora_router``, ``mrlora_stats``, ``evolmm_parts``, ``evolmm_update``, ``lora_utils``)."""
 
 from mmcl.methods import (  # noqa: F401  (registration side effects)
     asd,
