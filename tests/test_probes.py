@@ -159,7 +159,7 @@ def test_run_evaluates_general_set_probes_and_low_shot(tiny_model_dir: Path, str
     assert (run_dir / "superficial" / "5_fin" / "rs.jsonl").is_file()
     split = superficial["summary"]["forgetting"]
     assert split["total"] == pytest.approx(split["essential"] + split["superficial"])
-    assert "Superficial and essential forgetting" in (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "Superficial vs essential forgetting" in (run_dir / "report.html").read_text(encoding="utf-8")
     assert "forgetting on old tasks" in result.out
 
     bad = dict(config, evaluation={"general": str(tmp_path / "missing.json")}, output_dir=str(tmp_path / "r2"))

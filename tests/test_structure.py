@@ -149,6 +149,7 @@ class ShortAnswers(EvaluationProtocol):
     title = "Short answers"
     order = 50
     config_class = ShortAnswerSettings
+    part_class = ShortAnswerPart
 
     def planned_files(self, layout, row: Row, tasks, planned):
         return [layout.task_file(self.folder, row.name, tasks[j]) for j in range(row.seen)] if planned.get(self.name) else []

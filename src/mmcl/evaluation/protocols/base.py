@@ -70,6 +70,7 @@ class EvaluationProtocol(ABC):
     order: ClassVar[int] = 100  # evaluation order within a row (the matrix first: others read its files)
     config_class: ClassVar[type | None] = None  # its config section (None: none of its own)
     template: ClassVar[str | None] = None  # Jinja2 template of its report section (mmcl/report/templates/)
+    part_class: ClassVar[type | None] = None  # the dataclass of its results part (None: plain JSON data)
 
     def __init__(self, settings: Any = None):
         self.settings = settings
@@ -99,8 +100,8 @@ class EvaluationProtocol(ABC):
         return {}
 
     def load_part(self, data: Any) -> Any:
-        """``part`` read back from results.json (the inverse of ``dataclasses.asdict`` / JSON)."""
-        return data
+        """``part`` read back from results.json (the inverse of ``dataclasses.asdict``)."""
+        return self.part_class(**data) if self.part_class is not None else data
 
 
 PROTOCOLS: Registry[type[EvaluationProtocol]] = Registry("evaluation protocol")

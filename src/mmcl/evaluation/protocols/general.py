@@ -34,6 +34,7 @@ class GeneralAbility(EvaluationProtocol):
     folder = FOLDER
     title = "General ability"
     order = 10
+    part_class = GeneralPart
     config_class = GeneralSettings
     template = "general.html.j2"
 
@@ -66,6 +67,3 @@ class GeneralAbility(EvaluationProtocol):
 
     def metrics(self, part: GeneralPart) -> dict[str, float]:
         return {"general_drop": part.drop} if part.drop is not None else {}
-
-    def load_part(self, data: Any) -> GeneralPart:
-        return GeneralPart(**data)

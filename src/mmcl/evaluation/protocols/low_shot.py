@@ -48,6 +48,7 @@ class LowShotTransfer(EvaluationProtocol):
     folder = FOLDER
     title = "Low-shot transfer (CLiMB)"
     order = 30
+    part_class = LowShotPart
     config_class = LowShotSettings
     template = "low_shot.html.j2"
 
@@ -119,6 +120,3 @@ class LowShotTransfer(EvaluationProtocol):
 
     def metrics(self, part: LowShotPart) -> dict[str, float]:
         return {"low_shot_transfer": part.transfer} if part.transfer is not None else {}
-
-    def load_part(self, data: Any) -> LowShotPart:
-        return LowShotPart(**data)

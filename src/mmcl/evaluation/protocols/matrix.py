@@ -34,6 +34,7 @@ class AccuracyMatrix(EvaluationProtocol):
     folder = FOLDER
     title = "Accuracy matrix"
     order = 0
+    part_class = MatrixPart
 
     def __init__(self, forward_transfer: bool = True):
         super().__init__(None)
@@ -67,6 +68,3 @@ class AccuracyMatrix(EvaluationProtocol):
                     cells.append(None)
             matrix.append(cells)
         return MatrixPart(matrix=matrix, eval_seconds=round(seconds, 3))
-
-    def load_part(self, data: Any) -> MatrixPart:
-        return MatrixPart(**data)

@@ -40,6 +40,7 @@ class SuperficialProbes(EvaluationProtocol):
     folder = FOLDER
     title = "Superficial vs essential forgetting"
     order = 20
+    part_class = SuperficialPart
     config_class = SuperficialSettings
     template = "superficial.html.j2"
 
@@ -95,6 +96,3 @@ class SuperficialProbes(EvaluationProtocol):
         if not split:
             return {}
         return {"forgetting_essential": split["essential"], "forgetting_superficial": split["superficial"]}
-
-    def load_part(self, data: Any) -> SuperficialPart:
-        return SuperficialPart(**data)
