@@ -250,10 +250,11 @@ def planned_files(layout: RunLayout, tasks: list[str], rows: list[Row], planned:
 
 
 def run_rows(tasks: list[str], stage_labels: list[str], joint: bool) -> list[Row]:
-    """Row 0 (the base model) and one row per stage."""
+    """Row 0 (the base model) and one row per stage. A jointly trained run counts every task as seen in
+    every row: it has no continual sequence, hence no low-shot transfer to unseen tasks."""
     labels = [BASE_LABEL, *stage_labels]
     return [
-        Row(index=i, name=row_name(i, label), seen=len(tasks) if joint and i > 0 else i, n_tasks=len(tasks))
+        Row(index=i, name=row_name(i, label), seen=len(tasks) if joint else i, n_tasks=len(tasks))
         for i, label in enumerate(labels)
     ]
 

@@ -75,6 +75,8 @@ class LowShotTransfer(EvaluationProtocol):
             self.evaluate_task(run, row, run.tasks[position])
 
     def evaluate_task(self, run: Any, row: Row, task: Any) -> None:
+        import torch
+
         from mmcl.evaluation.evaluator import write_predictions
         from mmcl.training.sft import train_on_samples
 
@@ -89,6 +91,10 @@ class LowShotTransfer(EvaluationProtocol):
                 f"(after stage {row.name}), so there is no model to fine-tune on the low-shot samples; set "
                 "evaluation.low_shot.shots=0 for this method"
             )
+        # a copy: the method's state and every parameter low-shot training may change come back afterwards
+        # (before its first task a method may not have wrapped the model yet: then the model itself trains)
+        trained = {name: p for name, p in run.backbone.model.named_parameters() if p.requires_grad}
+        weights = {name: p.detach().clone() for name, p in trained.items()}
         tensors = {name: tensor.detach().clone() for name, tensor in method.saved_tensors().items()}
         state = json.loads(json.dumps(method.state_json()))
         config = run.config
@@ -98,6 +104,9 @@ class LowShotTransfer(EvaluationProtocol):
         samples = run.test_samples(task)
         started = time.perf_counter()
         answers = run.answers(row.index, task, samples, config.evaluation.max_new_tokens or task.max_new_tokens)
+        with torch.no_grad():
+            for name, parameter in trained.items():
+                parameter.copy_(weights[name])
         method.load_state_json(state)
         method.restore_tensors(tensors)
         if run.is_main():
