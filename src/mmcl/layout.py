@@ -101,13 +101,21 @@ class RunLayout:
         """Where a stage is written before it is renamed into place (a crash leaves no half stage)."""
         return self.stages_dir / f".tmp_{row_name(index, label)}"
 
-    def stage_info_file(self, index: int, label: str) -> Path:
-        return self.stage_dir(index, label) / "stage.json"
+    def stage_info_file(self, index: int, label: str, work: bool = False) -> Path:
+        """``stage.json``: label, training samples, seconds, trainable parameters, training metrics."""
+        return self._stage_folder(index, label, work) / "stage.json"
 
-    def stage_state_files(self, index: int, label: str) -> tuple[Path, Path]:
-        """(tensors, JSON) of a stage's method state."""
-        folder = self.stage_dir(index, label)
+    def stage_state_files(self, index: int, label: str, work: bool = False) -> tuple[Path, Path]:
+        """(tensors, JSON) of a stage's method state; ``work``: in the folder the stage is written in."""
+        folder = self._stage_folder(index, label, work)
         return folder / "state.safetensors", folder / "state.json"
+
+    def stage_scratch_dir(self, index: int, label: str) -> Path:
+        """Scratch space of the training loop (the Trainer's output dir), removed before the stage is saved."""
+        return self.stage_work_dir(index, label) / "trainer"
+
+    def _stage_folder(self, index: int, label: str, work: bool) -> Path:
+        return self.stage_work_dir(index, label) if work else self.stage_dir(index, label)
 
     # -- evaluation files ---------------------------------------------------------------------
     def protocol_dir(self, folder: str) -> Path:

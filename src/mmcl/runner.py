@@ -155,7 +155,7 @@ class ContinualRun:
         check_tasks(self.tasks, test_only=[self.general] if self.general else [])
         check_lengths(self.tasks, config.backbone)  # as `mmcl data check` does; training would refuse them mid-stage
         self.method = create_method(config)
-        self.method.log_dir = config.run_dir / "tensorboard" if distributed.is_main() else None
+        self.method.log_dir = RunLayout(config.run_dir).tensorboard_dir if distributed.is_main() else None
         self.stages = plan_stages(self.method, self.tasks)
         self.protocols = build_protocols(config, self.general)
         self.run_dir = config.run_dir
@@ -258,7 +258,6 @@ class ContinualRun:
 
     def train_stage(self, index: int) -> None:
         label, stage_tasks = self.stages[index - 1]
-        final_dir = self.stage_dir(index)
         work_dir = self.layout.stage_work_dir(index, label)
         if distributed.is_main():
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -276,20 +275,22 @@ class ContinualRun:
             samples.extend(self.method.train_data(position, task, task.train_samples))
         self.log(f"stage {index}/{len(self.stages)} [{label}]: training on {len(samples)} samples")
         self.method.stage_name = row_name(index, label)  # names the stage's training curves (TensorBoard)
-        metrics = self.method.train(samples, self.config.training, work_dir / "trainer", seed=self.config.seed + index)
+        scratch = self.layout.stage_scratch_dir(index, label)
+        metrics = self.method.train(samples, self.config.training, scratch, seed=self.config.seed + index)
         for task in stage_tasks:
             self.method.after_task(self.tasks.index(task), task)
         seconds = time.perf_counter() - started
         self.loaded_stage = index
         if distributed.is_main():
-            self.save_stage(work_dir, final_dir, label, len(samples), seconds, metrics)
+            self.save_stage(index, label, len(samples), seconds, metrics)
         distributed.barrier()
         self.log(f"stage {index} [{label}] done in {seconds:.1f}s, loss {metrics.get('train_loss', float('nan')):.3f}")
 
-    def save_stage(self, work_dir: Path, final_dir: Path, label: str, n_samples: int, seconds: float, metrics: dict) -> None:
-        shutil.rmtree(work_dir / "trainer", ignore_errors=True)
-        save_tensors(self.method.saved_tensors(), work_dir / "state.safetensors")
-        atomic_write_text(work_dir / "state.json", json.dumps(self.method.state_json()))
+    def save_stage(self, index: int, label: str, n_samples: int, seconds: float, metrics: dict) -> None:
+        shutil.rmtree(self.layout.stage_scratch_dir(index, label), ignore_errors=True)
+        tensors_file, state_file = self.layout.stage_state_files(index, label, work=True)
+        save_tensors(self.method.saved_tensors(), tensors_file)
+        atomic_write_text(state_file, json.dumps(self.method.state_json()))
         info = {
             "label": label,
             "train_samples": n_samples,
@@ -297,8 +298,8 @@ class ContinualRun:
             "trainable_parameters": self.method.trainable_parameters(),
             "train_metrics": metrics,
         }
-        atomic_write_text(work_dir / "stage.json", json.dumps(info, indent=1))
-        work_dir.replace(final_dir)
+        atomic_write_text(self.layout.stage_info_file(index, label, work=True), json.dumps(info, indent=1))
+        self.layout.stage_work_dir(index, label).replace(self.layout.stage_dir(index, label))
 
     def evaluate_row(self, row: Row) -> None:
         """Every enabled protocol after row ``row`` (the matrix first); each file is written once and
