@@ -292,7 +292,7 @@ def stage_table(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def reward_curves(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The mean reward per GRPO step of every stage on one axis (steps counted over all stages), one
-    curve per stage and dotted lines at the stage boundaries; no section when no stage has a curve."""
+    curve per stage that ran GRPO and dotted lines at the stage boundaries; no section without any."""
     curves = [record.get("reward_curve") or [] for record in records]
     total = sum(len(curve) for curve in curves)
     if not total:
@@ -300,7 +300,9 @@ def reward_curves(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     series: dict[str, list[float | None]] = {}
     marks, start = [], 0
     for index, (record, curve) in enumerate(zip(records, curves), start=1):
-        if start and curve:
+        if not curve:  # GRPO skipped (nothing kept after filtering): no curve, no boundary
+            continue
+        if start:
             marks.append(start + 0.5)
         series[f"stage {index} ({', '.join(record['tasks'])})"] = [None] * start + list(curve) + [None] * (
             total - start - len(curve)
