@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import traceback
@@ -65,12 +66,19 @@ class Outcome:
     err: str
 
 
+def _default_sigint() -> None:
+    """In the child before it runs: SIGINT back to its default, so Python installs its Ctrl-C handler even
+    if this test process happens to ignore SIGINT at that moment (a child inherits an ignored signal)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def invoke(invocation: Invocation) -> Outcome:
     if invocation.subprocess:
         env = {**os.environ, **invocation.env}
         result = subprocess.run(
             [sys.executable, "-m", "mmcl.cli", *invocation.argv],
             cwd=invocation.cwd, env=env, capture_output=True, text=True, timeout=600,
+            preexec_fn=_default_sigint,
         )  # fmt: skip
         return Outcome(result.returncode, result.stdout, result.stderr)
     from mmcl.cli import main
