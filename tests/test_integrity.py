@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from catalogue import Fixtures
-from catalogue_run_dir import ROWS, STAGES, TASKS, copy_experiment, edit_records, mmcl, run_argv
+from catalogue_run_dir import ROWS, TASKS, copy_experiment, edit_records, mmcl, run_argv
 from mmcl.errors import RunDirError
 from mmcl.lock import LOCK_FILE, RunLock
 

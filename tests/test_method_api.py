@@ -3,7 +3,6 @@ same keys as before: old stage files load), the tasks a method is shown, and ext
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
