@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-FINGERPRINT_FILE = "data.json"
 FINGERPRINT_VERSION = 1
 GENERAL_KEY = "general"  # the general-ability set's entry (kept apart from the stream's tasks)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BASE_LABEL = "base"
+LOCK_FILE = "run.lock"
 
 
 def row_name(index: int, label: str) -> str:
@@ -55,7 +56,7 @@ class RunLayout:
 
     @property
     def lock_file(self) -> Path:
-        return self.root / "run.lock"
+        return self.root / LOCK_FILE
 
     @property
     def sessions_file(self) -> Path:

@@ -21,9 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from mmcl.layout import LOCK_FILE, RunLayout
 from mmcl.errors import RunDirError
 
-LOCK_FILE = "run.lock"
 STALE_AFTER_ENV = "MMCL_LOCK_STALE_AFTER"
 DEFAULT_STALE_AFTER = 7200.0
 HEARTBEAT_SECONDS = 60.0
@@ -84,7 +84,7 @@ class RunLock:
     """The lock of one run directory, held by this process until :meth:`release`."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = RunLayout(Path(run_dir)).lock_file
         self.token = uuid.uuid4().hex
         self.held = False
         self.taken_over: str | None = None  # why a stale lock was replaced, for the log
