@@ -259,15 +259,11 @@ def run_rows(tasks: list[str], stage_labels: list[str], joint: bool) -> list[Row
     ]
 
 
-def _read_records(path: Path) -> dict[str, dict[str, Any]]:
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    return {record["id"]: record for record in map(json.loads, filter(str.strip, lines))}
-
-
 def example_predictions(layout: RunLayout, tasks: list[str], rows: list[Row], per_kind: int = EXAMPLES_PER_KIND) -> dict[str, list[Example]]:
     """For each old task (learned before the last stage): up to ``per_kind`` samples that were right right
     after learning it and, after the last stage, stayed right (kept), became wrong in the same form (lost),
     or came back in another form (drifted: e.g. a sentence for a one-word answer), in file order."""
+    from mmcl.evaluation.evaluator import read_records
     from mmcl.evaluation.superficial import answer_kind
 
     if len(rows) < 3 or rows[-1].seen != rows[-1].n_tasks:
@@ -279,7 +275,7 @@ def example_predictions(layout: RunLayout, tasks: list[str], rows: list[Row], pe
         final_file = layout.prediction_file(last.name, task)
         if position + 1 >= last.index or not learned_file.is_file() or not final_file.is_file():
             continue
-        learned, final = _read_records(learned_file), _read_records(final_file)
+        learned, final = read_records(learned_file), read_records(final_file)
         picked: dict[str, list[Example]] = {"kept": [], "lost": [], "drifted": []}
         for sample_id, before in learned.items():
             after = final.get(sample_id)

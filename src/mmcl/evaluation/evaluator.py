@@ -46,10 +46,15 @@ def score_prediction_file(path: Path) -> float:
     return 100.0 * sum(score_one(meta["scorer"], item["prediction"], item["answer"]) for item in items) / len(items)
 
 
+def read_records(path: Path) -> dict[str, dict]:
+    """Sample id -> record (prediction, answer, score) of a predictions file."""
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    return {record["id"]: record for record in map(json.loads, filter(str.strip, lines))}
+
+
 def read_predictions(path: Path) -> dict[str, str]:
     """Sample id -> prediction of a predictions file."""
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]
-    return {record["id"]: record["prediction"] for record in map(json.loads, filter(str.strip, lines))}
+    return {sample_id: record["prediction"] for sample_id, record in read_records(path).items()}
 
 
 def prediction_seconds(path: Path) -> float:
