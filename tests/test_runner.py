@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import make_stream_config, write_config
 from mmcl.cli import main
 from mmcl.evaluation.metrics import climb_average_forgetting, compute_all
+from mmcl.results import SCHEMA_VERSION
 
 TASKS = ["rs", "med", "ad", "sci", "fin"]
 STAGES = [f"{index}_{task}" for index, task in enumerate(TASKS, start=1)]
@@ -101,7 +102,7 @@ def copy_run(experiment: Experiment, destination: Path) -> Path:
 def test_full_run_results(seq_lora_run: Experiment) -> None:
     results = seq_lora_run.results()
     assert results["method"] == "seq-lora" and results["stream"] == "synth-domain" and results["seed"] == 0
-    assert [task["name"] for task in results["tasks"]] == TASKS and results["schema_version"] == 2
+    assert [task["name"] for task in results["tasks"]] == TASKS and results["schema_version"] == SCHEMA_VERSION
     assert results["row_labels"] == ["base", *TASKS]
     chance = {task["name"]: task["chance"] for task in results["tasks"]}
     scorers = {task["name"]: task["scorer"] for task in results["tasks"]}

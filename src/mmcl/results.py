@@ -18,12 +18,13 @@ from typing import Any
 import yaml
 
 from mmcl.errors import RunDirError
-from mmcl.evaluation.metrics import climb_average_forgetting, compute_all, per_task_forgetting
+from mmcl.evaluation.metrics import per_task_forgetting, run_metrics
 from mmcl.evaluation.protocols import PROTOCOLS, Row, RunView
+from mmcl.evaluation.uncertainty import bootstrap_matrix
 from mmcl.layout import BASE_LABEL, RunLayout, row_name
 from mmcl.utils import atomic_write_text, git_commit, package_versions
 
-SCHEMA_VERSION = 2  # 1 = the untyped dict of mmcl before results had a schema (no "schema_version" key)
+SCHEMA_VERSION = 3  # 1 = the untyped dict of mmcl before results had a schema (no "schema_version" key); 3 = uncertainties
 EXAMPLES_PER_KIND = 3  # example predictions shown per old task and kind
 
 
@@ -109,6 +110,11 @@ class Results:
     config_hash: str | None
     versions: dict[str, str]
     git_commit: str | None
+    # uncertainty (mmcl.evaluation.uncertainty): per matrix cell {"se", "low", "high", "n"} (points; None = not
+    # evaluated), per metric its 95% interval [low, high], and how they were computed
+    matrix_uncertainty: list[list[dict[str, Any] | None]] = field(default_factory=list)
+    metric_intervals: dict[str, list[float]] = field(default_factory=dict)
+    uncertainty: dict[str, Any] = field(default_factory=dict)
 
     @property
     def task_names(self) -> list[str]:
@@ -318,14 +324,12 @@ def collect_results(run_dir: Path) -> Results:
     matrix_part = PROTOCOLS["matrix"]().collect(view)
     matrix = matrix_part.matrix
     view = RunView(layout=layout, tasks=tasks, rows=rows, matrix=matrix)
-    if plan["joint"]:
-        final = [value for value in matrix[-1] if value is not None]
-        metrics: dict[str, float | None] = {"ACC": sum(final) / len(final) if final else None}
-    else:
-        metrics = dict(compute_all(matrix))
     chance = [task.get("chance") for task in plan["tasks"]]
-    if not plan["joint"] and None not in chance and (value := climb_average_forgetting(matrix, chance)) is not None:
-        metrics["T_F"] = round(value, 4)
+    metrics = run_metrics(matrix, chance, plan["joint"])
+    if metrics.get("T_F") is not None:
+        metrics["T_F"] = round(metrics["T_F"], 4)
+    bootstrap = bootstrap_matrix(matrix_part.samples, lambda R: run_metrics(R, chance, plan["joint"]))
+    intervals = bootstrap.intervals()
     protocols: dict[str, Any] = {}
     for name in planned_protocols(config):
         if name == "matrix" or name not in PROTOCOLS:
@@ -335,6 +339,7 @@ def collect_results(run_dir: Path) -> Results:
         protocols[name] = part
         if part is not None:
             metrics.update(protocol.metrics(part))
+            intervals.update(protocol.metric_intervals(part))
     stored_plan = (plan.get("evaluation") or {}).get("planned")
     if stored_plan is None:  # a run dir from before the plan was recorded: derive it from its config
         stored_plan = legacy_plan(config, layout)
@@ -388,4 +393,7 @@ def collect_results(run_dir: Path) -> Results:
         config_hash=config.get("fingerprint"),
         versions=package_versions(),
         git_commit=git_commit(),
+        matrix_uncertainty=bootstrap.cells,
+        metric_intervals=intervals,
+        uncertainty=bootstrap.description(tasks),
     )

@@ -36,14 +36,24 @@ def write_predictions(
     return 100.0 * sum(scores) / len(scores) if scores else 0.0
 
 
+def sample_scores(path: Path) -> list[tuple[str, float]]:
+    """(sample id, score in [0, 1]) of every record of a predictions file, in file order, recomputed from its
+    predictions and answers with the scorer its header names (the stored ``score`` may come from an older
+    scorer). Soft scorers (VQA soft accuracy, ANLS, IoU, partial credit) give a fraction, and a
+    multi-reference answer is already one score: every sample is one number in [0, 1]."""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    scorer = records[0]["meta"]["scorer"]
+    return [(item["id"], score_one(scorer, item["prediction"], item["answer"])) for item in records[1:]]
+
+
+def mean_percent(scores: Sequence[tuple[str, float]]) -> float:
+    """Mean of :func:`sample_scores`' scores, in percent (0 for no sample)."""
+    return 100.0 * sum(score for _, score in scores) / len(scores) if scores else 0.0
+
+
 def score_prediction_file(path: Path) -> float:
     """Mean score (percent) of a predictions file, recomputed from its predictions and answers."""
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    meta = records[0]["meta"]
-    items = records[1:]
-    if not items:
-        return 0.0
-    return 100.0 * sum(score_one(meta["scorer"], item["prediction"], item["answer"]) for item in items) / len(items)
+    return mean_percent(sample_scores(path))
 
 
 def read_records(path: Path) -> dict[str, dict]:

@@ -7,14 +7,22 @@ index k, the score just after learning task k is the diagonal entry ``R[k][k-1]`
 
 Every metric returns ``None`` when an entry it needs is ``None`` (or the metric is
 undefined, e.g. transfer metrics with a single task).
+
+An entry may also be a numpy vector, one value per bootstrap replicate (all of the same length; see
+:mod:`mmcl.evaluation.uncertainty`): every metric is then computed for all replicates at once, elementwise,
+by the same formulas, and returns a vector; a value undefined in some replicates only (CLiMB's T_F: a
+task not learned above chance there) is NaN in those.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from numbers import Real
+from typing import Any
 
-Matrix = Sequence[Sequence[float | None]]
+import numpy as np
+
+Matrix = Sequence[Sequence[Any]]  # entries: float | None, or numpy vectors of replicates
 
 
 def _num_tasks(R: Matrix) -> int:
@@ -31,22 +39,35 @@ def _num_tasks(R: Matrix) -> int:
         if len(row) != T:
             raise ValueError(f"ragged accuracy matrix: row {t} has {len(row)} entries, row 0 has {T}")
         for i, v in enumerate(row):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, Real)):
+            if v is None or type(v) is float or isinstance(v, np.ndarray):
+                continue
+            if isinstance(v, bool) or not isinstance(v, Real):
                 raise ValueError(f"accuracy matrix entry [{t}][{i}] is not a number or None: {v!r}")
     if len(R) != T + 1:
         raise ValueError(f"accuracy matrix with {T} task columns needs {T + 1} rows, got {len(R)}")
     return T
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
+def _value(v: Any) -> Any:
+    """An entry as a float, or as it is when it is a vector of replicates."""
+    return v if isinstance(v, np.ndarray) else float(v)
+
+
+def _mean(values: Sequence[Any]) -> Any:
     """Mean of ``values``; ``None`` if it is empty or any value is ``None``."""
     if not values or any(v is None for v in values):
         return None
-    return sum(float(v) for v in values if v is not None) / len(values)
+    return sum(_value(v) for v in values if v is not None) / len(values)
 
 
-def _sub(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else float(a) - float(b)
+def _sub(a: Any, b: Any) -> Any:
+    return None if a is None or b is None else _value(a) - _value(b)
+
+
+def _max(values: Sequence[Any]) -> Any:
+    if any(isinstance(v, np.ndarray) for v in values):
+        return np.maximum.reduce([np.asarray(v, dtype=float) for v in values])
+    return max(float(v) for v in values)
 
 
 def final_average(R: Matrix) -> float | None:
@@ -92,7 +113,7 @@ def per_task_forgetting(R: Matrix) -> list[float | None]:
     per_task: list[float | None] = []
     for k in range(1, T):
         seen = [R[l][k - 1] for l in range(k, T)]
-        best = None if any(v is None for v in seen) else max(float(v) for v in seen if v is not None)
+        best = None if any(v is None for v in seen) else _max(seen)
         per_task.append(_sub(best, R[T][k - 1]))
     return per_task + [None]
 
@@ -151,10 +172,13 @@ def climb_forgetting(R: Matrix, random_scores: Sequence[float], j: int, i: int) 
     learned, later = R[j][j - 1], R[i][j - 1]
     if learned is None or later is None:
         return None
-    denominator = float(learned) - float(random_scores[j - 1])
+    denominator = _value(learned) - float(random_scores[j - 1])
+    if isinstance(denominator, np.ndarray):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(denominator > 0.0, 100.0 * (_value(learned) - _value(later)) / denominator, np.nan)
     if denominator <= 0.0:
         return None
-    return 100.0 * (float(learned) - float(later)) / denominator
+    return 100.0 * (_value(learned) - _value(later)) / denominator
 
 
 def climb_average_forgetting(R: Matrix, random_scores: Sequence[float]) -> float | None:
@@ -167,6 +191,12 @@ def climb_average_forgetting(R: Matrix, random_scores: Sequence[float]) -> float
     if T < 2:
         return None
     values = [v for j in range(1, T) if (v := climb_forgetting(R, random_scores, j, T)) is not None]
+    if any(isinstance(v, np.ndarray) for v in values):  # replicates: the mean over the tasks defined in each
+        stacked = np.stack(np.broadcast_arrays(*values))
+        defined = np.isfinite(stacked)
+        count = defined.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(count > 0, np.where(defined, stacked, 0.0).sum(axis=0) / count, np.nan)
     return sum(values) / len(values) if values else None
 
 
@@ -181,3 +211,16 @@ def compute_all(R: Matrix) -> dict[str, float | None]:
         "Forgetting": forgetting(R),
         "FWT": forward_transfer(R),
     }
+
+
+def run_metrics(R: Matrix, random_scores: Sequence[float | None], joint: bool = False) -> dict[str, float | None]:
+    """The metrics results.json reports for a run's matrix: :func:`compute_all`, plus CLiMB's ``T_F`` when every
+    task has a chance score and it is defined; a jointly trained run (one stage on all tasks) has ACC alone,
+    the mean of its final row's evaluated entries."""
+    if joint:
+        final = [_value(value) for value in R[-1] if value is not None]
+        return {"ACC": sum(final) / len(final) if final else None}
+    metrics = compute_all(R)
+    if None not in random_scores and (value := climb_average_forgetting(R, random_scores)) is not None:  # type: ignore[arg-type]
+        metrics["T_F"] = value
+    return metrics

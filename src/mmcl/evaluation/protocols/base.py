@@ -99,6 +99,11 @@ class EvaluationProtocol(ABC):
         """Headline numbers of ``part`` that join the run's metrics (e.g. ``general_drop``)."""
         return {}
 
+    def metric_intervals(self, part: Any) -> dict[str, list[float]]:
+        """95% intervals ``[low, high]`` of the headline numbers of :meth:`metrics` that have one (see
+        :mod:`mmcl.evaluation.uncertainty`), joining results.json's ``metric_intervals``."""
+        return {}
+
     def load_part(self, data: Any) -> Any:
         """``part`` read back from results.json (the inverse of ``dataclasses.asdict``)."""
         return self.part_class(**data) if self.part_class is not None else data
