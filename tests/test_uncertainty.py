@@ -235,3 +235,18 @@ def test_results_without_uncertainty_fields_still_load(run_dir: Path) -> None:
     older = {**data, "schema_version": 2}  # an older schema is rebuilt from the run dir, intervals included
     (run_dir / "results.json").write_text(json.dumps(older), encoding="utf-8")
     assert load_results(run_dir).metric_intervals["ACC"]
+
+
+def test_report_shows_the_intervals(run_dir: Path) -> None:
+    from mmcl.report.formatting import metric_interval, plus_minus
+    from mmcl.report.render import format_table, write_report
+
+    results = collect_results(run_dir)
+    acc = results.metric_intervals["ACC"]
+    text = format_table(results)
+    assert f"ACC 66.7{plus_minus(acc)}" in text and plus_minus(acc) == f"±{(acc[1] - acc[0]) / 2:.1f}"
+    assert "FWT +25.0±" in text and "95% bootstrap interval" in text
+    page = write_report(run_dir, results).read_text(encoding="utf-8")
+    assert f'<td class="num">{metric_interval("ACC", acc)}</td>' in page and metric_interval("BWT", [-75, -2.5]) == "[-75.0, -2.5]"
+    cell = results.matrix_uncertainty[3][1]  # 75 on 4 samples
+    assert f'title="SE {cell["se"]:.1f}, 95% interval [{cell["low"]:.1f}, {cell["high"]:.1f}], 4 samples">75.0<small class="pm">' in page

@@ -45,6 +45,10 @@ LEGEND = (
     "row 'base' = model before any training; '-' = not evaluated; avg = mean of evaluated entries."
 )
 REFERENCE_NOTE = "* = reference row (not part of the sequence)."
+INTERVAL_NOTE = (
+    "± = half-width of the 95% bootstrap interval over test samples (each task's samples resampled together for "
+    "every row)."
+)
 
 
 # -- numbers ---------------------------------------------------------------------------------------
@@ -73,6 +77,51 @@ def number(value: Any, signed: bool = False, null: str = "-") -> str:
 def metric(name: str, value: Any) -> str:
     """A metric as shown everywhere: one decimal, BWT/FWT signed, ``n/a`` when missing."""
     return number(value, signed=name in SIGNED_METRICS, null="n/a")
+
+
+def half_width(interval: Any) -> float | None:
+    """Half the width of an interval ``[low, high]`` (None when there is none)."""
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2:
+        return None
+    low, high = finite(interval[0]), finite(interval[1])
+    return None if low is None or high is None else (high - low) / 2
+
+
+def plus_minus(interval: Any) -> str:
+    """``±h`` with h the interval's half-width, one decimal (empty when there is no interval)."""
+    half = half_width(interval)
+    return "" if half is None else f"±{half:.1f}"
+
+
+def interval(pair: Any, signed: bool = False) -> str:
+    """``[low, high]``, one decimal each (signed for a signed metric); ``n/a`` when there is none."""
+    if half_width(pair) is None:
+        return "n/a"
+    return f"[{number(pair[0], signed=signed)}, {number(pair[1], signed=signed)}]"
+
+
+def metric_interval(name: str, pair: Any) -> str:
+    """A metric's 95% interval as shown everywhere (see :func:`interval`)."""
+    return interval(pair, signed=name in SIGNED_METRICS)
+
+
+def cell_title(cell: Any) -> str:
+    """A matrix cell's uncertainty as a tooltip: standard error, 95% interval and sample count."""
+    if not isinstance(cell, dict):
+        return ""
+    parts = []
+    if finite(cell.get("se")) is not None:
+        parts.append(f"SE {cell['se']:.1f}")
+    if half_width([cell.get("low"), cell.get("high")]) is not None:
+        parts.append(f"95% interval {interval([cell['low'], cell['high']])}")
+    if cell.get("n") is not None:
+        parts.append(f"{cell['n']} samples")
+    return ", ".join(parts)
+
+
+def cell_plus_minus(cell: Any) -> str:
+    """A matrix cell's ``±`` (half-width of its 95% interval; empty when it has none)."""
+    return plus_minus([cell.get("low"), cell.get("high")]) if isinstance(cell, dict) else ""
 
 
 def count(value: Any) -> str:
@@ -174,6 +223,13 @@ def matrix_rows(results: Results) -> list[tuple[str, Row]]:
         (labels[i] if i < len(labels) else f"stage{i}", ([finite(v) for v in row] + [None] * width)[:width])
         for i, row in enumerate(results.matrix)
     ]
+
+
+def matrix_errors(results: Results) -> list[list[dict[str, Any] | None]]:
+    """Each matrix cell's uncertainty (``{"se", "low", "high", "n"}`` or None), shaped like :func:`matrix_rows`."""
+    width = len(results.tasks)
+    stored = list(results.matrix_uncertainty)
+    return [((list(stored[i]) if i < len(stored) else []) + [None] * width)[:width] for i in range(len(results.matrix))]
 
 
 def reference_rows(results: Results) -> list[tuple[str, Row]]:

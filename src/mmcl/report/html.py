@@ -65,9 +65,11 @@ def environment() -> jinja2.Environment:
     env.filters.update(
         number=fmt.number, signed=lambda v: fmt.number(v, signed=True), metric=fmt.metric, count=fmt.count,
         duration=fmt.duration, size=fmt.size, loss=fmt.loss, plain=fmt.plain, answer=fmt.answer,
-        tint=tint, data_uri=data_uri, finite=fmt.finite, mean=mean_of_present,
+        tint=tint, data_uri=data_uri, finite=fmt.finite, mean=mean_of_present, interval=fmt.metric_interval,
+        plus_minus=fmt.plus_minus, cell_title=fmt.cell_title, cell_plus_minus=fmt.cell_plus_minus,
     )  # fmt: skip
-    env.globals.update(METRIC_EXPLANATIONS=fmt.METRIC_EXPLANATIONS, LEGEND=fmt.LEGEND, zip=zip)
+    env.globals.update(METRIC_EXPLANATIONS=fmt.METRIC_EXPLANATIONS, LEGEND=fmt.LEGEND, INTERVAL_NOTE=fmt.INTERVAL_NOTE,
+                       zip=zip)  # fmt: skip
     return env
 
 
@@ -195,6 +197,7 @@ def render_report_html(results: Results, heatmap: bytes, curves: bytes) -> str:
         "notice": fmt.unfinished_notice(results),
         "metrics": fmt.metric_items(results),
         "rows": rows,
+        "errors": fmt.matrix_errors(results),
         "references": fmt.reference_rows(results),
         "general": fmt.general_scores(results),
         "heatmap": heatmap,

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mmcl.report.formatting import (
+    INTERVAL_NOTE,
     LEGEND,
     REFERENCE_NOTE,
     duration,
@@ -23,6 +24,7 @@ from mmcl.report.formatting import (
     metric,
     metric_items,
     number,
+    plus_minus,
     reference_rows,
     total_time,
     unfinished_notice,
@@ -103,7 +105,11 @@ def format_table(results: Results) -> str:
     ]
     table = text_table(columns, [body, ref_body], section_styles=["", "italic"])
     notice = unfinished_notice(results)
-    metrics = "  ".join(f"{key} {metric(key, value)}" for key, value in metric_items(results))
+    intervals = results.metric_intervals
+    metrics = "  ".join(
+        f"{key} {metric(key, value)}{plus_minus(intervals.get(key)) if value is not None else ''}"
+        for key, value in metric_items(results)
+    )
     split = forgetting_split(results)
     split_line = None
     if split is not None:
@@ -116,7 +122,7 @@ def format_table(results: Results) -> str:
         f"time: train {duration(timing.train_seconds)}, evaluation {duration(timing.eval_seconds)}, "
         f"total {total_time(results)}"
     )
-    legend = LEGEND + (f" {REFERENCE_NOTE}" if refs else "")
+    legend = LEGEND + (f" {REFERENCE_NOTE}" if refs else "") + (f" {INTERVAL_NOTE}" if intervals else "")
     return render_text(
         f"{notice} (numbers are not final)" if notice else None, table, metrics, split_line, time_line, legend,
         styles={0: "bold red"},
