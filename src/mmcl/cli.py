@@ -359,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(handler=command_pretrain_tiny)
+
+    from mmcl.sweep.command import add_sweep_parser
+
+    add_sweep_parser(commands)
     return parser
 
 
