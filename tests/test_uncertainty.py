@@ -250,3 +250,80 @@ def test_report_shows_the_intervals(run_dir: Path) -> None:
     assert f'<td class="num">{metric_interval("ACC", acc)}</td>' in page and metric_interval("BWT", [-75, -2.5]) == "[-75.0, -2.5]"
     cell = results.matrix_uncertainty[3][1]  # 75 on 4 samples
     assert f'title="SE {cell["se"]:.1f}, 95% interval [{cell["low"]:.1f}, {cell["high"]:.1f}], 4 samples">75.0<small class="pm">' in page
+
+
+# -- mmcl compare --------------------------------------------------------------------------------------
+
+
+def make_scored_run(root: Path, name: str, seed: int, matrix: list[list[float]], *, rank: int = 8, n: int = 200,
+                    ids: str = "s") -> Path:  # fmt: skip
+    """A compare-test run dir (see test_compare.make_run) whose predictions files hold ``n`` samples each, ids
+    ``<ids>0000``..., right on a seeded random subset of the size the matrix says."""
+    from test_compare import TASKS, make_run
+
+    run_dir = make_run(root, name, "seq-lora", seed, matrix, rank=rank)
+    for r, row in enumerate(matrix):
+        for t, (task, score) in enumerate(zip(TASKS, row)):
+            right = bernoulli(n, score / 100, seed=1000 * seed + 10 * r + t)
+            lines = [json.dumps({"meta": {"scorer": "exact_match", "n": n, "seconds": 0.1}})]
+            lines += [json.dumps({"id": f"{ids}{i:04d}", "prediction": "yes" if ok else "no", "answer": "yes", "score": ok})
+                      for i, ok in enumerate(right)]  # fmt: skip
+            label = "base" if r == 0 else TASKS[r - 1]
+            (run_dir / "predictions" / f"{r}_{label}" / f"{task}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return run_dir
+
+
+LOW = [[10, 10, 10], [60, 10, 10], [30, 60, 10], [20, 30, 60]]
+HIGH = [[10, 10, 10], [90, 10, 10], [80, 90, 10], [70, 80, 90]]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_compare_identical_variants_are_within_noise(tmp_path: Path) -> None:
+    from mmcl.report.compare import compare_runs
+
+    dirs = [make_scored_run(tmp_path, f"r{rank}s{seed}", seed, LOW, rank=rank) for rank in (8, 16) for seed in (0, 1)]
+    comparison = compare_runs(dirs, tmp_path / "cmp")
+    pairs = read_csv(comparison.pairs_path)
+    assert {p["metric"] for p in pairs} == {"ACC", "MFT", "MAA", "BWT", "Forgetting", "FWT", "T_F"}
+    for pair in pairs:  # the same predictions: the difference is exactly 0 in every replicate
+        assert (pair["difference"], pair["low"], pair["high"], pair["within_noise"]) == ("0", "0", "0", "true"), pair
+        assert pair["paired_seeds"] == pair["paired_samples"] == "true"
+    means = [row for row in read_csv(comparison.csv_path) if row["kind"] == "mean"]
+    assert len(means) == 2 and float(means[0]["ACC_low"]) < float(means[0]["ACC"]) < float(means[0]["ACC_high"])
+    runs = [row for row in read_csv(comparison.csv_path) if row["kind"] == "run"]
+    assert [float(runs[0]["ACC_low"]), float(runs[0]["ACC_high"])] == collect_results(dirs[0]).metric_intervals["ACC"]
+    assert "within noise" in comparison.text and "seeds, samples" in comparison.text
+
+
+def test_compare_separates_clearly_different_variants(tmp_path: Path) -> None:
+    from mmcl.report.compare import compare_runs
+
+    dirs = [make_scored_run(tmp_path, f"low{seed}", seed, LOW) for seed in (0, 1)]
+    dirs += [make_scored_run(tmp_path, f"high{seed}", seed, HIGH, rank=16) for seed in (0, 1)]
+    comparison = compare_runs(dirs, tmp_path / "cmp")
+    acc = next(p for p in read_csv(comparison.pairs_path) if p["metric"] == "ACC")
+    assert float(acc["difference"]) == pytest.approx((20 + 30 + 60 - 70 - 80 - 90) / 3)
+    assert float(acc["high"]) < 0 and acc["within_noise"] == "false"
+    assert "separated" in comparison.text
+    page = comparison.html_path.read_text(encoding="utf-8")
+    assert "<h2>Differences between variants</h2>" in page and "separated" in page and 'class="num separated"' in page
+    assert "Per variant, mean and 95% interval over seeds and test samples" in page
+
+
+def test_compare_runs_of_other_test_samples_pair_over_seeds_only(tmp_path: Path) -> None:
+    from mmcl.report.compare import compare_runs
+
+    dirs = [make_scored_run(tmp_path, f"a{seed}", seed, LOW) for seed in (0, 1)]
+    dirs += [make_scored_run(tmp_path, f"b{seed}", seed, LOW, rank=16, ids="other") for seed in (0, 1)]
+    comparison = compare_runs(dirs, tmp_path / "cmp")
+    acc = next(p for p in read_csv(comparison.pairs_path) if p["metric"] == "ACC")
+    assert (acc["paired_seeds"], acc["paired_samples"]) == ("true", "false")
+    assert acc["within_noise"] == "true" and float(acc["low"]) < 0 < float(acc["high"])  # unpaired: not exactly 0
+    assert "different test samples" in comparison.text
+    assert "different test samples" in comparison.html_path.read_text(encoding="utf-8")

@@ -7,8 +7,18 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mmcl.report.compare_noise import INTERVAL_METRICS, Noise, PairDifference
 from mmcl.report.compare_runs import FIELDS, OPTIONAL_METRICS
-from mmcl.report.formatting import SIGNED_METRICS, duration_unit, finite, size_unit
+from mmcl.report.formatting import (
+    SIGNED_METRICS,
+    duration_unit,
+    finite,
+    interval,
+    metric,
+    metric_interval,
+    number,
+    size_unit,
+)
 from mmcl.report.text import render_text, text_table
 
 HEADERS: dict[str, str] = {
@@ -104,9 +114,11 @@ def _csv_value(value: Any) -> str:
 
 def csv_text(run_rows: Sequence[Mapping[str, Any]], method_rows: Sequence[Mapping[str, Any]]) -> str:
     """Both tables as CSV; column ``kind`` = ``run`` (one per run dir) or ``mean`` (per variant over seeds,
-    with ``*_std`` columns)."""
+    with ``*_std`` columns); then each bootstrapped metric's 95% interval, ``<metric>_low`` and
+    ``<metric>_high`` (a run's over its test samples, a variant's mean's over seeds and test samples)."""
     columns = ["kind", "label", "method", "n", "seeds", "run_dirs", "complete", "reference"]
     columns += [name for field in FIELDS for name in (field, f"{field}_std")]
+    columns += [f"{name}_{end}" for name in INTERVAL_METRICS for end in ("low", "high")]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -116,4 +128,100 @@ def csv_text(run_rows: Sequence[Mapping[str, Any]], method_rows: Sequence[Mappin
             if kind == "run":
                 record.update(seeds=[row.get("seed")], run_dirs=[row.get("run_dir")])
             writer.writerow([_csv_value(record.get(column)) for column in columns])
+    return buffer.getvalue()
+
+
+# -- noise: intervals of the variants' means, differences of pairs -------------------------------------
+
+INTERVALS_NOTE = (
+    "mean [low, high] = mean over the variant's seeds and its 95% interval: hierarchical bootstrap resampling the "
+    "seeds, then each run's test samples (one resample of shared test samples per replicate)."
+)
+PAIRS_NOTE = (
+    "A - B = difference of the variants' means [its 95% bootstrap interval]; ~ = the interval contains 0: within "
+    "noise. Paired over seeds (by seed value) when both variants ran the same seeds, else each side's seeds are "
+    "resampled on their own; paired over test samples (by sample id) when all their runs share them."
+)
+UNPAIRED_SAMPLES_NOTE = (
+    "Runs evaluated on different test samples (another evaluation.limit subset or data seed) are compared over "
+    "seeds only, their test samples resampled independently (pairs marked 'seeds' or 'none')."
+)
+
+
+def interval_cells(noise: Noise) -> tuple[list[str], list[list[str]], list[list[str]], list[str]]:
+    """(header, rows of continual variants, rows of reference variants, notes) of the intervals table."""
+    header = ["variant", "n", *(HEADERS.get(m, m) for m in noise.metrics)]
+    runs: list[list[str]] = []
+    references: list[list[str]] = []
+    for row in noise.variants:
+        cells = [row["label"], str(row["n"])]
+        for name in noise.metrics:
+            mean, interval = row["metrics"][name]
+            cells.append("n/a" if mean is None else f"{metric(name, mean)} {metric_interval(name, interval)}")
+        (references if row["reference"] else runs).append(cells)
+    notes = [INTERVALS_NOTE]
+    if not all(row["shared_samples"] for row in noise.variants):
+        notes.append(UNPAIRED_SAMPLES_NOTE)
+    return header, runs, references, notes
+
+
+def paired_over(pair: PairDifference) -> str:
+    return ", ".join(name for name, on in (("seeds", pair.paired_seeds), ("samples", pair.paired_samples)) if on) or "none"
+
+
+def headline(noise: Noise) -> str | None:
+    """The metric whose verdict a pair's row spells out: ACC, else the first metric."""
+    return "ACC" if "ACC" in noise.metrics else (noise.metrics[0] if noise.metrics else None)
+
+
+def difference_cell(pair: PairDifference) -> str:
+    """``-3.2 [-8.1, +1.5] ~`` (``~``: within noise); ``n/a`` when a side lacks the metric."""
+    if pair.difference is None:
+        return "n/a"
+    return f"{number(pair.difference, signed=True)} {interval(pair.interval, signed=True)}" + (" ~" if pair.within_noise else "")
+
+
+def pair_cells(noise: Noise) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, notes) of the table of differences between every pair of variants."""
+    main = headline(noise)
+    header = ["A - B", *(HEADERS.get(m, m) for m in noise.metrics), f"{main} verdict", "paired over"]
+    rows = []
+    for differences in noise.pairs:
+        first = differences[0]
+        verdict = next((d for d in differences if d.metric == main), None)
+        if verdict is None or verdict.within_noise is None:
+            word = "n/a"
+        else:
+            word = "within noise" if verdict.within_noise else "separated"
+        rows.append([f"{first.a} - {first.b}", *map(difference_cell, differences), word, paired_over(first)])
+    notes = [PAIRS_NOTE]
+    if any(not differences[0].paired_samples for differences in noise.pairs):
+        notes.append(UNPAIRED_SAMPLES_NOTE)
+    return header, rows, notes
+
+
+def format_noise(noise: Noise) -> str:
+    """The intervals table and, with two variants or more, the differences table, as terminal text."""
+    header, runs, references, notes = interval_cells(noise)
+    parts: list[Any] = ["Per variant, mean and 95% interval over seeds and test samples:",
+                        text_table(header, [runs, references], section_styles=["", "italic"]), " ".join(notes)]  # fmt: skip
+    if noise.pairs:
+        header, rows, notes = pair_cells(noise)
+        parts += ["", "Differences between variants (A - B), 95% bootstrap interval:", text_table(header, [rows]),
+                  " ".join(dict.fromkeys(notes))]  # fmt: skip
+    return render_text(*parts)
+
+
+def pairs_csv_text(noise: Noise) -> str:
+    """One line per pair of variants and metric: ``a``, ``b``, ``metric``, ``difference``, ``low``, ``high``,
+    ``within_noise``, ``paired_seeds``, ``paired_samples``."""
+    columns = ["a", "b", "metric", "difference", "low", "high", "within_noise", "paired_seeds", "paired_samples"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for differences in noise.pairs:
+        for d in differences:
+            low, high = d.interval if d.interval is not None else (None, None)
+            values = [d.a, d.b, d.metric, d.difference, low, high, d.within_noise, d.paired_seeds, d.paired_samples]
+            writer.writerow([_csv_value(value) for value in values])
     return buffer.getvalue()
