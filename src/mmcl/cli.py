@@ -134,7 +134,8 @@ def command_compare(args: argparse.Namespace) -> int:
 
     comparison = compare_runs([Path(d) for d in args.run_dirs], Path(args.out))
     print(comparison.text)
-    print(f"\ntable: {comparison.csv_path}\nplot: {comparison.png_path}\npage: {comparison.html_path}")
+    print(f"\ntable: {comparison.csv_path}\npairs: {comparison.pairs_path}\nplot: {comparison.png_path}"
+          f"\npage: {comparison.html_path}")  # fmt: skip
     return 0
 
 
