@@ -49,8 +49,9 @@ def _echo(line: str) -> None:
 
 
 def _shown_path(path: Path) -> str:
+    """``path`` relative to the current folder when it is inside it, else absolute."""
     try:
-        return os.path.relpath(path)
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
 

@@ -7,6 +7,7 @@ submitit's local executor instead: the same jobs as processes on this machine (w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -49,12 +50,12 @@ class SweepJob(Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) or available_cores()
-        env = {**self.command.environment(), **thread_env(threads)}
-        log, offset = open_log(self.command)
+        command = dataclasses.replace(self.command, env={**self.command.env, **thread_env(threads)})
+        log, offset = open_log(command)
         begin = time.monotonic()
         try:
-            self._process = subprocess.Popen(self.command.argv, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+            self._process = subprocess.Popen(command.argv, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=command.environment())  # fmt: skip
             while self._process.poll() is None:  # not wait(): checkpoint() polls it from a signal handler
                 time.sleep(0.5)
             return {"code": self._process.returncode, "seconds": time.monotonic() - begin, "offset": offset}
