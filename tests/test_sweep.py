@@ -21,7 +21,7 @@ from catalogue import Invocation, assert_contract, invoke
 from conftest import write_config
 from mmcl.cli import _set_assignments
 from mmcl.config import load_config
-from mmcl.errors import ConfigError
+from mmcl.errors import ConfigError, MmclError
 from mmcl.layout import RunLayout
 from mmcl.results import collect_results
 from mmcl.sweep.launch import INTERRUPTED, NOT_RUN, RunCommand, SweepInterrupted, last_error_line
@@ -322,6 +322,22 @@ def _wait_for(predicate, seconds: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_slurm_section_becomes_submitit_parameters(tmp_path: Path) -> None:
+    from mmcl.sweep.slurm import executor_parameters, make_executor
+
+    slurm = {"partition": "gpu", "time_min": 90, "cpus_per_task": 4, "gpus_per_node": 1, "mem_gb": 16,
+             "array_parallelism": 8, "account": "lab", "cluster": "local"}  # fmt: skip
+    data = {"name": "lab", "axes": {"seed": [0]}, "slurm": slurm, "output_dir": str(tmp_path / "runs")}
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", data))
+    assert executor_parameters(sweep) == {
+        "name": "mmcl-lab", "timeout_min": 90, "nodes": 1, "tasks_per_node": 1, "slurm_partition": "gpu",
+        "cpus_per_task": 4, "gpus_per_node": 1, "mem_gb": 16, "slurm_array_parallelism": 8, "slurm_account": "lab"}
+    assert make_executor(sweep, "local").parameters["timeout_min"] == 90  # submitit takes them
+    if shutil.which("srun") is None:  # no SLURM here: one line, nothing submitted
+        with pytest.raises(MmclError, match=r"launcher slurm: .*--slurm-cluster local"):
+            make_executor(sweep, "slurm")
 
 
 def test_a_failing_run_does_not_stop_the_local_launcher(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from mmcl.errors import ConfigError
+from mmcl.errors import ConfigError, MmclError
 from mmcl.sweep.launch import (
     FAILED,
     INTERRUPTED,
@@ -87,7 +87,12 @@ def executor_parameters(sweep: Sweep) -> dict[str, Any]:
 
 
 def make_executor(sweep: Sweep, cluster: str) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=str(sweep.submitit_dir), cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=str(sweep.submitit_dir), cluster=cluster)
+    except RuntimeError as exc:  # no sbatch/srun on this machine
+        reason = " ".join(str(exc).split())
+        raise MmclError(f"launcher slurm: {reason[:160]} (run the sweep where SLURM is, or pass --slurm-cluster "
+                        "local to run its jobs on this machine)") from None
     try:
         executor.update_parameters(**executor_parameters(sweep))
     except (NameError, ValueError, TypeError, AssertionError) as exc:
