@@ -213,7 +213,9 @@ def test_local_grid_runs_two_at_once_and_ends_in_one_comparison(grid: dict[str, 
     assert all(row["n"] == "2" for row in variants), rows  # one variant per method, mean over its 2 seeds
 
 
-def test_a_failing_run_does_not_stop_the_others_and_resume(grid: dict[str, Any]) -> None:
+def test_on_submitit_a_failing_run_does_not_stop_the_others_and_a_killed_run_resumes(grid: dict[str, Any]) -> None:
+    """submitit's local executor (the SLURM launcher's path): one job per run, at once. One run's method
+    fails; the other run had lost its last stage (killed, preempted) and finishes from where it was."""
     runs = grid["runs"]
     resumed = RunLayout(runs / "method=replay,seed=1")
     first_stage = next(path for path in resumed.stages_dir.iterdir() if path.name.startswith("1_"))
@@ -224,25 +226,36 @@ def test_a_failing_run_does_not_stop_the_others_and_resume(grid: dict[str, Any])
     dry = invoke(Invocation(["sweep", str(grid["path"]), "--dry-run"]))
     assert dry.code == 0 and "partial (1/2 stages" in " ".join(_table_row(dry.out, "method=replay,seed=1"))
 
+    # the same runs (same names), plus one of a method that always fails
     path = write_sweep(grid["folder"] / "fails.yaml", {
-        "name": "fails", **grid["common"], "axes": {"method": ["sweep-fails", "replay"], "seed": [1]}, "jobs": 2})
-    outcome = invoke(Invocation(["sweep", str(path)]))
+        "name": "fails", **grid["common"], "axes": {"method": ["sweep-fails", "replay"], "seed": [1]},
+        "slurm": {"time_min": 10, "partition": "ignored-by-the-local-executor"}})
+    argv = ["sweep", str(path), "--launcher", "slurm", "--slurm-cluster", "local"]
+    dry = invoke(Invocation([*argv, "--dry-run"]))
+    assert "slurm launcher (submitit's local executor), one job per run" in dry.out and "would launch 2 run(s)" in dry.out
+    outcome = invoke(Invocation(argv))
     assert_contract(outcome, 1, r"sweep fails: 1 of 2 run\(s\) did not finish \(method=sweep-fails,seed=1\)")
+    assert "submitted 2 job(s) to submitit's local executor" in outcome.out
     failed = _table_row(outcome.out, "method=sweep-fails,seed=1")
     assert failed[1:3] == ["failed", "3"] and "sweep-fails: this method always fails" in " ".join(failed)
     assert _table_row(outcome.out, "method=replay,seed=1")[1:3] == ["done", "0"]
     assert collect_results(resumed.root).complete
     assert (first_stage / "state.safetensors").stat().st_mtime_ns == kept  # the finished stage was not redone
     assert len(collect_results(resumed.root).timing.sessions) == 2
+    session = (runs / "logs" / "method=replay,seed=1.log").read_text(encoding="utf-8").split("=== mmcl sweep ")[-1]
+    assert "OMP_NUM_THREADS=1" in session.splitlines()[0] and "over 2 sessions" in session
+    assert any(path.name.endswith("_result.pkl") for path in (runs / "slurm").iterdir())  # submitit's own files
+    assert [row["run_dirs"] for row in _compared(runs) if row["kind"] == "run"] == [str(resumed.root)]
 
-    # the grid again: every run is done, nothing is launched, the comparison is rebuilt
-    begin = time.monotonic()
-    again = invoke(Invocation(["sweep", str(grid["path"])]))
-    assert again.code == 0, again.err
-    assert "4 run(s) already done, skipped" in again.out and "] started " not in again.out
-    assert all(_table_row(again.out, name)[1:3] == ["done", "earlier"] for name in NAMES)
-    assert {row["run_dirs"] for row in _compared(runs) if row["kind"] == "run"} == {str(runs / name) for name in NAMES}
-    assert time.monotonic() - begin < 15
+    # the grid again, on either launcher: every run is done, nothing is launched, the comparison is rebuilt
+    for extra in (["--launcher", "slurm", "--slurm-cluster", "local"], []):
+        begin = time.monotonic()
+        again = invoke(Invocation(["sweep", str(grid["path"]), *extra]))
+        assert again.code == 0, again.err
+        assert "4 run(s) already done, skipped" in again.out and "started" not in again.out and "submitted" not in again.out
+        assert all(_table_row(again.out, name)[1:3] == ["done", "earlier"] for name in NAMES)
+        assert {row["run_dirs"] for row in _compared(runs) if row["kind"] == "run"} == {str(runs / name) for name in NAMES}
+        assert time.monotonic() - begin < 15
 
 
 def test_dry_run_lists_runs_and_their_state(grid: dict[str, Any], tmp_path: Path) -> None:
@@ -273,27 +286,6 @@ def test_dry_run_lists_runs_and_their_state(grid: dict[str, Any], tmp_path: Path
     refused = invoke(Invocation(["sweep", str(path)]))
     assert_contract(refused, 4, r"method=replay,seed=0: holds a run of a different config than sweep run")
     assert not (out / "logs").exists()
-
-
-def test_the_grid_on_submitits_local_executor_resumes_its_runs(grid: dict[str, Any]) -> None:
-    runs = grid["runs"]
-    for name in NAMES[:2]:  # the seq-lora runs lose their last stage, as if their jobs had been preempted
-        layout = RunLayout(runs / name)
-        shutil.rmtree(next(path for path in layout.stages_dir.iterdir() if path.name.startswith("2_")))
-    argv = ["sweep", str(grid["path"]), "--launcher", "slurm", "--slurm-cluster", "local"]
-    dry = invoke(Invocation([*argv, "--dry-run"]))
-    assert "slurm launcher (submitit's local executor), one job per run" in dry.out and "would launch 2 run(s)" in dry.out
-    outcome = invoke(Invocation(argv))
-    assert outcome.code == 0, (outcome.out[-3000:], outcome.err[-3000:])
-    assert "submitted 2 job(s) to submitit's local executor" in outcome.out
-    for name in NAMES:
-        assert _table_row(outcome.out, name)[1:3] == (["done", "0"] if name in NAMES[:2] else ["done", "earlier"])
-        assert collect_results(runs / name).complete
-    for name in NAMES[:2]:
-        session = (runs / "logs" / f"{name}.log").read_text(encoding="utf-8").split("=== mmcl sweep ")[-1]
-        assert "OMP_NUM_THREADS=1" in session.splitlines()[0] and "total" in session
-    assert any(path.name.endswith("_result.pkl") for path in (runs / "slurm").iterdir())  # submitit's own files
-    assert len([row for row in _compared(runs) if row["kind"] == "run"]) == 4
 
 
 # -- launchers without a model ---------------------------------------------------------------------------
@@ -340,18 +332,54 @@ def test_slurm_section_becomes_submitit_parameters(tmp_path: Path) -> None:
             make_executor(sweep, "slurm")
 
 
+def test_runs_on_several_streams_are_compared_per_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmcl.report.compare
+    from mmcl.report.compare import Comparison
+    from mmcl.sweep.command import compare_finished
+
+    calls: dict[Path, list[Path]] = {}
+
+    def compare_runs(run_dirs, out):
+        calls[Path(out)] = list(run_dirs)
+        return Comparison("table", out / "comparison.csv", out / "comparison.png", out / "comparison.html")
+
+    monkeypatch.setattr(mmcl.report.compare, "compare_runs", compare_runs)
+    data = {"axes": {"stream": ["synth-domain", "mllm-cl-domain"], "seed": [0, 1]}, "output_dir": str(tmp_path)}
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", data))
+    configs = check_runs(sweep)
+    pages = compare_finished(sweep, configs, [run.name for run in sweep.runs][:3])  # one run did not finish
+    assert calls == {
+        tmp_path / "compare" / "synth-domain": [tmp_path / "stream=synth-domain,seed=0", tmp_path / "stream=synth-domain,seed=1"],
+        tmp_path / "compare" / "mllm-cl-domain": [tmp_path / "stream=mllm-cl-domain,seed=0"],
+    }  # fmt: skip
+    assert len(pages) == 2
+
+
+def test_each_local_run_gets_its_own_gpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mmcl.sweep.command import _gpu_groups
+
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", {"axes": {"seed": [0, 1]}, "gpus_per_run": 2, "jobs": 4}))
+    notes: list[str] = []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4,5,6,7")
+    assert _gpu_groups(sweep, notes.append) == ["3,4", "5,6"] and "at most 2 run(s) at once" in notes[-1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert _gpu_groups(sweep, notes.append) is None and "the runs use the CPU" in notes[-1]
+    sweep.gpus_per_run = 0
+    assert _gpu_groups(sweep, notes.append) is None
+
+
 def test_a_failing_run_does_not_stop_the_local_launcher(tmp_path: Path) -> None:
     from mmcl.sweep.launch import DONE, FAILED
     from mmcl.sweep.local import run_local
 
     fails = RunCommand("fails", [sys.executable, "-c", "import sys; print('error: bad record 3'); print('bye'); sys.exit(3)"],
                        tmp_path / "logs" / "fails.log")  # fmt: skip
-    works = RunCommand("works", [sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"],
-                       tmp_path / "logs" / "works.log", {"OMP_NUM_THREADS": "3"})  # fmt: skip
-    outcomes = run_local([fails, works, works.__class__("again", works.argv, tmp_path / "again.log", works.env)], jobs=1,
-                         echo=lambda line: None)  # fmt: skip
+    show = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['CUDA_VISIBLE_DEVICES'])"
+    works = RunCommand("works", [sys.executable, "-c", show], tmp_path / "logs" / "works.log", {"OMP_NUM_THREADS": "3"})
+    again = RunCommand("again", works.argv, tmp_path / "logs" / "again.log", works.env)
+    outcomes = run_local([fails, works, again], jobs=2, gpu_groups=["6,7"], echo=lambda line: None)
     assert [(o.result, o.code, o.note) for o in outcomes] == [(FAILED, 3, "error: bad record 3"), (DONE, 0, ""), (DONE, 0, "")]
-    assert _said(works, "3")  # its environment
+    assert _said(works, "3 6,7") and _said(again, "3 6,7")  # its threads; the one GPU group, one run at a time
 
 
 def test_ctrl_c_stops_the_running_runs_and_starts_no_more(tmp_path: Path) -> None:
