@@ -1,4 +1,4 @@
-"""The ``mmcl`` command line: run, list, report, data check, pretrain-tiny."""
+"""The ``mmcl`` command line: run, list, report, reproduce, compare, data check, pretrain-tiny."""
 
 from __future__ import annotations
 
@@ -24,8 +24,24 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
+    if args.deterministic:
+        overrides["deterministic"] = True
     overrides.update(_set_assignments(args.set))
     return overrides
+
+
+def _config_file_data(path: Path | None) -> dict[str, Any] | None:
+    """A config file's top level, read early (before torch) for ``deterministic``; problems are reported
+    later, when the config is loaded for real."""
+    if path is None or not path.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _set_assignments(assignments: list[str] | None) -> dict[str, Any]:
@@ -45,26 +61,38 @@ def _set_assignments(assignments: list[str] | None) -> dict[str, Any]:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from mmcl import distributed
+    from mmcl.determinism import pin_environment, requested_level
+
+    config_path = Path(args.config) if args.config else None
+    overrides = _overrides(args)
+    level = requested_level(_config_file_data(config_path), overrides)
+    if level is not None:  # before anything imports torch
+        pin_environment(level)
     from mmcl.config import load_config
     from mmcl.plugins import load_plugins, loaded_plugins
-    from mmcl.report.render import format_table, write_report
-    from mmcl.runner import ContinualRun
 
     load_plugins(args.plugin or [])  # on every torchrun process, before anything is looked up by name
-    config_path = Path(args.config) if args.config else None
     if config_path is not None and config_path.is_dir():  # a folder of <task>/{train,test}.json: its stream
-        config = load_config(None, {**_folder_stream(config_path), **_overrides(args)})
+        config = load_config(None, {**_folder_stream(config_path), **overrides})
         config_path = None
     else:
-        config = load_config(config_path, _overrides(args))
+        config = load_config(config_path, overrides)
     if hasattr(config, "plugins"):
         config.plugins = loaded_plugins()
     base_dir = config_path.parent if config_path else Path.cwd()
+    return _run(config, base_dir, overwrite=args.overwrite, recompute_changed=args.recompute_changed)
+
+
+def _run(config: Any, base_dir: Path, overwrite: bool = False, recompute_changed: bool = False) -> int:
+    """Run (or resume) ``config``'s experiment, write its report and print its table."""
+    from mmcl import distributed
+    from mmcl.report.render import format_table, write_report
+    from mmcl.runner import ContinualRun
+
     distributed.init_from_env()
     if not distributed.is_main():  # under torchrun, process 0 alone reports
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
-    run = ContinualRun(config, base_dir, overwrite=args.overwrite, recompute_changed=args.recompute_changed)
+    run = ContinualRun(config, base_dir, overwrite=overwrite, recompute_changed=recompute_changed)
     print(f"run dir: {run.run_dir}  (method {config.method.name}, stream {config.stream.name}, backbone {config.backbone.name})")
     try:
         results = run.run()
@@ -80,7 +108,44 @@ def command_run(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     print(f"\nreport: {report}\nresults: {run.run_dir / 'results.json'}")
+    _print_warnings(results)
     return 0
+
+
+def _print_warnings(results: Any) -> None:
+    for warning in results.environment_warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def command_reproduce(args: argparse.Namespace) -> int:
+    """Rerun a run dir from its recorded config, plugins and kernels; exit 0 when every number is identical."""
+    from mmcl.determinism import pin_environment, requested_level
+    from mmcl.reproduce import base_dir_of, read_stored_config
+
+    run_dir = Path(args.run_dir)
+    stored = read_stored_config(run_dir)
+    level = requested_level(stored, {})
+    if level is not None:  # before anything imports torch
+        pin_environment(level)
+    from mmcl.config import config_from_stored
+    from mmcl.layout import RunLayout
+    from mmcl.reproduce import compare_runs_exactly, load_recorded_plugins
+
+    config_file = RunLayout(run_dir).config_file
+    out = Path(args.out) if args.out else run_dir.with_name(run_dir.name + "-reproduced")
+    if out.resolve() == run_dir.resolve():
+        raise ConfigError(f"--out {out}: the rerun needs a run dir of its own, not {run_dir}")
+    load_recorded_plugins(stored, config_file)
+    config = config_from_stored(stored, str(config_file))
+    config.output_dir = str(out)
+    status = _run(config, base_dir_of(stored, run_dir, print))
+    if status != 0:
+        return status
+    print(f"\nreproducing {run_dir} in {out}:")
+    reproduction = compare_runs_exactly(run_dir, out)
+    for line in reproduction.lines():
+        print(f"  {line}")
+    return 0 if reproduction.identical else 1
 
 
 def _kept_output_error(exc: BaseException, run_dir: Path) -> BaseException:
@@ -120,6 +185,7 @@ def command_report(args: argparse.Namespace) -> int:
     report = write_report(run_dir, results)
     print(format_table(results))
     print(f"\nreport: {report}")
+    _print_warnings(results)
     if not results.complete:
         from mmcl.errors import UnfinishedRunError
         from mmcl.report.render import unfinished_notice
@@ -326,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="debug output, dependencies' warnings and logs (also MMCL_DEBUG=1)")
     run.add_argument("--plugin", action="append", metavar="FILE",
                      help="a Python file that registers methods, streams, scorers or presets (repeatable)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="pin the CPU kernels: the same seed gives the same matrix on every x86-64 machine "
+                          "(--set deterministic_isa=baseline for CPUs without AVX2)")
     run.add_argument("--overwrite", action="store_true", help="replace a run dir made by a different config")
     run.add_argument("--recompute-changed", action="store_true",
                      help="the data changed since the run dir was made: redo the stages and evaluations that depend on it")
@@ -341,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild results.json and the report from stored predictions")
     report.add_argument("run_dir")
     report.set_defaults(handler=command_report)
+
+    reproduce = commands.add_parser("reproduce", help="rerun a run dir from its recorded config; say if it is identical")
+    reproduce.add_argument("run_dir", metavar="RUN_DIR")
+    reproduce.add_argument("--out", help="run directory of the rerun (default: RUN_DIR-reproduced)")
+    reproduce.set_defaults(handler=command_reproduce)
 
     compare = commands.add_parser("compare", help="compare runs of the same stream: metrics table, CSV and plot")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (same stream and tasks)")

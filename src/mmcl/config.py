@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from mmcl.streams.stream import StreamConfig, check_name
+from mmcl.determinism import check_level
 from mmcl.errors import ConfigError
 from mmcl.evaluation.protocols.general import GeneralSettings
 from mmcl.evaluation.protocols.low_shot import LowShotSettings
@@ -183,6 +184,10 @@ class ExperimentConfig:
         "safe_name": True, "help": "names the run and its default dir runs/<name>", "affects_results": False})
     output_dir: str | None = setting(None, help="the run directory (default: runs/<name>)", affects_results=False)
     seed: int = setting(0, SEED_RANGE, "seed of everything random (stage k trains with seed + k)")
+    deterministic: bool = setting(False, help="pin the CPU kernels before torch loads, so that the same seed gives "
+                                  "the same matrix on every x86-64 machine (docs/reproducibility.md)")
+    deterministic_isa: str = setting("avx2", help="the kernels deterministic pins: avx2 (no cost on an AVX2 CPU) | "
+                                     "baseline (every x86-64 CPU, slower)")
     stream: StreamConfig = setting(default_factory=StreamConfig, help="the tasks, in training order")
     backbone: BackboneConfig = setting(default_factory=BackboneConfig, help="the model trained")
     method: MethodConfig = setting(default_factory=MethodConfig, help="the continual-learning method")
@@ -193,6 +198,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
+        check_level(self.deterministic_isa)
 
     @property
     def run_dir(self) -> Path:
@@ -347,7 +353,7 @@ def upgrade_config_data(data: dict[str, Any]) -> dict[str, Any]:
 def config_from_stored(stored: dict[str, Any], where: str) -> ExperimentConfig:
     """The config a run dir's ``config.yaml`` records (any mmcl version's layout), without the keys mmcl
     adds itself; a :class:`ConfigError` naming ``where`` if it no longer reads."""
-    data = {key: value for key, value in stored.items() if key != "fingerprint"}
+    data = {key: value for key, value in stored.items() if key not in ("fingerprint", "base_dir")}
     try:
         return from_dict(ExperimentConfig, upgrade_config_data(data))
     except ConfigError as exc:

@@ -22,7 +22,8 @@ from mmcl.evaluation.metrics import per_task_forgetting, run_metrics
 from mmcl.evaluation.protocols import PROTOCOLS, Row, RunView
 from mmcl.evaluation.uncertainty import bootstrap_matrix
 from mmcl.layout import BASE_LABEL, RunLayout, row_name
-from mmcl.utils import atomic_write_text, git_commit, package_versions
+from mmcl.environment import installed_versions, source_state, version_warnings
+from mmcl.utils import atomic_write_text
 
 SCHEMA_VERSION = 3  # 1 = the untyped dict of mmcl before results had a schema (no "schema_version" key); 3 = uncertainties
 EXAMPLES_PER_KIND = 3  # example predictions shown per old task and kind
@@ -49,6 +50,7 @@ class StageInfo:
     trainable_parameters: int | None
     train_loss: float | None  # the Trainer's mean training loss over the stage
     train_metrics: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] | None = None  # versions, commit, CPU kernels, threads when trained (mmcl.environment)
 
 
 @dataclass
@@ -108,8 +110,10 @@ class Results:
     method_summary: dict[str, Any] | None  # the method's evaluation facts (e.g. MR-LoRA routing)
     method_sections: list[dict[str, Any]]  # report sections the method returns as data
     config_hash: str | None
-    versions: dict[str, str]
-    git_commit: str | None
+    versions: dict[str, str]  # the libraries the last trained stage recorded (older run dirs: installed at collection)
+    git_commit: str | None  # and its source commit
+    git_dirty: bool | None = None  # the source tree had uncommitted changes then
+    environment_warnings: list[str] = field(default_factory=list)  # versions that differ (mmcl.environment)
     # uncertainty (mmcl.evaluation.uncertainty): per matrix cell {"se", "low", "high", "n"} (points; None = not
     # evaluated), per metric its 95% interval [low, high], and how they were computed
     matrix_uncertainty: list[list[dict[str, Any] | None]] = field(default_factory=list)
@@ -216,7 +220,7 @@ def _stages(layout: RunLayout, labels: list[str]) -> list[StageInfo]:
         stages.append(StageInfo(
             index=index, label=label, done=True, seconds=info.get("seconds"), train_samples=info.get("train_samples"),
             trainable_parameters=info.get("trainable_parameters"), train_loss=metrics.get("train_loss"),
-            train_metrics=metrics,
+            train_metrics=metrics, environment=info.get("environment"),
         ))  # fmt: skip
     return stages
 
@@ -314,6 +318,22 @@ def record_session(layout: RunLayout, seconds: float) -> None:
     atomic_write_text(layout.sessions_file, json.dumps({"sessions": sessions}, indent=1))
 
 
+def _environment_fields(stages: list[StageInfo]) -> dict[str, Any]:
+    """``versions``, ``git_commit``, ``git_dirty`` as the last trained stage recorded them, and the warnings
+    of :func:`mmcl.environment.version_warnings`; a run dir whose stages recorded nothing shows what is
+    installed now, and says so."""
+    recorded = [stage.environment for stage in stages if stage.done and stage.environment]
+    warnings = version_warnings({stage.label: stage.environment for stage in stages if stage.done})
+    if recorded:
+        last = recorded[-1]
+        return {"versions": dict(last.get("versions", {})), "git_commit": last.get("git_commit"),
+                "git_dirty": last.get("git_dirty"), "environment_warnings": warnings}
+    if any(stage.done for stage in stages):
+        warnings.append("the stages recorded no versions (trained by an older mmcl): the versions shown are the "
+                        "ones installed now")
+    return {"versions": installed_versions(), **source_state(), "environment_warnings": warnings}
+
+
 def collect_results(run_dir: Path) -> Results:
     """Everything ``results.json`` holds, computed from the run dir alone (no model needed)."""
     layout = RunLayout(Path(run_dir))
@@ -384,15 +404,14 @@ def collect_results(run_dir: Path) -> Results:
             sessions=sessions,
             total_seconds=round(sum(sessions), 3) if sessions else None,
         ),
-        settings={key: value for key, value in config.items() if key != "fingerprint"},
+        settings={key: value for key, value in config.items() if key not in ("fingerprint", "base_dir")},
         evaluation_protocol=plan.get("evaluation"),
         protocols=protocols,
         examples={} if plan["joint"] else example_predictions(layout, tasks, rows),
         method_summary=summary.get("summary") if isinstance(summary, dict) else None,
         method_sections=list(summary.get("sections", [])) if isinstance(summary, dict) else [],
         config_hash=config.get("fingerprint"),
-        versions=package_versions(),
-        git_commit=git_commit(),
+        **_environment_fields(stages),
         matrix_uncertainty=bootstrap.cells,
         metric_intervals=intervals,
         uncertainty=bootstrap.description(tasks),

@@ -37,8 +37,12 @@ def same_results_settings(stored: Any, config: ExperimentConfig) -> bool:
         return False
 
 
-def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
-    """Create the run dir, or reuse it only if it was made by the same config."""
+BASE_DIR_KEY = "base_dir"  # config.yaml: the folder the config's relative paths were resolved against
+
+
+def claim_run_dir(config: ExperimentConfig, overwrite: bool, base_dir: Path | None = None) -> Path:
+    """Create the run dir, or reuse it only if it was made by the same config; record the config (with its
+    fingerprint and ``base_dir``, for ``mmcl reproduce``) in ``config.yaml``."""
     run_dir = config.run_dir
     layout = RunLayout(run_dir)
     config_file = layout.config_file
@@ -55,6 +59,8 @@ def claim_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"fingerprint": config.fingerprint(), **config.to_dict()}
+    if base_dir is not None:
+        resolved = {BASE_DIR_KEY: str(Path(base_dir).resolve()), **resolved}
     atomic_write_text(config_file, yaml.safe_dump(resolved, sort_keys=False))
     return run_dir
 

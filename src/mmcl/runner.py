@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from mmcl.backbones.backbone import GREEDY_DECODING
 from mmcl.backbones.registry import resolve_backbone
 from mmcl.data.lengths import check_lengths
+from mmcl.determinism import check_pinned
+from mmcl.environment import environment_record
 from mmcl.streams.stream import Task, build_stream
 from mmcl.config import ExperimentConfig, from_dict
 from mmcl import errors
@@ -148,6 +150,9 @@ class ContinualRun:
         recompute_changed: bool = False,
     ):
         self.config = config
+        self.base_dir = base_dir
+        if config.deterministic:
+            check_pinned(config.deterministic_isa)
         self.log = log if distributed.is_main() else (lambda message: None)
         resolve_backbone(config.backbone.name)  # an unknown name fails here, in seconds, before the run dir exists
         self.tasks = build_stream(config.stream, base_dir)
@@ -186,7 +191,7 @@ class ContinualRun:
             self.lock = RunLock(self.run_dir).acquire()
             if self.lock.taken_over:
                 self.log(f"took over a stale lock on {self.run_dir} ({self.lock.taken_over})")
-            claim_run_dir(self.config, overwrite)
+            claim_run_dir(self.config, overwrite, self.base_dir)
             reconcile_data(self.layout, self.tasks, self.general, self.stages, self.rows, self.protocols,
                            recompute_changed, self.log)
             tests = {task.name: self.test_samples(task) for task in self.tasks}
@@ -297,6 +302,7 @@ class ContinualRun:
             "seconds": round(seconds, 3),
             "trainable_parameters": self.method.trainable_parameters(),
             "train_metrics": metrics,
+            "environment": environment_record(self.config.deterministic),
         }
         atomic_write_text(self.layout.stage_info_file(index, label, work=True), json.dumps(info, indent=1))
         self.layout.stage_work_dir(index, label).replace(self.layout.stage_dir(index, label))

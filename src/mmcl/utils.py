@@ -11,7 +11,6 @@ import errno
 import os
 import random
 import re
-import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -128,33 +127,6 @@ def save_tensors(tensors: dict, path: Path | str) -> None:
                 raise
             code = int(found.group(1))
             raise OSError(code, os.strerror(code), str(path)) from exc
-
-
-def git_commit() -> str | None:
-    """The commit of the mmcl source tree, when it is a git checkout."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("mmcl", "torch", "transformers", "peft", "accelerate"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 # -- small shared helpers ----------------------------------------------------------------------------

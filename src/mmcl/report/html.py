@@ -183,9 +183,22 @@ def run_facts(results: Results) -> list[tuple[str, str]]:
         ("total time", fmt.total_time(results)),
         ("progress", (f"{progress.stages_done} of {progress.stages_planned} stages, "
                       f"{progress.evaluations_done} of {progress.evaluations_planned} evaluations")),
-        ("config hash", results.config_hash or "n/a"), ("git commit", results.git_commit or "n/a"),
+        ("config hash", results.config_hash or "n/a"),
+        ("git commit", (results.git_commit or "n/a") + (" (with uncommitted changes)" if results.git_dirty else "")),
+        ("libraries", ", ".join(f"{name} {found}" for name, found in results.versions.items()) or "n/a"),
+        ("kernels", _kernels(results)),
         ("plugins", fmt.plain(plugins) if plugins else "none"),
     ]  # fmt: skip
+
+
+def _kernels(results: Results) -> str:
+    """CPU, kernel set, threads and determinism of the last trained stage."""
+    recorded = [stage.environment for stage in results.stages if stage.environment]
+    if not recorded:
+        return "not recorded"
+    env = recorded[-1]
+    pinned = "deterministic" if env.get("deterministic") else "not pinned"
+    return f"{env.get('cpu', '?')}; {env.get('cpu_capability', '?')}; {env.get('threads', '?')} threads; {pinned}"
 
 
 def render_report_html(results: Results, heatmap: bytes, curves: bytes) -> str:
@@ -195,6 +208,7 @@ def render_report_html(results: Results, heatmap: bytes, curves: bytes) -> str:
         "results": results,
         "title": f"mmcl report: {fmt.run_title(results)}",
         "notice": fmt.unfinished_notice(results),
+        "warnings": results.environment_warnings,
         "metrics": fmt.metric_items(results),
         "rows": rows,
         "errors": fmt.matrix_errors(results),
