@@ -3,11 +3,9 @@ is made, with one line naming the key, or the run and the key for a bad axis val
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
-
 from catalogue import Case, Fixtures, Invocation
 
 

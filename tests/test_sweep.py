@@ -16,15 +16,21 @@ from typing import Any
 
 import pytest
 import yaml
-
 from catalogue import Invocation, assert_contract, invoke
 from conftest import write_config
+
 from mmcl.cli import _set_assignments
 from mmcl.config import load_config
 from mmcl.errors import ConfigError, MmclError
 from mmcl.layout import RunLayout
 from mmcl.results import collect_results
-from mmcl.sweep.launch import INTERRUPTED, NOT_RUN, RunCommand, SweepInterrupted, last_error_line
+from mmcl.sweep.launch import (
+    INTERRUPTED,
+    NOT_RUN,
+    RunCommand,
+    SweepInterrupted,
+    last_error_line,
+)
 from mmcl.sweep.spec import MAX_NAME_CHARS, check_runs, load_sweep, run_name, yaml_value
 
 FAILING_PLUGIN = '''"""A method that always fails at its first task (a run of the sweep that fails)."""

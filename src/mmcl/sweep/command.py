@@ -22,7 +22,14 @@ from mmcl.sweep.launch import (
     format_outcomes,
     thread_env,
 )
-from mmcl.sweep.spec import LAUNCHERS, SLURM_CLUSTERS, Sweep, load_sweep, value_part, yaml_value
+from mmcl.sweep.spec import (
+    LAUNCHERS,
+    SLURM_CLUSTERS,
+    Sweep,
+    load_sweep,
+    value_part,
+    yaml_value,
+)
 from mmcl.sweep.state import DONE, OTHER_CONFIG, RunState, run_state
 
 
@@ -185,7 +192,10 @@ def command_sweep(args: argparse.Namespace) -> int:
     if done:
         _echo(f"{len(done)} run(s) already done, skipped: {', '.join(run.name for run in done)}")
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the runs as Ctrl-C does
+    try:
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` stops the runs as Ctrl-C does
+    except ValueError:  # not the main thread (mmcl called from a thread): Ctrl-C alone then
+        previous = None
     try:
         launched = _launch(sweep, _commands(sweep, todo))
     except SweepInterrupted as interrupted:
@@ -195,7 +205,8 @@ def command_sweep(args: argparse.Namespace) -> int:
               f"{args.sweep_file}` again to resume (finished runs are skipped).")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     outcomes = _ordered(sweep, done, launched)
     _echo("\n" + format_outcomes(outcomes))
     finished = [outcome.name for outcome in outcomes if outcome.ok]

@@ -7,6 +7,7 @@ submitit's local executor instead: the same jobs as processes on this machine (w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -143,10 +144,8 @@ def run_slurm(
     except KeyboardInterrupt:
         echo(f"interrupted: cancelling {len(pending)} unfinished job(s)")
         for name, (command, job) in pending.items():
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 job.cancel(check=False)
-            except Exception:  # noqa: BLE001  (already gone)
-                pass
             outcomes[name] = Outcome(name, INTERRUPTED, None, None, f"job {job.job_id} cancelled")
         raise SweepInterrupted([outcomes[command.name] for command in commands]) from None
     return [outcomes[command.name] for command in commands]
