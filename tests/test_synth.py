@@ -163,3 +163,22 @@ def test_refuses_foreign_folder_and_bad_sizes(tmp_path: Path) -> None:
         write_synth_domain(tmp_path / "x", image_size=8)
     with pytest.raises(ConfigError, match="unknown task"):
         next(domain_examples("nope", 1))
+
+
+def test_cache_finished_by_another_process_meanwhile_is_kept(tmp_path: Path) -> None:
+    """Two runs of a sweep generate the same stream at once: the one that finishes second keeps the first
+    one's folder (which that run may already be reading) instead of moving it away."""
+    from mmcl.synthetic.files import write_cached
+
+    root, params = tmp_path / "stream", {"generator": "synth-test", "n": 1}
+
+    def fill(label: str):
+        def write(folder: Path) -> None:
+            if label == "second":  # the other process finishes while this one is still generating
+                write_cached(root, params, fill("first"))
+            (folder / "who.txt").write_text(label)
+        return write
+
+    assert write_cached(root, params, fill("second")) == root
+    assert (root / "who.txt").read_text() == "first"
+    assert [path.name for path in tmp_path.iterdir()] == ["stream"]  # no temp folder left behind

@@ -58,6 +58,9 @@ def write_cached(root: Path, params: dict[str, Any], fill: Callable[[Path], None
     try:
         fill(tmp)
         (tmp / "manifest.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        if _read_manifest(root) == params:  # another process (a sweep's run) finished it meanwhile: keep theirs,
+            shutil.rmtree(tmp, ignore_errors=True)  # which it may be reading already
+            return root
         old = None
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
