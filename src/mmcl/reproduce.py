@@ -96,7 +96,7 @@ def load_recorded_plugins(stored: dict[str, Any], where: Path) -> None:
             raise ConfigError(f"{where}: plugin {path} changed since the run (sha256 {digest[:12]}... recorded)")
 
 
-def _records(path: Path) -> list[Any]:
+def prediction_records(path: Path) -> list[Any]:
     """A predictions file's records, the header's generation time left out."""
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -132,7 +132,8 @@ def compare_runs_exactly(original: Path, rerun: Path) -> Reproduction:
     if len(old.matrix) != len(new.matrix) or old.task_names != new.task_names:
         differing.append("the matrices have different shapes")
     files = prediction_files(original)
-    changed = [str(rel) for rel in files if (rerun / rel).is_file() and _records(original / rel) != _records(rerun / rel)]
+    changed = [str(rel) for rel in files
+               if (rerun / rel).is_file() and prediction_records(original / rel) != prediction_records(rerun / rel)]
     missing = [str(rel) for rel in files if not (rerun / rel).is_file()]
     return Reproduction(original, rerun, same_data, cells, differing, len(files), changed, missing)
 
