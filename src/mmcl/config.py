@@ -360,29 +360,35 @@ def config_from_stored(stored: dict[str, Any], where: str) -> ExperimentConfig:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def read_yaml_file(path: Path, what: str = "config file") -> Any:
+    """A YAML file's content (``yaml.safe_load``); a missing, unreadable or malformed file is one
+    :class:`ConfigError` line naming it (and the line or character YAML stopped at)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+            where, problem = f" character {exc.position}", f"{exc.reason}, code {exc.character!r}"
+        else:
+            problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{path}:{where} invalid YAML ({' '.join(str(problem).split())})") from None
+
+
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply dotted-key overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: YAML nested too deeply") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
-                where, problem = f" character {exc.position}", f"{exc.reason}, code {exc.character!r}"
-            else:
-                problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-            raise ConfigError(f"{path}:{where} invalid YAML ({' '.join(str(problem).split())})") from None
+        data = read_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     for dotted, value in (overrides or {}).items():

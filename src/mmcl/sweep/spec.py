@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from mmcl.config import read_yaml_file
 from mmcl.errors import ConfigError
 
 SWEEP_KEYS = ("name", "base", "config", "axes", "output_dir", "launcher", "jobs", "threads", "gpus_per_run",
@@ -203,21 +204,7 @@ def _type(value: Any) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: YAML nested too deeply") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-        raise ConfigError(f"{path}:{where} invalid YAML ({' '.join(str(problem).split())})") from None
+    data = read_yaml_file(path, "sweep file")
     if data is None:
         return {}
     if not isinstance(data, dict):
