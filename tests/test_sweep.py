@@ -439,3 +439,18 @@ def test_a_preempted_job_stops_its_run_and_resubmits_itself(tmp_path: Path) -> N
     assert _said(job.command, "stopping")
     copy = pickle.loads(pickle.dumps(job))  # how submitit stores the requeued job: without the process
     assert copy._process is None and copy.command == job.command and copy.threads == 1
+
+
+@pytest.mark.parametrize("name", ["sweep.yaml", "all_methods.yaml"])
+def test_shipped_sweep_files_expand_into_valid_runs(name: str) -> None:
+    """The README's sweep files: every run's config loads and names a registered method."""
+    from mmcl.sweep.spec import check_runs, expand, load_sweep
+
+    sweep = load_sweep(Path(__file__).resolve().parent.parent / "examples" / name)
+    runs = expand(sweep)
+    check_runs(sweep)
+    assert len(runs) == len(set(run.name for run in runs)) >= 4
+    if name == "all_methods.yaml":  # every built-in method, so a new one is added to the file too
+        from mmcl.methods import METHODS
+
+        assert set(sweep.axes["method"]) == set(METHODS)
