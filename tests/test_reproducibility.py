@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_stream_config, write_config
+from conftest import write_config
 from mmcl.cli import main
 from mmcl.config import load_config
 from mmcl.determinism import LEVELS, check_pinned, requested_level
 from mmcl.environment import version_warnings
 from mmcl.errors import ConfigError
-from mmcl.reproduce import compare_runs_exactly
+from mmcl.reproduce import compare_runs_exactly, data_differences
 
 FIXTURE_RUN = Path(__file__).parent / "fixtures" / "run_v1"
 
@@ -79,15 +79,26 @@ def _mmcl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)  # fmt: skip
 
 
-def test_deterministic_run_records_its_kernels_and_reproduces(tiny_model_dir: Path, stream_cache_dir: Path,
-                                                             tmp_path: Path) -> None:  # fmt: skip
+@pytest.mark.skipif(__import__("torch").backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="the avx2 kernel level needs an x86-64 CPU with AVX2")
+def test_deterministic_run_records_its_kernels_and_reproduces(tiny_model_dir: Path, tasks, tmp_path: Path) -> None:
     """A deterministic run pins the kernels in its own process and records them per stage; ``mmcl
-    reproduce`` reruns it from config.yaml alone, started in another folder, and finds every number
-    identical; a changed prediction is found."""
-    config = make_stream_config(tiny_model_dir, stream_cache_dir, Path("runs/det"), deterministic=True)
-    config["stream"]["options"] = {"train_per_task": 8, "test_per_task": 4}
+    reproduce``, started in another folder, reruns it from config.yaml alone (its task files are relative
+    to the recorded folder) and finds every number identical; a changed prediction is found."""
     project = tmp_path / "project"
-    project.mkdir()
+    entries = []
+    for task in tasks[:2]:
+        shutil.copytree(task.train_file.parent, project / "data" / task.name)
+        entries.append({"name": task.name, "train": f"data/{task.name}/{task.train_file.name}",
+                        "test": f"data/{task.name}/{task.test_file.name}", "scorer": task.scorer,
+                        "max_new_tokens": task.max_new_tokens})  # fmt: skip
+    config = {
+        "name": "det", "deterministic": True, "backbone": {"name": str(tiny_model_dir)},
+        "stream": {"name": "two", "tasks": entries},
+        "training": {"epochs": 1, "batch_size": 8, "progress_bar": False},
+        "evaluation": {"batch_size": 8, "general": {"set": "none"}},
+        "output_dir": "runs/det",
+    }  # fmt: skip
     write_config(project / "experiment.yaml", config)
     done = _mmcl("run", "experiment.yaml", cwd=project)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -102,10 +113,10 @@ def test_deterministic_run_records_its_kernels_and_reproduces(tiny_model_dir: Pa
     rerun = tmp_path / "rerun"
     done = _mmcl("reproduce", str(run_dir), "--out", str(rerun), cwd=elsewhere)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert done.stdout.rstrip().endswith("identical")
+    assert done.stdout.rstrip().endswith("identical") and "data: the same files (sha256)" in done.stdout
     assert f"predictions: all {len(list(run_dir.rglob('*.jsonl')))} files identical, record by record" in done.stdout
 
-    prediction = next(run_dir.glob("predictions/3_*/ad.jsonl"))
+    prediction = next(run_dir.glob(f"predictions/2_*/{tasks[0].name}.jsonl"))
     lines = prediction.read_text().splitlines()
     record = json.loads(lines[1])
     record["prediction"] += " (changed)"
@@ -118,3 +129,17 @@ def test_deterministic_run_records_its_kernels_and_reproduces(tiny_model_dir: Pa
 def test_reproduce_refuses_what_is_not_a_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["reproduce", str(tmp_path)]) == 4
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: no config.yaml, not a run dir"
+
+
+def test_data_differences_ignore_where_the_files_are() -> None:
+    def record(path: str, sha: str, images: int, stat_digest: str) -> dict:
+        entry = {"path": path, "sha256": sha, "images": images, "images_sha256": stat_digest}
+        return {"version": 1, "tasks": {"rs": {"train": entry, "test": entry}}, "general": None}
+
+    assert data_differences(record("data/rs.json", "a", 3, "x"), record("/elsewhere/rs.json", "a", 3, "x")) == []
+    assert data_differences(record("rs.json", "a", 3, "x"), record("rs.json", "b", 3, "x")) == [
+        "rs/test: other content (sha256)", "rs/train: other content (sha256)"]
+    assert data_differences(record("rs.json", "a", 3, "x"), record("rs.json", "a", 3, "y"))[0].endswith(
+        "images of other sizes or modification times (copied? content not compared)")
+    assert data_differences(None, record("rs.json", "a", 3, "x")) == [
+        "no data fingerprints to compare (data.json missing or unreadable)"]

@@ -2,9 +2,11 @@
 
 The rerun uses the run dir's ``config.yaml`` (the resolved config, with the folder its relative paths were
 resolved against), the plugin files it recorded (refused when a file changed since: its sha256 differs)
-and, with ``deterministic``, the same pinned kernels. It then compares, against the original: the data
-fingerprints (``data.json``), the accuracy matrix, and every predictions file of every protocol record
-by record (the header's generation time aside, which differs between any two runs)."""
+and, with ``deterministic``, the same pinned kernels. It then compares, against the original, the accuracy
+matrix and every predictions file of every protocol record by record (the header's generation time aside,
+which differs between any two runs): "identical" means both are. The data is compared too and reported
+beside: each data file's sha256 and image count (``data.json``); image files are fingerprinted by size and
+modification time only, so copied images are reported as such, not as different content."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ class Reproduction:
 
     original: Path
     rerun: Path
-    same_data: bool
+    data_notes: list[str]  # how the data differs from the original's (empty: the same)
     matrix_cells: int
     differing_cells: list[str] = field(default_factory=list)  # "row/task: a -> b"
     prediction_files: int = 0
@@ -37,10 +39,10 @@ class Reproduction:
 
     @property
     def identical(self) -> bool:
-        return self.same_data and not (self.differing_cells or self.differing_files or self.missing_files)
+        return not (self.differing_cells or self.differing_files or self.missing_files)
 
     def lines(self) -> list[str]:
-        lines = [f"data: {'the same fingerprints' if self.same_data else 'DIFFERENT fingerprints (data.json)'}"]
+        lines = [f"data: {'; '.join(self.data_notes)}" if self.data_notes else "data: the same files (sha256)"]
         if self.differing_cells:
             lines.append(f"matrix: {len(self.differing_cells)} of {self.matrix_cells} cells differ: "
                          + "; ".join(self.differing_cells[:5]))
@@ -119,7 +121,7 @@ def compare_runs_exactly(original: Path, rerun: Path) -> Reproduction:
     from mmcl.results import load_results
 
     old_layout, new_layout = RunLayout(original), RunLayout(rerun)
-    same_data = _json_or_none(old_layout.data_file) == _json_or_none(new_layout.data_file)
+    data_notes = data_differences(_json_or_none(old_layout.data_file), _json_or_none(new_layout.data_file))
     old, new = load_results(original), load_results(rerun)
     cells, differing = 0, []
     for label, old_row, new_row in zip(old.row_labels, old.matrix, new.matrix):
@@ -135,7 +137,35 @@ def compare_runs_exactly(original: Path, rerun: Path) -> Reproduction:
     changed = [str(rel) for rel in files
                if (rerun / rel).is_file() and prediction_records(original / rel) != prediction_records(rerun / rel)]
     missing = [str(rel) for rel in files if not (rerun / rel).is_file()]
-    return Reproduction(original, rerun, same_data, cells, differing, len(files), changed, missing)
+    return Reproduction(original, rerun, data_notes, cells, differing, len(files), changed, missing)
+
+
+def data_differences(old: Any, new: Any) -> list[str]:
+    """What differs between two ``data.json`` records: a data file's content (sha256) or image count, or
+    (a weaker sign) its images' sizes or modification times. Paths are not compared: a rerun may resolve
+    the same files under another folder."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ["no data fingerprints to compare (data.json missing or unreadable)"]
+
+    def files(record: dict) -> dict[str, dict]:
+        found = {f"{task}/{split}": entry for task, splits in (record.get("tasks") or {}).items()
+                 for split, entry in splits.items() if isinstance(entry, dict)}  # fmt: skip
+        if isinstance(record.get("general"), dict):
+            found["general"] = record["general"]
+        return found
+
+    before, after = files(old), files(new)
+    notes = [f"{name}: not in the rerun" for name in before if name not in after]
+    notes += [f"{name}: only in the rerun" for name in after if name not in before]
+    for name in before.keys() & after.keys():
+        a, b = before[name], after[name]
+        if a.get("sha256") != b.get("sha256"):
+            notes.append(f"{name}: other content (sha256)")
+        elif a.get("images") != b.get("images"):
+            notes.append(f"{name}: {a.get('images')} images, {b.get('images')} in the rerun")
+        elif a.get("images_sha256") != b.get("images_sha256"):
+            notes.append(f"{name}: images of other sizes or modification times (copied? content not compared)")
+    return sorted(notes)
 
 
 def _json_or_none(path: Path) -> Any:
