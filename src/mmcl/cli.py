@@ -33,13 +33,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _config_file_data(path: Path | None) -> dict[str, Any] | None:
     """A config file's top level, read early (before torch) for ``deterministic``; problems are reported
     later, when the config is loaded for real."""
+    from mmcl.config import read_yaml_file
+
     if path is None or not path.is_file():
         return None
-    import yaml
-
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = read_yaml_file(path)
+    except ConfigError:
         return None
     return data if isinstance(data, dict) else None
 
