@@ -94,3 +94,24 @@ def test_method_is_killed_after_stage_2_trains_and_resumes(
     assert f"stage 2/2 [{TASKS[1].name}]: training on" in second.out
     assert prediction_records(row_1_file)[1] == answered_from_memory
     assert (run_dir / "results.json").is_file()
+
+
+def test_dora_trains_resumes_and_is_saved_with_its_magnitudes(
+    two_tasks: list[dict[str, Any]], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``lora.use_dora`` reaches PEFT: the saved adapter holds DoRA's magnitude vectors, and a rerun of the
+    finished run skips both stages."""
+    from safetensors.torch import load_file
+
+    config = {
+        "name": "dora", "seed": 0, "backbone": {"name": str(tiny_model_dir)}, "stream": {"tasks": two_tasks},
+        "lora": {"use_dora": True},
+        "training": {"epochs": 1, "batch_size": 2, "progress_bar": False},
+        "evaluation": {"batch_size": 2, "general": {"set": "none"}},
+    }  # fmt: skip
+    argv = ["run", str(write_config(tmp_path / "config.yaml", config)), "--out", str(tmp_path / "run")]
+    assert invoke(argv).code == 0
+    saved = load_file(str(tmp_path / "run" / "stages" / f"2_{TASKS[1].name}" / "state.safetensors"))
+    assert any("lora_magnitude_vector" in key for key in saved)
+    rerun = invoke(argv)
+    assert rerun.code == 0 and "stage 2/2" in rerun.out and "done earlier, skipped" in rerun.out

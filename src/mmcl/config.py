@@ -99,6 +99,8 @@ class LoraSettings:
     alpha: float = setting(16.0, "(0, inf)", "LoRA scale numerator: the update is scaled by alpha / rank")
     dropout: float = setting(0.0, "[0, 1)", "dropout on the LoRA input")
     targets: str | None = setting(None, help="regex over module names; none = the backbone's default (language model + projector)")
+    use_dora: bool = setting(False, help="DoRA (Liu et al. 2024, PEFT's use_dora): a learned magnitude per output "
+                             "column on top of the LoRA direction; refused by methods that read or merge A and B themselves")
 
 
 @dataclass

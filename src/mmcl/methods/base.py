@@ -118,6 +118,8 @@ class Method(ABC, Generic[ConfigT]):
     trains_jointly: ClassVar[bool] = False  # True: one stage on the union of all tasks (multitask reference)
     # True: an upper bound drawn as a reference row (joint, experts), not a continual learner to rank
     reference: ClassVar[bool] = False
+    # False: the method reads, merges or builds LoRA factors itself, which DoRA's magnitude vector would break
+    supports_dora: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

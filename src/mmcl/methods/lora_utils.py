@@ -19,6 +19,7 @@ def lora_config(settings: LoraSettings, backbone: Backbone) -> LoraConfig:
         lora_dropout=settings.dropout,
         target_modules=settings.targets or backbone.lora_targets,
         bias="none",
+        use_dora=settings.use_dora,
     )
 
 

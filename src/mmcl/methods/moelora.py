@@ -160,6 +160,7 @@ def moe_layers(model: nn.Module) -> dict[str, MoeLoraLinear]:
 @register_method
 class MoeLora(Method[MoeLoraConfig]):
     name = "moelora"
+    supports_dora = False
     description = "Mixture of LoRA experts with a token-level softmax gate, trained on each task in turn (CoIN)"
 
     def __init__(self, config: MoeLoraConfig, lora: LoraSettings, seed: int):

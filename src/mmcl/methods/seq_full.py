@@ -17,6 +17,7 @@ from mmcl.methods.base import Method, NoOptions, register_method
 @register_method
 class SequentialFullFineTuning(Method[NoOptions]):
     name = "seq-full"
+    supports_dora = False
     description = "Full fine-tuning of language model + projector on each task in turn (no adapter)"
 
     def setup(self, backbone) -> None:
