@@ -51,9 +51,6 @@ def check_tasks(tasks: list[Task], test_only: list[Task] = ()) -> None:
 
 def create_method(config: ExperimentConfig) -> Method:
     method_class = METHODS.lookup(config.method.name, "method.name")
-    if config.lora.use_dora and not method_class.supports_dora:
-        raise ConfigError(f"lora.use_dora: method {method_class.name} builds, reads or merges its LoRA factors itself "
-                          "(or trains no LoRA), which DoRA's magnitude vector would break; set lora.use_dora: false")
     options = from_dict(method_class.config_class, config.method.options, "method.options")
     return method_class(options, config.lora, config.seed)
 

@@ -3,11 +3,15 @@ helper modules beside it: ``mrlora_router``, ``mrlora_stats``, ``evolmm_parts``,
 
 from mmcl.methods import (  # noqa: F401  (registration side effects)
     asd,
+    clmoe,
+    disco,
     evolmm,
     ewc,
     experts,
     grpo,
+    hide,
     joint,
+    keeplora,
     lwf,
     moelora,
     mrlora,
@@ -17,6 +21,7 @@ from mmcl.methods import (  # noqa: F401  (registration side effects)
     sefe,
     seq_full,
     seq_lora,
+    smolora,
 )
 from mmcl.config import LoraSettings
 from mmcl.methods.base import METHODS, Method, register_method

@@ -24,7 +24,7 @@ from mmcl.backbones.backbone import Backbone
 from mmcl.streams.stream import Task
 from mmcl.config import LoraSettings, TrainingConfig
 from mmcl.data.sample import Sample
-from mmcl.errors import RunDirError
+from mmcl.errors import ConfigError, RunDirError
 from mmcl.registry import Registry
 
 SEPARATOR = "::"  # joins the levels of nested state in a saved key: "fisher::0::<parameter name>"
@@ -129,6 +129,9 @@ class Method(ABC, Generic[ConfigT]):
                 cls.config_class = derived
 
     def __init__(self, config: ConfigT, lora: LoraSettings, seed: int):
+        if getattr(lora, "use_dora", False) and not self.supports_dora:
+            raise ConfigError(f"lora.use_dora: method {self.name} builds, reads or merges its LoRA factors itself "
+                              "(or trains no LoRA), which DoRA's magnitude vector would break; set lora.use_dora: false")
         self.config: ConfigT = config
         self.lora = lora
         self.seed = seed
