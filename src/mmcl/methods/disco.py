@@ -97,6 +97,7 @@ from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.sample_features import TextFeatures
 from mmcl.streams.stream import Task
+from mmcl.methods.wrapped_linear import WrappedLinear
 
 A_INITS = ("kaiming", "normal")
 NORMAL_INIT_STD = 0.01  # MCITlib clitmoelora.py reset_lora_parameters: nn.init.normal_(..., std=0.01)
@@ -148,7 +149,7 @@ class Activation:
         self.weights: torch.Tensor | None = None
 
 
-class TaskLoraLinear(nn.Module):
+class TaskLoraLinear(WrappedLinear):
     """A frozen ``nn.Linear`` plus one LoRA per task (``lora_A[k]`` ``(r, in)``, ``lora_B[k]`` ``(out, r)``):
 
     - ``activation.task = t``: ``base(x) + s B_t A_t dropout(x)``;
@@ -169,18 +170,6 @@ class TaskLoraLinear(nn.Module):
         self.lora_A = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
 
     @property
     def tasks(self) -> int:

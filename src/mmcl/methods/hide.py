@@ -91,6 +91,7 @@ from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.sample_features import TextFeatures, cosine_to, image_features
 from mmcl.streams.stream import Task
+from mmcl.methods.wrapped_linear import WrappedLinear
 
 FUSE_CHOICES = ("factors", "updates")
 COEFFICIENT_CHOICES = ("one", "mean")
@@ -136,7 +137,7 @@ class HiDeConfig:
             raise ConfigError(f"method.options.expert_rank: must be >= 1, got {self.expert_rank}")
 
 
-class HiDeLinear(nn.Module):
+class HiDeLinear(WrappedLinear):
     """A frozen ``nn.Linear`` plus a list of per-task LoRA experts, combined as the module docstring says.
 
     What ``forward`` computes is set from outside (by :class:`HiDe`):
@@ -165,19 +166,6 @@ class HiDeLinear(nn.Module):
         self.bypass = False
         self.train_expert: int | None = None
         self.mix: torch.Tensor | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight (code that reads ``layer.weight`` keeps working)."""
-        return self.base.weight
 
     @property
     def experts(self) -> int:

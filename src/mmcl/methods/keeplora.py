@@ -87,6 +87,7 @@ from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, DataError, RunDirError
 from mmcl.methods.base import Method, register_method
 from mmcl.streams.stream import Task
+from mmcl.methods.wrapped_linear import WrappedLinear
 
 SOURCES = ("features", "gradients")
 BASIS = "basis"  # state group: module name -> U_p (in x k, float32)
@@ -238,7 +239,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # -- the layer -----------------------------------------------------------------------------------
-class KeepLoraLinear(nn.Module):
+class KeepLoraLinear(WrappedLinear):
     """``base(x) + (alpha / rank) * B A dropout(x)`` with ``A`` a frozen buffer (``rank x in``) and ``B``
     the trainable ``(out x rank)`` parameter, both zero until a task sets ``A``; same dtype and device
     as the base weight. The base layer is frozen."""
@@ -254,19 +255,6 @@ class KeepLoraLinear(nn.Module):
         self.register_buffer("lora_A", torch.zeros(rank, base.in_features, **factory), persistent=False)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight (code that reads ``layer.weight``, e.g. dtype checks, keeps working)."""
-        return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)

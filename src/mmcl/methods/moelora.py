@@ -41,6 +41,7 @@ from torch import nn
 from mmcl.config import LoraSettings, setting
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import Method, register_method
+from mmcl.methods.wrapped_linear import WrappedLinear
 
 
 @dataclass
@@ -68,7 +69,7 @@ def check_rank(rank: int, experts: int) -> None:
         )
 
 
-class MoeLoraLinear(nn.Module):
+class MoeLoraLinear(WrappedLinear):
     """``base(x) + sum_i softmax(gate(x))_i * (alpha / rank) * B_i A_i dropout(x)`` (see the module docstring).
 
     ``lora_A`` is the ``(rank, in)`` stack of the experts' ``A_i`` (expert ``i`` owns rows
@@ -92,19 +93,6 @@ class MoeLoraLinear(nn.Module):
         self.gate = nn.Linear(base.in_features, experts, bias=False, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight (code that reads ``layer.weight``, e.g. dtype checks, keeps working)."""
-        return self.base.weight
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of the MoE parameters only, names relative to this module."""

@@ -91,6 +91,7 @@ from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.sample_features import TextFeatures
 from mmcl.streams.stream import Task
+from mmcl.methods.wrapped_linear import WrappedLinear
 
 INSTRUCTION_KEY = "smolora_instruction"  # the extra batch key carrying (batch, d) instruction features
 FUSIONS = ("adaptive", "sum")
@@ -185,7 +186,7 @@ def hard_top1(logits: torch.Tensor, straight_through: bool) -> torch.Tensor:
     return one_hot + (probabilities - probabilities.detach())  # exactly one_hot in value
 
 
-class SMoLoraLinear(nn.Module):
+class SMoLoraLinear(WrappedLinear):
     """A frozen ``nn.Linear`` plus the two SMoLoRA expert pools, their top-1 gates and the fusion (see the
     module docstring). ``visual_A`` is the ``(E_v k, in)`` stack of the visual experts' ``A`` (expert e owns
     rows ``e k .. (e+1) k``), ``visual_B`` the ``(out, E_v k)`` stack of their ``B`` (same columns); the
@@ -232,19 +233,6 @@ class SMoLoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.normal_(self.visual_A, mean=0.0, std=0.01)  # released reset_lora_parameters: N(0, 0.01), B = 0
         nn.init.normal_(self.instruction_A, mean=0.0, std=0.01)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The frozen base weight (code that reads ``layer.weight``, e.g. dtype checks, keeps working)."""
-        return self.base.weight
 
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of the SMoLoRA parameters only, names relative to this module."""
