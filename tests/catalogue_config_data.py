@@ -127,6 +127,8 @@ CONFIG_CASES = [
     config_case("epochs-negative", r"training\.epochs: must be in \[0, inf\), got -1", training__epochs=-1),
     config_case("training-batch-size-negative", r"training\.batch_size: must be in \[1, inf\), got -4", training__batch_size=-4),
     config_case("lora-rank-zero", r"lora\.rank: must be in \[1, inf\), got 0", lora__rank=0),
+    config_case("text-encoder-missing", r"method\.options\.text_encoder: no/such/encoder is not a directory",
+                method={"name": "disco", "options": {"text_encoder": "no/such/encoder"}}),
     config_case("dora-on-a-method-that-merges-factors", r"lora\.use_dora: method olora builds, reads or merges its LoRA",
                 method={"name": "olora"}, lora__use_dora=True),
     config_case("limit-selection-unknown", r"evaluation\.limit_selection: expected 'random' or 'first', got 'last'",

@@ -76,21 +76,24 @@ class TextFeatures:
     state when ``encoder_path`` is given (loaded once, on the backbone's device)."""
 
     def __init__(self, encoder_path: str | None = None):
+        """A missing ``encoder_path`` folder is refused here, when the method is built (before a run dir is
+        touched), not when the first feature is needed."""
         self.encoder_path = encoder_path
         self._encoder: tuple[torch.nn.Module, object] | None = None
+        if encoder_path and not Path(str(encoder_path)).expanduser().is_dir():
+            raise ConfigError(f"method.options.text_encoder: {encoder_path} is not a directory holding a "
+                              "transformers checkpoint")
 
     def _load_encoder(self, device: torch.device) -> tuple[torch.nn.Module, object]:
         if self._encoder is None:
             from transformers import AutoModel, AutoTokenizer
 
             path = Path(str(self.encoder_path)).expanduser()
-            if not path.is_dir():
-                raise ConfigError(f"text_encoder: {path} is not a directory holding a transformers checkpoint")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
                 encoder = AutoModel.from_pretrained(path).to(device).eval()
             except (OSError, ValueError) as error:
-                raise ConfigError(f"text_encoder: cannot load {path}: {str(error).splitlines()[0]}") from None
+                raise ConfigError(f"method.options.text_encoder: cannot load {path}: {str(error).splitlines()[0]}") from None
             self._encoder = (encoder, tokenizer)
         return self._encoder
 
