@@ -13,6 +13,7 @@ from mmcl.methods import (  # noqa: F401  (registration side effects)
     joint,
     keeplora,
     lwf,
+    modalprompt,
     moelora,
     mrlora,
     olora,

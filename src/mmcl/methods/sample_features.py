@@ -44,9 +44,12 @@ def _image_model(backbone: Backbone) -> torch.nn.Module:
     return inner if hasattr(inner, "get_image_features") else model
 
 
-def _vision_width(model: torch.nn.Module) -> int:
+def vision_width(backbone: Backbone) -> int:
+    """The width of :func:`image_features`: the vision encoder's hidden size."""
+    model = _image_model(backbone)
     vision_config = getattr(model.config, "vision_config", None)
-    width = getattr(vision_config, "hidden_size", None) or getattr(vision_config, "embed_dim", None)
+    # Qwen2-VL's ``hidden_size`` is its merger's output width; ``embed_dim`` is the encoder's own
+    width = getattr(vision_config, "embed_dim", None) or getattr(vision_config, "hidden_size", None)
     if not isinstance(width, int):
         raise ConfigError(f"model {type(model).__name__}: its config names no vision hidden size")
     return width
@@ -57,7 +60,7 @@ def image_features(backbone: Backbone, samples: Sequence[Sample]) -> torch.Tenso
     """``(len(samples), vision width)`` float32 on CPU: the mean of the vision encoder's last hidden state
     over all tokens of all of a sample's images (zeros for a sample without images)."""
     model = _image_model(backbone)
-    width = _vision_width(model)
+    width = vision_width(backbone)
     rows = []
     for sample in samples:
         if not sample.images:
