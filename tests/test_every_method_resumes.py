@@ -31,6 +31,8 @@ FAST_OPTIONS: dict[str, dict[str, Any]] = {
              "max_new_tokens": 4},
     "evolmm": {"steps_per_task": 1, "images_per_step": 1, "solver_samples": 2},
     "ewc": {"fisher_samples": 2},
+    "mas": {"importance_samples": 2},
+    "der": {"per_task": 2, "variant": "der++"},  # 4 samples x ratio 0.1 would leave the buffer empty
 }
 
 
