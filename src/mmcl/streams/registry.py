@@ -9,7 +9,7 @@ from mmcl.streams.stream import StreamSpec, Task, register_stream
 from mmcl.errors import ConfigError
 
 # ``seed`` is the data seed, kept apart from the training seed so that seeds of a comparison share one dataset.
-SYNTH_DOMAIN_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task": 100, "image_size": 48, "seed": 0}
+SYNTH_DOMAIN_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task": 200, "image_size": 48, "seed": 0}
 
 
 def _synth_domain(options: dict[str, Any], cache: Path) -> list[Task]:

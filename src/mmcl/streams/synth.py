@@ -282,7 +282,7 @@ def domain_examples(
 
 
 def write_synth_domain(
-    root: Path, seed: int = 0, train_per_task: int = 300, test_per_task: int = 100, image_size: int = 48
+    root: Path, seed: int = 0, train_per_task: int = 300, test_per_task: int = 200, image_size: int = 48
 ) -> Path:
     """Write the ``synth-domain`` stream (tasks rs, med, ad, sci, fin) under ``root`` and return ``root``,
     the folder holding ``<task>/train.json``, ``<task>/test.json`` and ``manifest.json``. Cached."""
