@@ -22,6 +22,8 @@ from mmcl.methods import (  # noqa: F401  (registration side effects)
     moelora,
     mrlora,
     olora,
+    pclr,
+    proglora,
     reglora,
     replay,
     sefe,
