@@ -271,10 +271,10 @@ def test_training_feeds_per_sample_instructions_and_freezes_the_gates_after_task
 
 
 def test_training_batch_carries_the_instruction_key(tiny_model_dir: Path, tasks):
-    from mmcl.methods.smolora import _InstructionFeatureBackbone
+    from mmcl.methods.encoding_view import EncodingView, with_feature
 
     method = new_method(tiny_model_dir, tasks[:1])
-    view = _InstructionFeatureBackbone(method.backbone, method.text_features)
+    view = EncodingView(method.backbone, with_feature(INSTRUCTION_KEY, method.backbone, method.text_features))
     samples = tasks[0].train_samples[:3]
     batch = view.collate([view.encode_for_training(s) for s in samples])
     torch.testing.assert_close(batch[INSTRUCTION_KEY], method.text_features(method.backbone, samples))

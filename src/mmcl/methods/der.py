@@ -95,6 +95,7 @@ from mmcl.errors import ConfigError, DataError, RunDirError
 from mmcl.methods.base import register_method
 from mmcl.methods.replay import ExperienceReplay, ReplayConfig
 from mmcl.streams.stream import Task
+from mmcl.methods.encoding_view import EncodingView, Rewrite
 
 SLOT_KEY = "der_slot"  # (batch, 1) int64: row -> index into the stage's buffered-sample table, -1 = current sample
 ANSWER_KEY = "der_answer"  # (batch, length) int64: 1 where the row's token is an answer token (its original labels)
@@ -197,26 +198,20 @@ def answer_positions(answer_mask: torch.Tensor) -> torch.Tensor:
 
 
 # -- the backbone as the trainer sees it during a DER stage --------------------------------------------
-class _BufferIndexBackbone:
+def buffer_index_rewrite(slots: dict[Key, int]) -> Rewrite:
     """Every training encoding carries :data:`SLOT_KEY` and :data:`ANSWER_KEY`; a buffered sample's labels are all
     ``IGNORE_INDEX`` (its answers reach the loss through ``extra_loss`` only)."""
 
-    def __init__(self, backbone: Any, slots: dict[Key, int]):
-        self._backbone = backbone
-        self._slots = slots
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backbone, name)
-
-    def encode_for_training(self, sample: Sample) -> dict[str, torch.Tensor]:
-        encoded = self._backbone.encode_for_training(sample)
+    def rewrite(sample: Sample, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         labels = encoded["labels"]
-        slot = self._slots.get((sample.task, sample.id), -1)
+        slot = slots.get((sample.task, sample.id), -1)
         encoded[ANSWER_KEY] = (labels != IGNORE_INDEX).to(torch.long)
         encoded[SLOT_KEY] = torch.tensor([[slot]], dtype=torch.long)
         if slot >= 0:
             encoded["labels"] = torch.full_like(labels, IGNORE_INDEX)
         return encoded
+
+    return rewrite
 
 
 def _strip_keys(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -306,7 +301,7 @@ class DarkExperienceReplay(ExperienceReplay):
 
     # -- training --------------------------------------------------------------------------------------
     @contextmanager
-    def buffered_batches(self) -> Iterator[_BufferIndexBackbone]:
+    def buffered_batches(self) -> Iterator[EncodingView]:
         """The backbone view whose encodings carry the DER keys, with the model's hooks in place for the block."""
         assert self.backbone is not None, "setup() first"
         self._slot_keys = [key for key in self.buffer if key in self.logits]
@@ -317,7 +312,7 @@ class DarkExperienceReplay(ExperienceReplay):
             model.register_forward_hook(_no_answer_no_loss, with_kwargs=True),
         ]
         try:
-            yield _BufferIndexBackbone(self.backbone, slots)
+            yield EncodingView(self.backbone, buffer_index_rewrite(slots))
         finally:
             for hook in hooks:
                 hook.remove()

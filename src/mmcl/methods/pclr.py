@@ -92,6 +92,7 @@ from mmcl.methods.disco import language_model_linears
 from mmcl.methods.sample_features import TextFeatures, image_features, vision_width
 from mmcl.methods.wrapped_linear import WrappedLinear
 from mmcl.streams.stream import Task
+from mmcl.methods.encoding_view import EncodingView, Rewrite
 
 TEXT_KEY, VISION_KEY = "pclr_text", "pclr_vision"  # extra batch keys: each training sample's (1, d) queries
 KEYS_NAME = "pclr_keys"  # the submodule holding the keys (inside the model, so the Trainer trains them)
@@ -251,21 +252,14 @@ class KeyPool(nn.Module):
         return torch.cat(list(self.text)), torch.cat(list(self.vision))
 
 
-class _QueryBackbone:
-    """The backbone as the trainer sees it: each encoding carries the sample's (1, d) language and vision queries."""
+def query_rewrite(method: "Pclr") -> Rewrite:
+    """Each training encoding carries the sample's (1, d) language and vision queries."""
 
-    def __init__(self, backbone: Any, method: Pclr):
-        self._backbone = backbone
-        self._method = method
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backbone, name)
-
-    def encode_for_training(self, sample: Sample) -> dict[str, torch.Tensor]:
-        encoded = self._backbone.encode_for_training(sample)
-        text, vision = self._method.queries([sample])
-        encoded[TEXT_KEY], encoded[VISION_KEY] = text, vision
+    def rewrite(sample: Sample, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoded[TEXT_KEY], encoded[VISION_KEY] = method.queries([sample])
         return encoded
+
+    return rewrite
 
 
 # -- the method -------------------------------------------------------------------------------------
@@ -388,7 +382,7 @@ class Pclr(Method[PclrConfig]):
         from mmcl.training.sft import train_on_samples
 
         try:
-            return train_on_samples(_QueryBackbone(self.backbone, self), samples, config, work_dir, seed=seed,
+            return train_on_samples(EncodingView(self.backbone, query_rewrite(self)), samples, config, work_dir, seed=seed,
                                     extra_loss=self.extra_loss, log_dir=self.sft_log_dir())
         finally:
             self.selection.mask, self.batch_queries = None, None

@@ -89,6 +89,7 @@ from mmcl.methods.disco import (
 )
 from mmcl.methods.sample_features import TextFeatures
 from mmcl.streams.stream import Task
+from mmcl.methods.encoding_view import EncodingView, with_feature
 
 QUERY_KEY = "proglora_query"  # the extra batch key carrying each training sample's (1, d) query
 ROUTER_NAME = "proglora_router"  # the submodule holding the keys (inside the model, so the Trainer trains it)
@@ -155,23 +156,6 @@ class RouteContext:
 
     def __init__(self) -> None:
         self.queries: torch.Tensor | None = None
-
-
-class _QueryBackbone:
-    """The backbone as :func:`train_on_samples` sees it while ProgLoRA trains: each training encoding also
-    carries the sample's ``(1, d)`` query under :data:`QUERY_KEY` (collate stacks them to ``(batch, d)``)."""
-
-    def __init__(self, backbone: Any, features: TextFeatures):
-        self._backbone = backbone
-        self._features = features
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backbone, name)
-
-    def encode_for_training(self, sample: Sample) -> dict[str, torch.Tensor]:
-        encoded = self._backbone.encode_for_training(sample)
-        encoded[QUERY_KEY] = self._features(self._backbone, [sample])
-        return encoded
 
 
 @register_method
@@ -252,7 +236,7 @@ class ProgLora(Method[ProgLoraConfig]):
     def train(self, samples: Sequence[Sample], config: TrainingConfig, work_dir: Path, seed: int) -> dict[str, Any]:
         from mmcl.training.sft import train_on_samples
 
-        view = _QueryBackbone(self.backbone, self.features)
+        view = EncodingView(self.backbone, with_feature(QUERY_KEY, self.backbone, self.features))
         try:
             return train_on_samples(view, samples, config, work_dir, seed=seed, extra_loss=self.extra_loss,
                                     log_dir=self.sft_log_dir())

@@ -92,6 +92,7 @@ from mmcl.methods.base import Method, register_method
 from mmcl.methods.sample_features import TextFeatures
 from mmcl.streams.stream import Task
 from mmcl.methods.wrapped_linear import WrappedLinear
+from mmcl.methods.encoding_view import EncodingView, with_feature
 
 INSTRUCTION_KEY = "smolora_instruction"  # the extra batch key carrying (batch, d) instruction features
 FUSIONS = ("adaptive", "sum")
@@ -338,24 +339,6 @@ def smolora_layers(model: nn.Module) -> dict[str, SMoLoraLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, SMoLoraLinear)}
 
 
-class _InstructionFeatureBackbone:
-    """The backbone as :func:`train_on_samples` sees it during SMoLoRA training: every training encoding
-    also carries the sample's instruction feature as a ``(1, d)`` tensor under :data:`INSTRUCTION_KEY`
-    (``collate`` stacks these into ``(batch, d)``; the model's pre-hook takes them out of the batch)."""
-
-    def __init__(self, backbone: Any, features: TextFeatures):
-        self._backbone = backbone
-        self._features = features
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backbone, name)
-
-    def encode_for_training(self, sample: Sample) -> dict[str, torch.Tensor]:
-        encoded = self._backbone.encode_for_training(sample)
-        encoded[INSTRUCTION_KEY] = self._features(self._backbone, [sample])
-        return encoded
-
-
 @register_method
 class SMoLora(Method[SMoLoraConfig]):
     name = "smolora"
@@ -448,7 +431,7 @@ class SMoLora(Method[SMoLoraConfig]):
         assert self.backbone is not None and self.wrapped, "setup() and see_tasks() first"
         self.set_gates_trainable(0 in self._stage_positions)
         self._stage_positions = []
-        view = _InstructionFeatureBackbone(self.backbone, self.text_features)
+        view = EncodingView(self.backbone, with_feature(INSTRUCTION_KEY, self.backbone, self.text_features))
         try:
             return train_on_samples(
                 view, samples, config, work_dir, seed=seed, extra_loss=self.extra_loss, log_dir=self.sft_log_dir()
