@@ -29,6 +29,7 @@ FAST_OPTIONS: dict[str, dict[str, Any]] = {
     "mrlora": {"router_samples_per_task": 2, "router_epochs": 1.0, "router_max_rounds": 1},
     "grpo": {"steps": 1, "prompts_per_step": 2, "group_size": 2, "filter": False, "sft_warmup_steps": 0,
              "max_new_tokens": 4},
+    "sft-grpo": {"steps": 1, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4, "iterations": 1},
     "evolmm": {"steps_per_task": 1, "images_per_step": 1, "solver_samples": 2},
     "ewc": {"fisher_samples": 2},
     "mas": {"importance_samples": 2},

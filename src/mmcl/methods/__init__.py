@@ -27,6 +27,7 @@ from mmcl.methods import (  # noqa: F401  (registration side effects)
     reglora,
     replay,
     sefe,
+    sft_grpo,
     seq_full,
     seq_lora,
     smolora,
