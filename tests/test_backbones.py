@@ -117,6 +117,28 @@ def test_batches_mix_samples_with_different_image_counts(arch: str, arch_dir: Pa
             assert torch.allclose(logits[row, : alone.shape[0]], alone, atol=1e-4)
 
 
+def test_a_text_only_sample_first_in_the_batch_keeps_the_others_images(arch: str, arch_dir: Path,
+                                                                      data_root: Path) -> None:
+    """A batch whose first sample has no image: the image tensors of the later samples are kept (the keys are
+    every sample's, not the first's), and each row's logits equal those it gets alone, in either order."""
+    from mmcl.data.sample import Sample
+
+    backbone = load_backbone(str(arch_dir), device="cpu")
+    text_only = Sample(id="words", task="sci", images=(), prompt="Is a square round?", answer="no")
+    features = [backbone.encode_for_training(sample) for sample in (text_only, *samples_of(data_root, "sci")[:2])]
+    assert not any(key.startswith("pixel") for key in features[0])
+    backbone.model.eval()
+    with torch.no_grad():
+        for order in (features, features[::-1]):
+            batch = backbone.collate(order)
+            with_images = backbone.collate([f for f in order if f is not features[0]])
+            assert torch.equal(batch["pixel_values"], with_images["pixel_values"])
+            logits = backbone.model(**batch).logits
+            for row, single in enumerate(order):
+                alone = backbone.model(**backbone.collate([single])).logits[0]
+                assert torch.allclose(logits[row, : alone.shape[0]], alone, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def arch_run(arch: str, arch_dir: Path, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`mmcl run` on a two-task stream declared as files, with the preset's LoRA targets (one stage per task)."""

@@ -172,18 +172,24 @@ class Backbone:
         """Right-pad per-token tensors (``input_ids``, ``labels``, ``attention_mask``, ``mm_token_type_ids``...);
         concatenate every other tensor the processor returned (``pixel_values``, ``image_grid_thw``,
         ``pixel_attention_mask``...) along dim 0, zero-padding trailing dims that differ (Idefics3 pads
-        missing image tiles with zeros, which the model drops)."""
+        missing image tiles with zeros, which the model drops).
+
+        The keys are those of every feature, not only the first: a text-only sample has no image tensors,
+        so its absence adds nothing to an image key, and a per-token key it lacks is filled for its row."""
         fills = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX}
         width = max(f["input_ids"].shape[0] for f in features)
+        keys = list(dict.fromkeys(key for feature in features for key in feature))
         batch: dict[str, torch.Tensor] = {}
-        for key in features[0]:
-            tensors = [f[key] for f in features]
-            if tensors[0].dim() == 1:
+        for key in keys:
+            present = [f[key] for f in features if key in f]
+            if present[0].dim() == 1:
                 fill = fills.get(key, 0)
-                rows = [torch.nn.functional.pad(t, (0, width - t.shape[0]), value=fill) for t in tensors]
-                batch[key] = torch.stack(rows)
+                rows = [f[key] if key in f else torch.full_like(f["input_ids"], fill, dtype=present[0].dtype)
+                        for f in features]
+                batch[key] = torch.stack([torch.nn.functional.pad(t, (0, width - t.shape[0]), value=fill)
+                                          for t in rows])
             else:
-                batch[key] = _concat_padded(tensors)
+                batch[key] = _concat_padded(present)
         return batch
 
     def prompt_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
