@@ -285,9 +285,48 @@ def test_mllm_cl_app_without_answers_names_the_record(tmp_path: Path) -> None:
     with pytest.raises(DataError) as error:
         build(tmp_path, "mllm-cl-ability", root=str(root), tasks=["APP"])
     assert str(error.value) == (
-        f"{root / 'APP_test' / 'test.json'}: record 0: missing or non-string field 'answer' "
-        "(MLLM-CL scores APP on the eval.ai server; leave it out with stream.options.tasks)"
+        f"{root / 'APP_test' / 'test.json'}: record 0: missing or non-string field 'answer' (MLLM-CL scored APP "
+        "on MMT-Bench's closed eval.ai server: name MMT-Bench's published answers TSV with "
+        "stream.options.gui_answers, or leave APP out with stream.options.tasks)"
     )
+
+
+def write_mmt_bench_answers(path: Path, letters: list[str], indices: list[int] | None = None) -> Path:
+    """An answers TSV in the layout of MMT-Bench_ALL_MI_anno.tsv: index, question, options, answer, categories,
+    split and a base64 image column (long fields)."""
+    header = ["index", "question", "A", "B", "C", "D", "answer", "category", "l2-category", "split", "image"]
+    rows = ["\t".join(header)]
+    for position, letter in enumerate(letters):
+        index = indices[position] if indices else position
+        rows.append("\t".join([str(index), f"Which action opens tab {position}?", "tap", "swipe", "type", "back",
+                               letter, "gui_navigation", "GUI Navigation", "TEST", "iVBORw0KGgo" * 20_000]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def app_layout(root: Path) -> Path:
+    """The ability layout with APP only, its test records named ALL_1, ALL_3, ALL_4 and carrying no answers."""
+    write_mllm_cl_ability(root, tasks=("APP",))
+    test = json.loads((root / "APP_test" / "test.json").read_text())
+    dump(root / "APP_test" / "test.json",
+         [{**{k: v for k, v in r.items() if k != "answer"}, "question_id": f"ALL_{k}"} for r, k in zip(test, (1, 3, 4))])
+    return root
+
+
+def test_mllm_cl_app_is_scored_against_mmt_bench_published_answers(tmp_path: Path) -> None:
+    """APP question ALL_k takes the letter of row k of the answers file (the row position MLLM-CL's
+    convert_result_to_submission.py writes into), or of the row whose index column is k."""
+    root = app_layout(tmp_path / "ab")
+    answers = write_mmt_bench_answers(tmp_path / "MMT-Bench_ALL_MI_anno.tsv", ["A", "B", "C", "D", "B"])
+    (app,) = build(tmp_path, "mllm-cl-ability", root=str(root), tasks=["APP"], gui_answers=str(answers))
+    assert [s.reference for s in app.test_samples] == ["B", "D", "B"]
+    assert [score_one(app.scorer, reply, s.reference) for reply, s in zip([" b\n", "C", "B."], app.test_samples)] == [
+        1.0, 0.0, 0.0]  # the submitted option is reply.strip().upper(); "B." is not a letter
+    shuffled = write_mmt_bench_answers(tmp_path / "shuffled.tsv", ["C", "A", "D", "B", "A"], indices=[4, 3, 2, 1, 0])
+    (by_index,) = build(tmp_path, "mllm-cl-ability", root=str(root), tasks=["APP"], gui_answers=str(shuffled),
+                        gui_answers_match="index")
+    assert [s.reference for s in by_index.test_samples] == ["B", "A", "C"]
 
 
 def test_climb_converts_raw_annotations_to_generative_qa(tmp_path: Path) -> None:

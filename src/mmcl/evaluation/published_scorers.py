@@ -81,8 +81,10 @@ Every script except ``eval_ocr.py`` and ``eval_sat.py`` counts a reply containin
   A..E (or up to the gold letter), since the choices are not part of the reference; the script's
   fallback of matching the choice texts in the reply is not available for the same reason.
 * ``mllm_cl_app`` (APP) -- no local script: ``convert_result_to_submission.py`` submits
-  ``reply.strip().upper()`` as the chosen option of MMT-Bench and the eval.ai server scores it. Stand-in:
-  that option must equal the gold letter (test.json must then carry answers).
+  ``reply.strip().upper()`` as the chosen option of MMT-Bench and the eval.ai server (closed 2026-02-01)
+  scored it. Here that option must equal the gold letter, which comes from MMT-Bench's published answers
+  (``stream.options.gui_answers``, :mod:`mmcl.streams.mmt_bench_answers`). Difference: how the server
+  matched a submitted option that is not a bare letter is not public; here it scores 0.
 
 CLiMB (Srinivasan et al. 2022, NeurIPS D&B; github.com/GLAMOR-USC/CLiMB)
 -----------------------------------------------------------------------
@@ -335,7 +337,7 @@ def mllm_cl_math(prediction: str, reference: str) -> float:
 
 
 def mllm_cl_app(prediction: str, reference: str) -> float:
-    """Stand-in for MLLM-CL's APP (MMT-Bench, scored on the eval.ai server): the option submitted by
+    """MLLM-CL's APP (MMT-Bench, once scored on the eval.ai server): the option submitted by
     ``convert_result_to_submission.py`` (``reply.strip().upper()``) equals the gold letter."""
     return float(prediction.strip().upper() == reference.strip().upper())
 

@@ -30,7 +30,7 @@ remaining difference are in :mod:`mmcl.evaluation.published_scorers`:
 | OCR  | mllm_cl_ocr     | eval_ocr.py (OCRBench): any accepted answer is a substring of the reply           |
 | Math | mllm_cl_math    | eval_math.py: GPT judge (VLMEvalKit MathVista); rule-based stand-in               |
 | VP   | mllm_cl_sat     | eval_sat.py: answer in reply after removing spaces, dots, newlines and case       |
-| APP  | mllm_cl_app     | none locally (eval.ai server); stand-in on the submitted option letter            |
+| APP  | mllm_cl_app     | eval.ai server (closed); the submitted option letter against MMT-Bench's published answers |
 
 The Sci rule depends on the item's image name and question, and the OCR rule on its category, which a
 scorer does not see: the test file is converted once into the stream cache and each such reference is
@@ -38,6 +38,10 @@ tagged with its rule (``answers: [tag, answer...]``, tags from :func:`~mmcl.eval
 and :data:`~mmcl.evaluation.published_scorers.OCR_HME`). Other test files are read in place when each
 record has one string ``answer``; files with lists of accepted answers (OCR) or MathVista fields (Math:
 ``answer_option`` for multiple choice) are converted too.
+
+APP's test file carries no answers (MLLM-CL scored it on MMT-Bench's server, now closed).
+``stream.options.gui_answers`` names MMT-Bench's published answers TSV (downloaded by hand) and
+``gui_answers_match`` how a question id finds its row (:mod:`mmcl.streams.mmt_bench_answers`).
 """
 
 from __future__ import annotations
@@ -56,11 +60,13 @@ from mmcl.streams.published import (
 )
 from mmcl.streams.stream import StreamSpec, Task, register_stream
 from mmcl.data.readers import as_text, load_records
-from mmcl.errors import DataError
+from mmcl.errors import ConfigError, DataError
 from mmcl.evaluation.published_scorers import OCR_HME, OCR_HME_CATEGORY, sci_rule_tag
+from mmcl.streams.mmt_bench_answers import MATCH_CHOICES, answer_for, read_answers
 
 
-APP_HINT = " (MLLM-CL scores APP on the eval.ai server; leave it out with stream.options.tasks)"
+APP_HINT = (" (MLLM-CL scored APP on MMT-Bench's closed eval.ai server: name MMT-Bench's published answers "
+            "TSV with stream.options.gui_answers, or leave APP out with stream.options.tasks)")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class MllmClStream:
     separate_test_folders: bool  # ability: <Task>_test/test.json
     side_files: tuple[tuple[str, str], ...]  # (name, path relative to root) of replay / router samples
     description: str
+    extra_options: tuple[tuple[str, Any], ...] = ()  # the stream's own option keys and defaults
 
     @property
     def layout(self) -> str:
@@ -119,6 +126,7 @@ ABILITY = MllmClStream(
         ("sample_images", "sample_images20"),
     ),
     description="MLLM-CL ability continual learning (OCR, Math, VP, APP; separate *_test sets), published layout",
+    extra_options=(("gui_answers", None), ("gui_answers_match", "row")),
 )
 
 
@@ -138,8 +146,11 @@ def _rule_tag(task: str, record: Record) -> str | None:
     return None
 
 
-def _normalized_test(task: str, records: list[Any], path: Path) -> list[Record] | None:
+def _normalized_test(task: str, records: list[Any], path: Path,
+                     gui_answers: tuple[Path, dict[int, str]] | None = None) -> list[Record] | None:
     """Records in the ``{question_id, image, text, answer[, answers]}`` form, or ``None`` if they already are.
+
+    ``gui_answers`` (APP only): the answers file and its letters; each record's answer is taken from it.
 
     Converted records name their images by absolute path (the converted file lives in the cache, and
     the task's training file resolves its own images against its own folder)."""
@@ -154,6 +165,10 @@ def _normalized_test(task: str, records: list[Any], path: Path) -> list[Record] 
             raise DataError(f"{where}: missing field 'question_id'")
         if "text" not in out and "conversations" not in out and isinstance(out.get("question"), str):
             out["text"], changed = out["question"], True
+        if task == "APP" and gui_answers is not None:
+            source, letters = gui_answers
+            out["answer"] = answer_for(out.get("question_id", out.get("id")), letters, source, where)
+            changed = True
         raw = out.get("answer")
         if task == "Math" and out.get("question_type") == "multi_choice" and as_text(out.get("answer_option")):
             out["answer_text"], out["answer"], changed = raw, as_text(out["answer_option"]), True
@@ -182,7 +197,18 @@ def _normalized_test(task: str, records: list[Any], path: Path) -> list[Record] 
 
 def _builder(stream: MllmClStream):
     def build(options: dict[str, Any], cache: Path) -> list[Task]:
-        root, selected, _ = parse_options(stream.name, options, [t.name for t in stream.tasks], {}, stream.layout)
+        names = [t.name for t in stream.tasks]
+        root, selected, extras = parse_options(stream.name, options, names, dict(stream.extra_options), stream.layout)
+        gui_answers = None
+        if extras.get("gui_answers_match", "row") not in MATCH_CHOICES:
+            raise ConfigError(f"stream.options.gui_answers_match: expected one of {', '.join(MATCH_CHOICES)}, "
+                              f"got {extras['gui_answers_match']!r}")
+        if extras.get("gui_answers") is not None and "APP" in selected:
+            raw = extras["gui_answers"]
+            if not isinstance(raw, str) or not raw:
+                raise ConfigError(f"stream.options.gui_answers: expected a file path, got {raw!r}")
+            answers_path = Path(raw).expanduser().absolute()
+            gui_answers = (answers_path, read_answers(answers_path, str(extras["gui_answers_match"])))
         missing = missing_files(root, [f"{name}/train.json" for name in selected])
         missing += missing_files(root, [f"{_test_folder(stream, name)}/test.json" for name in selected])
         tests: dict[str, list[Any]] = {}
@@ -200,9 +226,13 @@ def _builder(stream: MllmClStream):
         for name in selected:
             folder = _test_folder(stream, name)
             test_path = root / folder / "test.json"
+            answers = gui_answers if name == "APP" else None
+            sources = [test_path] + ([answers[0]] if answers else [])
             converted = cached_conversion(
-                cache, stream.name, name, [test_path],
-                lambda name=name, test_path=test_path: _normalized_test(name, tests[name], test_path),
+                cache, stream.name, name, sources,
+                lambda name=name, test_path=test_path, answers=answers: _normalized_test(
+                    name, tests[name], test_path, answers),
+                salt=f"match={extras.get('gui_answers_match')}" if answers else "",
             )
             tasks.append(
                 Task(
