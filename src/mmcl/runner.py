@@ -9,7 +9,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from safetensors.torch import load_file
 
@@ -49,6 +49,19 @@ def check_tasks(tasks: list[Task], test_only: list[Task] = ()) -> None:
         raise DataError(problems[0] + more)
 
 
+def low_shot_extra_tasks(config: ExperimentConfig, tasks: list[Task], base_dir: Path) -> list[Task]:
+    """The tasks of ``evaluation.low_shot.extra_tasks`` (none when unset); their names must not be the stream's."""
+    extra = config.evaluation.low_shot.extra_tasks
+    if extra is None:
+        return []
+    built = build_stream(extra, base_dir)
+    clash = sorted({task.name for task in built} & {task.name for task in tasks})
+    if clash:
+        raise ConfigError(f"evaluation.low_shot.extra_tasks: task {clash[0]!r} is also a task of the stream; "
+                          "rename one (low-shot files are named by task)")
+    return built
+
+
 def create_method(config: ExperimentConfig) -> Method:
     method_class = METHODS.lookup(config.method.name, "method.name")
     options = from_dict(method_class.config_class, config.method.options, "method.options")
@@ -73,16 +86,17 @@ def limited(samples: list, limit: int | None, selection: str, seed: int, task_na
     return [samples[index] for index in chosen]
 
 
-def build_protocols(config: ExperimentConfig, general: Task | None) -> list[EvaluationProtocol]:
+def build_protocols(config: ExperimentConfig, general: Task | None,
+                    low_shot_extra: Sequence[Task] = ()) -> list[EvaluationProtocol]:
     """The evaluation protocols of this run, enabled or not, in evaluation order: the built-ins from their
     config sections, then each plugin protocol named in ``evaluation.protocols`` (its section checked
-    against its config class)."""
+    against its config class). ``low_shot_extra``: the built tasks of ``evaluation.low_shot.extra_tasks``."""
     evaluation = config.evaluation
     protocols: list[EvaluationProtocol] = [
         AccuracyMatrix(evaluation.forward_transfer),
         GeneralAbility(evaluation.general, general),
         SuperficialProbes(evaluation.superficial),
-        LowShotTransfer(evaluation.low_shot),
+        LowShotTransfer(evaluation.low_shot, low_shot_extra),
     ]
     builtin = {type(protocol) for protocol in protocols}
     for name, section in evaluation.protocols.items():
@@ -157,12 +171,14 @@ class ContinualRun:
         resolve_backbone(config.backbone.name)  # an unknown name fails here, in seconds, before the run dir exists
         self.tasks = build_stream(config.stream, base_dir)
         self.general = general_task(config.evaluation, config.backbone, config.stream, base_dir)
-        check_tasks(self.tasks, test_only=[self.general] if self.general else [])
-        check_lengths(self.tasks, config.backbone)  # as `mmcl data check` does; training would refuse them mid-stage
+        self.low_shot_extra = low_shot_extra_tasks(config, self.tasks, base_dir)
+        check_tasks(self.tasks + self.low_shot_extra, test_only=[self.general] if self.general else [])
+        # as `mmcl data check` does; training would refuse them mid-stage
+        check_lengths(self.tasks + self.low_shot_extra, config.backbone)
         self.method = create_method(config)
         self.method.log_dir = RunLayout(config.run_dir).tensorboard_dir if distributed.is_main() else None
         self.stages = plan_stages(self.method, self.tasks)
-        self.protocols = build_protocols(config, self.general)
+        self.protocols = build_protocols(config, self.general, self.low_shot_extra)
         self.run_dir = config.run_dir
         self.layout = RunLayout(self.run_dir)
         self.rows = run_rows([task.name for task in self.tasks], [label for label, _ in self.stages],
@@ -192,7 +208,8 @@ class ContinualRun:
             if self.lock.taken_over:
                 self.log(f"took over a stale lock on {self.run_dir} ({self.lock.taken_over})")
             claim_run_dir(self.config, overwrite, self.base_dir)
-            reconcile_data(self.layout, self.tasks, self.general, self.stages, self.rows, self.protocols,
+            reconcile_data(self.layout, self.tasks + self.low_shot_extra, self.general, self.stages, self.rows,
+                           self.protocols,
                            recompute_changed, self.log)
             tests = {task.name: self.test_samples(task) for task in self.tasks}
             chance = {task.name: task_chance(tests[task.name], task.scorer, task.chance) for task in self.tasks}

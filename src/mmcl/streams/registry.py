@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from mmcl.streams.stream import StreamSpec, Task, register_stream
 from mmcl.errors import ConfigError
@@ -12,20 +12,23 @@ from mmcl.errors import ConfigError
 SYNTH_DOMAIN_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task": 200, "image_size": 48, "seed": 0}
 
 
-def _synth_domain(options: dict[str, Any], cache: Path) -> list[Task]:
-    from mmcl.streams.synth import GENERATOR_VERSION, SYNTH_DOMAIN_TASKS, write_synth_domain
+SYNTH_UNIMODAL_DEFAULTS: dict[str, Any] = {"train_per_task": 64, "test_per_task": 100, "image_size": 48, "seed": 0}
 
-    unknown = sorted(set(options) - set(SYNTH_DOMAIN_DEFAULTS))
+
+def _synthetic(name: str, defaults: dict[str, Any], options: dict[str, Any], cache: Path, version: int,
+               write: Callable[..., Path], specs: Sequence[Any]) -> list[Task]:
+    """A generated stream's tasks: options checked against ``defaults``, files written once per setting."""
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ConfigError(f"stream.options: unknown key {unknown[0]!r} for synth-domain (known: {', '.join(SYNTH_DOMAIN_DEFAULTS)})")
-    settings = {**SYNTH_DOMAIN_DEFAULTS, **options}
+        raise ConfigError(f"stream.options: unknown key {unknown[0]!r} for {name} (known: {', '.join(defaults)})")
+    settings = {**defaults, **options}
     for key, value in settings.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
             raise ConfigError(f"stream.options.{key}: expected a positive integer, got {value!r}")
-    folder = cache / "synth-domain" / (  # keyed by the generator's version too: a new generator never reuses old files
-        f"{GENERATOR_VERSION}-seed{settings['seed']}-n{settings['train_per_task']}-{settings['test_per_task']}-px{settings['image_size']}"
+    folder = cache / name / (  # keyed by the generator's version too: a new generator never reuses old files
+        f"{version}-seed{settings['seed']}-n{settings['train_per_task']}-{settings['test_per_task']}-px{settings['image_size']}"
     )
-    root = write_synth_domain(folder, **settings)
+    root = write(folder, **settings)
     return [
         Task(
             name=spec.name,
@@ -36,8 +39,22 @@ def _synth_domain(options: dict[str, Any], cache: Path) -> list[Task]:
             scorer=spec.scorer,
             max_new_tokens=spec.max_new_tokens,
         )
-        for spec in SYNTH_DOMAIN_TASKS
+        for spec in specs
     ]
+
+
+def _synth_domain(options: dict[str, Any], cache: Path) -> list[Task]:
+    from mmcl.streams.synth import GENERATOR_VERSION, SYNTH_DOMAIN_TASKS, write_synth_domain
+
+    return _synthetic("synth-domain", SYNTH_DOMAIN_DEFAULTS, options, cache, GENERATOR_VERSION, write_synth_domain,
+                      SYNTH_DOMAIN_TASKS)
+
+
+def _synth_unimodal(options: dict[str, Any], cache: Path) -> list[Task]:
+    from mmcl.synthetic.unimodal import GENERATOR_VERSION, UNIMODAL_TASKS, write_synth_unimodal
+
+    return _synthetic("synth-unimodal", SYNTH_UNIMODAL_DEFAULTS, options, cache, GENERATOR_VERSION,
+                      write_synth_unimodal, UNIMODAL_TASKS)
 
 
 register_stream(
@@ -46,6 +63,15 @@ register_stream(
         description="Five procedurally drawn domains (aerial map, scan, road, diagram, chart) in MLLM-CL's domain order",
         build=_synth_domain,
         defaults=SYNTH_DOMAIN_DEFAULTS,
+    )
+)
+register_stream(
+    StreamSpec(
+        name="synth-unimodal",
+        description="A language-only task (text-arith, no image) and a vision-only one (image-shapes), for "
+                    "CLiMB's unimodal low-shot transfer (evaluation.low_shot.extra_tasks)",
+        build=_synth_unimodal,
+        defaults=SYNTH_UNIMODAL_DEFAULTS,
     )
 )
 

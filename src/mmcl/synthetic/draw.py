@@ -29,9 +29,10 @@ class TaskSpec:
 
 @dataclass
 class SynthExample:
-    """One drawn image with one question about it (``question`` has no ``<image>`` placeholder)."""
+    """One drawn image (``None`` for a text-only example) with one question about it (``question`` has no
+    ``<image>`` placeholder)."""
 
-    image: Image.Image
+    image: Image.Image | None
     question: str
     answer: str
     qtype: str

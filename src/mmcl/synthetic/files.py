@@ -16,19 +16,24 @@ from mmcl.synthetic.draw import SynthExample
 
 
 def write_split(folder: Path, task: str, split: str, examples: Iterable[SynthExample]) -> None:
-    """``<folder>/<split>.json`` in LLaVA train or test format and one PNG per example under ``images/``."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    """``<folder>/<split>.json`` in LLaVA train or test format and one PNG per example under ``images/``
+    (an example without an image is a text-only record: no ``image`` key, no placeholder)."""
+    folder.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     for index, example in enumerate(examples, start=1):
         sample_id = f"{task}-{split}-{index:05d}"
-        image = f"images/{sample_id}.png"
-        example.image.save(folder / image, format="PNG", compress_level=1)
-        text = f"{IMAGE_PLACEHOLDER}\n{example.question}"
+        record: dict[str, Any] = {}
+        text = example.question
+        if example.image is not None:
+            (folder / "images").mkdir(exist_ok=True)
+            record["image"] = f"images/{sample_id}.png"
+            example.image.save(folder / record["image"], format="PNG", compress_level=1)
+            text = f"{IMAGE_PLACEHOLDER}\n{text}"
         if split == "train":
             conversation = [{"from": "human", "value": text}, {"from": "gpt", "value": example.answer}]
-            record = {"id": sample_id, "image": image, "conversations": conversation}
+            record = {"id": sample_id, **record, "conversations": conversation}
         else:
-            record = {"question_id": sample_id, "image": image, "text": text, "answer": example.answer}
+            record = {"question_id": sample_id, **record, "text": text, "answer": example.answer}
         records.append({**record, "qtype": example.qtype, "facts": example.facts})
     lines = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records)  # one record a line
     (folder / f"{split}.json").write_text(f"[\n{lines}\n]\n" if records else "[]\n", encoding="utf-8")
