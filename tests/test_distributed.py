@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import make_stream_config, write_config
 from test_runner import TRAINING, invoke, prediction_records, read_json
 
@@ -41,3 +43,30 @@ def test_two_process_run_matches_single_process_layout(tiny_model_dir: Path, str
         assert meta["n"] == len(records) == 4
     info = json.loads((run_dir / "stages" / "1_rs" / "stage.json").read_text(encoding="utf-8"))
     assert info["train_samples"] == 8
+
+
+def test_mrlora_routing_statistics_cover_every_process_shard(tiny_model_dir: Path, stream_cache_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """Under torchrun each process routes its own shard of a task's test samples; the stored routing report
+    counts all of them (before, process 0's half alone): per task and stage, n and the routes add up to the
+    test set, and the scores with the router equal the predictions files' scores."""
+    mmcl = Path(sys.executable).parent / "mmcl"
+    method = {"name": "mrlora", "options": {"router_samples_per_task": 2, "router_epochs": 1.0, "router_batch_size": 4}}
+    config = make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / "ddp", method=method)
+    config["stream"]["options"] = {"train_per_task": 4, "test_per_task": 3}  # odd: the shards differ in size
+    config["training"] = {"max_steps": 1, "batch_size": 4, "progress_bar": False}
+    config["evaluation"] = {"batch_size": 8, "forward_transfer": False, "evaluate_base": False, "max_new_tokens": 4,
+                            "general": "none"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               str(mmcl), "run", str(write_config(tmp_path / "ddp.yaml", config))]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    stages = read_json(run_dir / "method_summary.json")["summary"]["stages"]
+    assert sorted(stages) == ["1_rs", "2_med", "3_ad", "4_sci", "5_fin"]
+    for stage, report in stages.items():
+        for task, entry in report["tasks"].items():
+            assert entry["n"] == 3 and sum(entry["routed"].values()) == 3, (stage, task, entry)
+            _, records = prediction_records(run_dir / "predictions" / stage / f"{task}.jsonl")
+            assert entry["score"] == pytest.approx(100 * sum(r["score"] for r in records) / 3)

@@ -67,9 +67,16 @@ def gather_shards(part: list[Item], total: int) -> list[Item]:
     """The full list on every process, in the order :func:`shard` split it from (length ``total``)."""
     if not active():
         return part
-    parts: list[list[Item] | None] = [None] * world_size()
-    torch.distributed.all_gather_object(parts, part)
     merged: list[Item] = [None] * total  # type: ignore[list-item]
-    for index, chunk in enumerate(parts):
+    for index, chunk in enumerate(gather_objects(part)):
         merged[index::world_size()] = chunk  # type: ignore[index]
     return merged
+
+
+def gather_objects(value: Item) -> list[Item]:
+    """Every process's ``value``, in rank order, on every process (``[value]`` for one process)."""
+    if not active():
+        return [value]
+    parts: list[Item | None] = [None] * world_size()
+    torch.distributed.all_gather_object(parts, value)
+    return parts  # type: ignore[return-value]

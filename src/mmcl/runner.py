@@ -356,7 +356,10 @@ class ContinualRun:
         part = generate_answers(
             self.generator(row_index, task), distributed.shard(samples), max_new_tokens, self.config.evaluation.batch_size
         )
-        return distributed.gather_shards(part, len(samples))
+        answers = distributed.gather_shards(part, len(samples))
+        if distributed.active():
+            self.method.sync_evaluation()
+        return answers
 
     def evaluate_file(self, row_index: int, task: Task, samples: list, out_file: Path) -> None:
         if self.exists_everywhere(out_file):

@@ -210,6 +210,11 @@ class Method(ABC, Generic[ConfigT]):
     def load_evaluation_summary(self, summary: dict[str, Any]) -> None:
         """Restore what ``evaluation_summary`` returned when a run is resumed."""
 
+    def sync_evaluation(self) -> None:
+        """Multi-process runs: called on every process after the answers of each evaluated file are
+        gathered, so that statistics each process counted over its own shard can be combined (a collective
+        call: every process makes it at the same point)."""
+
     def report_sections(self) -> list[dict[str, Any]]:
         """Extra report sections built from the evaluation summary, as data (never HTML): tables
         ``{"title", "kind": "table", "columns", "rows", "note"}`` and panels of curves ``{"title",

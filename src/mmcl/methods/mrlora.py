@@ -46,6 +46,7 @@ statistics and the report's tables in :mod:`mmcl.methods.mrlora_stats`.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mmcl import distributed
 from mmcl.config import TrainingConfig
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, MmclError
@@ -87,6 +89,9 @@ from mmcl.methods.mrlora_router import (
     routing_set_pairs,
 )
 from mmcl.methods.mrlora_stats import (
+    add_entries,
+    entry_delta,
+    new_entry,
     count_batch,
     merge_counters,
     protocol_note,
@@ -108,6 +113,8 @@ class MrLora(TaskExperts[MrLoraConfig]):
         self.routing_set: dict[str, list[str]] = {}  # task name -> training-sample ids, in task order
         self.router_experts = 0  # number of experts (letters) the router was last trained on; 0 = none
         self.routing: dict[str, dict[str, Any]] = {}  # stage key -> raw routing counters
+        # (stage key, task) -> its counters before this process's evaluations since the last sync_evaluation
+        self._before_sync: dict[tuple[str, str], dict[str, Any]] = {}
         self.router_training: list[dict[str, Any]] = []  # one record per router training (size, loss, seconds)
         self.last_routes: list[str] = []  # the route (expert task name or "base") of each sample of the last batch
         self.last_fallbacks: list[bool] = []  # per sample of the last batch: an illegal router answer sent it to a random expert
@@ -329,6 +336,10 @@ class MrLora(TaskExperts[MrLoraConfig]):
         experts = [task.name for task in self.expert_tasks]
         evaluated = self.evaluates_stage(len(self.trained), self.n_tasks)
         stage = self.routing.setdefault(self.stage_key(), {"experts": experts, "evaluated": evaluated, "tasks": {}})
+        if distributed.active():  # the counts of this shard are combined with the others' in sync_evaluation
+            for name in {sample.task for sample in samples}:
+                before = copy.deepcopy(stage["tasks"].get(name, new_entry()))
+                self._before_sync.setdefault((self.stage_key(), name), before)
         oracle_answers = None
         if evaluated and self.config.oracle_scores and experts:
             oracle_answers = dict(enumerate(answers))  # each sample answered by its own task's expert
@@ -342,6 +353,21 @@ class MrLora(TaskExperts[MrLoraConfig]):
         count_batch(
             stage, samples, answers, self.last_routes, self.last_fallbacks, scorers, experts, evaluated, oracle_answers
         )
+
+    def sync_evaluation(self) -> None:
+        """Under torchrun each process routes and counts its own shard: add every process's new counts, so the
+        statistics cover all test samples (the counters before the evaluation are the same everywhere)."""
+        mine = [(stage, task, {k: self.routing[stage][k] for k in ("experts", "evaluated")},
+                 copy.deepcopy(base), entry_delta(self.routing[stage]["tasks"][task], base))
+                for (stage, task), base in self._before_sync.items()]
+        combined: dict[tuple[str, str], dict[str, Any]] = {}
+        for part in distributed.gather_objects(mine):
+            for stage, task, meta, base, delta in part:
+                self.routing.setdefault(stage, {**meta, "tasks": {}})
+                add_entries(combined.setdefault((stage, task), base), delta)
+        for (stage, task), total in combined.items():
+            self.routing[stage]["tasks"][task] = total
+        self._before_sync = {}
 
     def routing_report(self) -> dict[str, Any]:
         """Per stage (keyed like the run's stage dirs, e.g. ``3_ad``): the experts in letter order, the

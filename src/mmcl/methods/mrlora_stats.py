@@ -125,6 +125,24 @@ def count_batch(
             entry["oracle_n"] += 1
 
 
+def entry_delta(entry: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``entry`` counted beyond ``base`` (two raw counter entries of one (stage, task))."""
+    routed = {route: count - base["routed"].get(route, 0) for route, count in entry["routed"].items()}
+    delta = {key: entry[key] - base[key] for key in RAW_KEYS if key != "routed"}
+    return {**delta, "routed": {route: count for route, count in routed.items() if count}}
+
+
+def add_entries(total: dict[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
+    """``total`` plus ``part`` (raw counter entries), in place; returns ``total``."""
+    for key in RAW_KEYS:
+        if key == "routed":
+            for route, count in part["routed"].items():
+                total["routed"][route] = total["routed"].get(route, 0) + count
+        else:
+            total[key] += part[key]
+    return total
+
+
 def protocol_note(config: MrLoraConfig) -> str:
     """One sentence on what the rows of the matrix mean under the configured router protocol."""
     if config.router_protocol == "paper":
