@@ -19,6 +19,9 @@ EXPECTED_PARTS = {
     "qwen2-vl": ("model.visual.", ("model.visual.merger.",), ("model.language_model.", "lm_head.")),
     "qwen2.5-vl": ("model.visual.", ("model.visual.merger.",), ("model.language_model.", "lm_head.")),
     "smolvlm": ("model.vision_model.", (), ("model.text_model.", "lm_head.")),
+    "qwen3-vl": ("model.visual.", ("model.visual.merger.", "model.visual.deepstack_merger_list."),
+                 ("model.language_model.", "lm_head.")),
+    "internvl": ("model.vision_tower.", (), ("model.language_model.", "lm_head.")),
 }
 
 
@@ -62,8 +65,9 @@ def test_parts_follow_the_model_structure(arch: str, model_dirs: dict[str, Path]
     assert parts["projector"] and parts["other"] == []
     assert sorted(sum(parts.values(), [])) == sorted(names)  # every parameter in exactly one part
     assert is_vision_encoder(expected_vision[0], model) and not is_vision_encoder(parts["projector"][0], model)
-    if arch.startswith("qwen"):
-        assert all(name.startswith("model.visual.merger.") for name in parts["projector"])
+    if not_vision:  # a projector inside the vision encoder (Qwen-VL's mergers) is exactly those prefixes
+        assert all(name.startswith(not_vision) for name in parts["projector"])
+        assert all(any(name.startswith(prefix) for name in parts["projector"]) for prefix in not_vision)
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
@@ -81,8 +85,8 @@ def test_seq_full_freezes_the_vision_encoder_only(arch: str, model_dirs: dict[st
     assert parts["vision_encoder"] and not any(parameters[n].requires_grad for n in parts["vision_encoder"])
     assert parts["language_model"] and all(parameters[n].requires_grad for n in parts["language_model"])
     assert parts["projector"] and all(parameters[n].requires_grad for n in parts["projector"])
-    vision_prefix = EXPECTED_PARTS[arch][0]
-    assert not any(name.startswith(vision_prefix) and not name.startswith(vision_prefix + "merger.")
+    vision_prefix, not_vision, _ = EXPECTED_PARTS[arch]
+    assert not any(name.startswith(vision_prefix) and not name.startswith(not_vision or ("\0",))
                    for name in method.state_tensors())  # fmt: skip
 
 
@@ -212,7 +216,8 @@ def test_rollout_sampling_ignores_the_checkpoint_generation_config(
 
 # -- images in later turns -----------------------------------------------------------------------
 
-END_OF_TURN = {"llava": "<|end|>", "qwen2-vl": "<|im_end|>", "qwen2.5-vl": "<|im_end|>", "smolvlm": "<end_of_utterance>"}
+END_OF_TURN = {"llava": "<|end|>", "qwen2-vl": "<|im_end|>", "qwen2.5-vl": "<|im_end|>", "qwen3-vl": "<|im_end|>",
+               "smolvlm": "<end_of_utterance>", "internvl": "<|im_end|>"}
 
 
 def labelled_spans(labels: torch.Tensor) -> list[tuple[int, int]]:
@@ -242,7 +247,7 @@ def later_turn_samples(data_root: Path):
     return [later, both]
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2-vl", "smolvlm"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl", "smolvlm", "qwen3-vl", "internvl"])
 def test_image_in_a_later_turn(arch: str, model_dirs: dict[str, Path], data_root: Path) -> None:
     """Each prompt prefix goes to the processor with the images it refers to: every assistant turn is
     labelled, the batch trains, and generation answers."""

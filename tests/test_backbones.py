@@ -25,6 +25,8 @@ ARCHITECTURES = {
     "qwen2-vl": ("qwen2-vl-2b", "model.language_model.", "<|im_end|>", "<|im_start|>assistant\n"),
     "qwen2.5-vl": ("qwen2.5-vl-3b", "model.language_model.", "<|im_end|>", "<|im_start|>assistant\n"),
     "smolvlm": ("smolvlm-256m", "model.text_model.", "<end_of_utterance>", "<end_of_utterance>\nAssistant:"),
+    "qwen3-vl": ("qwen3-vl-2b", "model.language_model.", "<|im_end|>", "<|im_start|>assistant\n"),
+    "internvl": ("internvl3-1b", "model.language_model.", "<|im_end|>", "<|im_start|>assistant\n"),
 }
 TASKS = ["med", "sci"]
 TRAINING = {"max_steps": 2, "batch_size": 2, "learning_rate": 0.01, "warmup_ratio": 0.0, "progress_bar": False}
@@ -363,3 +365,72 @@ def test_data_check_does_not_need_the_backbone(hub: list[str], tmp_path: Path, c
     out = capsys.readouterr().out
     assert code == 0, out
     assert "lengths not checked: backbone.name: unknown backbone 'tiny-lava'" in out and "med: ok" in out
+
+
+# -- Qwen3-VL and InternVL: presets, chat templates and processors of the hub checkpoints ----------------
+
+
+def test_qwen3_vl_and_internvl_presets() -> None:
+    from mmcl.backbones.registry import LANGUAGE_MODEL_LORA_TARGETS
+
+    qwen3, internvl = PRESETS["qwen3-vl-2b"], PRESETS["internvl3-1b"]
+    assert qwen3.source == "Qwen/Qwen3-VL-2B-Instruct" and internvl.source == "OpenGVLab/InternVL3-1B-hf"
+    assert qwen3.dtype == internvl.dtype == "bfloat16"
+    assert qwen3.lora_targets == internvl.lora_targets == LANGUAGE_MODEL_LORA_TARGETS
+    # 16 to 512 visual tokens of 32x32 px (16-px patches merged 2x2); at most 2 InternVL tiles + thumbnail
+    assert qwen3.processor_options == {"size": {"shortest_edge": 16 * 32 * 32, "longest_edge": 512 * 32 * 32}}
+    assert internvl.processor_options == {"max_patches": 2}
+
+
+# the prompt of one image and a question, as the hub checkpoints' chat templates render it
+HUB_PROMPTS = {
+    "qwen3-vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Which shape?<|im_end|>\n"
+                "<|im_start|>assistant\n",
+    "internvl": "<|im_start|>user\n<IMG_CONTEXT>\nWhich shape?<|im_end|>\n<|im_start|>assistant\n",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["qwen3-vl", "internvl"])
+def test_chat_template_and_processor_class_of_the_hub_checkpoint(arch: str, data_root: Path, tmp_path: Path) -> None:
+    """No default system turn in either template; a system turn is rendered when given. The saved checkpoint
+    records the hub's processor class and loads as that class (its image-only stand-in without torchvision)."""
+    import json
+
+    from transformers import InternVLProcessor, Qwen3VLProcessor
+
+    model_dir = build_tiny_arch(arch, tmp_path / arch, spec=SPEC)
+    backbone = load_backbone(str(model_dir), device="cpu")
+    expected_class = Qwen3VLProcessor if arch == "qwen3-vl" else InternVLProcessor
+    assert isinstance(backbone.processor, expected_class)
+    recorded = json.loads((model_dir / "processor_config.json").read_text(encoding="utf-8"))["processor_class"]
+    assert recorded == expected_class.__name__
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which shape?"}]}]
+    assert backbone._render(messages, generation_prompt=True) == HUB_PROMPTS[arch]
+    system = [{"role": "system", "content": "Be brief."}, *messages]
+    with_system = "<|im_start|>system\nBe brief.<|im_end|>\n" + HUB_PROMPTS[arch]
+    assert backbone._render(system, generation_prompt=True) == with_system
+    features = backbone.encode_for_training(samples_of(data_root, "sci")[0])
+    tokens = backbone.tokenizer.convert_ids_to_tokens(features["input_ids"].tolist())
+    if arch == "internvl":
+        # each <IMG_CONTEXT> of the template becomes <img>, 4 context tokens per tile, </img>: a 48x48 image is a
+        # 2x2 grid of 32-px tiles plus the thumbnail
+        assert features["pixel_values"].shape[0] == 5
+        start = tokens.index("<img>")
+        assert tokens[start + 1 : start + 22] == ["<IMG_CONTEXT>"] * 20 + ["</img>"]
+    else:
+        # one 64x64 image = 4x4 patches of 16 px = 4 tokens after the 2x2 merge, marked as image tokens (1) in
+        # mm_token_type_ids, from which the model builds its M-RoPE positions
+        assert features["image_grid_thw"].tolist() == [[1, 4, 4]]
+        image = [token == "<|image_pad|>" for token in tokens]
+        assert sum(image) == 4 and features["mm_token_type_ids"].tolist() == [int(flag) for flag in image]
+
+
+def test_internvl_tiles_follow_the_processor_options(data_root: Path, tmp_path: Path) -> None:
+    """InternVL's ``max_patches`` (a preset's processor option) bounds the tiles: one tile, no thumbnail."""
+    model_dir = build_tiny_arch("internvl", tmp_path / "internvl", spec=SPEC)
+    sample = samples_of(data_root, "med")[0]
+    default = load_backbone(str(model_dir), device="cpu").encode_for_training(sample)
+    capped = load_backbone(str(model_dir), device="cpu", processor_options={"max_patches": 1})
+    single = capped.encode_for_training(sample)
+    assert default["pixel_values"].shape[0] == 5 and single["pixel_values"].shape[0] == 1
+    assert single["input_ids"].shape[0] == default["input_ids"].shape[0] - 16  # 4 tokens per tile

@@ -1,8 +1,8 @@
 """``completion_logprobs`` scores exactly what ``generate`` sampled, on every architecture mmcl ships a tiny
-model of (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3): left-padded prompts of different lengths, one forward
-pass over prompt + completion, compared with the log-softmax of ``generate``'s raw logits at the sampled
-tokens. On the M-RoPE models (Qwen) this only holds when the model builds its own 3-D positions; batches
-with images, without, and mixed take the two position paths of those models."""
+model of (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, InternVL): left-padded prompts of different
+lengths, one forward pass over prompt + completion, compared with the log-softmax of ``generate``'s raw
+logits at the sampled tokens. On the M-RoPE models (Qwen) this only holds when the model builds its own
+3-D positions; batches with images, without, and mixed take the two position paths of those models."""
 
 from __future__ import annotations
 

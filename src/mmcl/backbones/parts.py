@@ -5,19 +5,23 @@ Each supported architecture family is described by the attribute names of its pa
 it has, and parameters are assigned to a part by identity (the parameter objects of that submodule), so
 names come out exactly as ``model.named_parameters()`` spells them, with or without a PEFT wrapper.
 
-================  ==================  ==========================  ==================
-family            vision encoder      projector                   language model
-================  ==================  ==========================  ==================
-LLaVA             ``vision_tower``    ``multi_modal_projector``   ``language_model``
-Qwen2(.5)-VL      ``visual``          ``visual.merger``           ``language_model``
-Idefics3/SmolVLM  ``vision_model``    ``connector``               ``text_model``
-================  ==================  ==========================  ==================
+================  ================  ===================================================  ==================
+family            vision encoder    projector                                            language model
+================  ================  ===================================================  ==================
+LLaVA, InternVL   ``vision_tower``  ``multi_modal_projector``                            ``language_model``
+Qwen2(.5)-VL      ``visual``        ``visual.merger``                                    ``language_model``
+Qwen3-VL          ``visual``        ``visual.merger``, ``visual.deepstack_merger_list``  ``language_model``
+Idefics3/SmolVLM  ``vision_model``  ``connector``                                        ``text_model``
+================  ================  ===================================================  ==================
 
-Qwen2-VL / Qwen2.5-VL keep their projector (the patch merger, an MLP from the ViT width to the language
+The Qwen-VL families keep their projector (the patch merger, an MLP from the ViT width to the language
 model's) inside ``visual``. It plays the role of LLaVA's ``multi_modal_projector`` and Idefics3's
 ``connector``, which instruction tuning trains, so the merger is counted as the projector, not as part of
-the vision encoder: "vision encoder" means the same thing (the ViT proper) in every family. The output
-head (``lm_head``) belongs to the language model.
+the vision encoder: "vision encoder" means the same thing (the ViT proper) in every family. Qwen3-VL adds
+DeepStack mergers (``visual.deepstack_merger_list``): MLPs of the same shape that map intermediate ViT
+layers into the first decoder layers' hidden states; they are projectors too, trained with the merger.
+InternVL (the transformers-native ``InternVLForConditionalGeneration``) has LLaVA's attribute names. The
+output head (``lm_head``) belongs to the language model.
 """
 
 from __future__ import annotations
@@ -35,10 +39,17 @@ class PartLayout:
     vision_encoder: str  # attribute of the inner model
     projector: str  # dotted attribute path of the inner model (may lie inside the vision encoder)
     language_model: str  # attribute of the inner model
+    more_projectors: tuple[str, ...] = ()  # further projector paths (Qwen3-VL's DeepStack mergers)
+
+    @property
+    def projectors(self) -> tuple[str, ...]:
+        return (self.projector, *self.more_projectors)
 
 
+# the first layout whose every path exists wins: Qwen3-VL (which also has Qwen2-VL's paths) comes first
 LAYOUTS: tuple[PartLayout, ...] = (
     PartLayout("llava", "vision_tower", "multi_modal_projector", "language_model"),
+    PartLayout("qwen3-vl", "visual", "visual.merger", "language_model", ("visual.deepstack_merger_list",)),
     PartLayout("qwen-vl", "visual", "visual.merger", "language_model"),
     PartLayout("idefics3", "vision_model", "connector", "text_model"),
 )
@@ -51,7 +62,7 @@ def top_level_vision_modules() -> list[str]:
     for settings that take module names before a model exists (e.g. modules left out of quantisation)."""
     names: list[str] = []
     for layout in LAYOUTS:
-        for path in (layout.vision_encoder, layout.projector):
+        for path in (layout.vision_encoder, *layout.projectors):
             head = path.split(".")[0]
             if head not in names:
                 names.append(head)
@@ -80,7 +91,7 @@ def find_layout(model) -> tuple[PartLayout, torch.nn.Module]:
     roots = [root for root in (getattr(hf_model, "model", None), hf_model) if isinstance(root, torch.nn.Module)]
     for root in roots:
         for layout in LAYOUTS:
-            paths = (layout.vision_encoder, layout.projector, layout.language_model)
+            paths = (layout.vision_encoder, *layout.projectors, layout.language_model)
             if all(_submodule(root, path) is not None for path in paths):
                 return layout, root
     known = ", ".join(f"{layout.family} ({layout.vision_encoder})" for layout in LAYOUTS)
@@ -90,7 +101,8 @@ def find_layout(model) -> tuple[PartLayout, torch.nn.Module]:
 
 
 def vision_encoder_module(model) -> torch.nn.Module:
-    """The vision encoder submodule (for Qwen-VL the whole ``visual``, whose ``merger`` is the projector)."""
+    """The vision encoder submodule (for Qwen-VL the whole ``visual``, whose ``merger`` (and Qwen3-VL's
+    ``deepstack_merger_list``) is the projector)."""
     layout, root = find_layout(model)
     return _submodule(root, layout.vision_encoder)
 
@@ -104,8 +116,9 @@ def part_parameter_names(model) -> dict[str, list[str]]:
     hf_model = _unwrap(model)
     owner: dict[int, str] = {}
     # the projector first: for Qwen-VL it lies inside the vision encoder and must not be claimed by it
-    for part, path in (("projector", layout.projector), ("vision_encoder", layout.vision_encoder),
-                       ("language_model", layout.language_model)):  # fmt: skip
+    claims = [("projector", path) for path in layout.projectors]
+    claims += [("vision_encoder", layout.vision_encoder), ("language_model", layout.language_model)]
+    for part, path in claims:
         for parameter in _submodule(root, path).parameters():
             owner.setdefault(id(parameter), part)
     head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None

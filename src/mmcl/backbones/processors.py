@@ -1,9 +1,9 @@
-"""Loading a checkpoint's processor, with an image-only stand-in for Qwen2-VL / Qwen2.5-VL processors when
-torchvision is not installed.
+"""Loading a checkpoint's processor, with an image-only stand-in for the Qwen2-VL / Qwen2.5-VL / Qwen3-VL and
+InternVL processors when torchvision is not installed.
 
-transformers 5 builds the Qwen-VL processors with a video processor that needs torchvision, even for
-image-only use (huggingface/transformers#48558). mmcl only feeds images, so without torchvision it builds the
-same processor minus the video part: identical image processor, tokenizer, image-token expansion and chat
+transformers 5 builds these processors with a video processor that needs torchvision, even for image-only
+use (huggingface/transformers#48558). mmcl only feeds images, so without torchvision it builds the same
+processor minus the video part: identical image processor, tokenizer, image-token expansion and chat
 template, hence identical model inputs.
 """
 
@@ -13,11 +13,11 @@ import importlib.util
 from typing import Any
 
 from transformers import ProcessorMixin
+from transformers.models.internvl.processing_internvl import InternVLProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from mmcl.errors import MmclError
-
-QWEN_VL_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 
 
 def torchvision_available() -> bool:
@@ -39,14 +39,52 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` without ``video_processor``. Its own ``__init__`` runs with no video processor;
+    the attributes ``ProcessorMixin`` keeps (and saves, and loads) come from this signature."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """``InternVLProcessor`` without ``video_processor`` (same image-token expansion, ``image_seq_length``
+    context tokens per tile between ``<img>`` and ``</img>``)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None,
+                 **kwargs):  # fmt: skip
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)  # fmt: skip
+
+
+# processor class a checkpoint records -> (its image-only stand-in, the video processor of the real class)
+IMAGE_ONLY_PROCESSORS: dict[str, tuple[type[ProcessorMixin], str]] = {
+    "Qwen2VLProcessor": (ImageOnlyQwen2VLProcessor, "Qwen2VLVideoProcessor"),
+    "Qwen2_5_VLProcessor": (ImageOnlyQwen2VLProcessor, "Qwen2VLVideoProcessor"),
+    "Qwen3VLProcessor": (ImageOnlyQwen3VLProcessor, "Qwen3VLVideoProcessor"),
+    "InternVLProcessor": (ImageOnlyInternVLProcessor, "InternVLVideoProcessor"),
+}
+
+
+def processor_for_images(processor_class: str, image_processor, tokenizer, chat_template: str, **options):
+    """A new processor of the hub class ``processor_class`` (a key of :data:`IMAGE_ONLY_PROCESSORS`): the real
+    class when torchvision is installed (its video processor with default settings), else its image-only
+    stand-in. ``options`` are further ``__init__`` arguments (InternVL's ``image_seq_length``)."""
+    stand_in, video_class = IMAGE_ONLY_PROCESSORS[processor_class]
+    if torchvision_available():
+        import transformers
+
+        video_processor = getattr(transformers, video_class)()
+        return getattr(transformers, processor_class)(
+            image_processor, tokenizer, video_processor, chat_template=chat_template, **options
+        )
+    return stand_in(image_processor, tokenizer, chat_template=chat_template, **options)
+
+
 def qwen_vl_processor(image_processor, tokenizer, chat_template: str):
     """The real Qwen2-VL processor when torchvision is installed (its video processor with default settings),
     else :class:`ImageOnlyQwen2VLProcessor`."""
-    if torchvision_available():
-        from transformers import Qwen2VLVideoProcessor
-
-        return Qwen2VLProcessor(image_processor, tokenizer, Qwen2VLVideoProcessor(), chat_template=chat_template)
-    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=chat_template)
+    return processor_for_images("Qwen2VLProcessor", image_processor, tokenizer, chat_template)
 
 
 def processor_class_name(source: str) -> str | None:
@@ -69,15 +107,17 @@ def processor_class_name(source: str) -> str | None:
 
 
 def load_processor(source: str, options: dict[str, Any] | None = None):
-    """``AutoProcessor.from_pretrained(source, **options)``, or the image-only Qwen-VL processor where that
-    one needs torchvision and torchvision is missing."""
+    """``AutoProcessor.from_pretrained(source, **options)``, or the image-only stand-in of a Qwen-VL or
+    InternVL processor (:data:`IMAGE_ONLY_PROCESSORS`) where that one needs torchvision and torchvision is
+    missing."""
     from transformers import AutoProcessor
 
     options = dict(options or {})
     if torchvision_available():
         return AutoProcessor.from_pretrained(source, **options)
-    if processor_class_name(source) in QWEN_VL_PROCESSORS:
-        return ImageOnlyQwen2VLProcessor.from_pretrained(source, **options)
+    recorded = processor_class_name(source)
+    if recorded in IMAGE_ONLY_PROCESSORS:
+        return IMAGE_ONLY_PROCESSORS[recorded][0].from_pretrained(source, **options)
     try:
         return AutoProcessor.from_pretrained(source, **options)
     except (ImportError, AttributeError, TypeError) as exc:  # a video processor that needs torchvision

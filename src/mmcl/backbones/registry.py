@@ -18,8 +18,9 @@ TINY_LLAVA_DIR = Path(__file__).parent / "tiny_llava"
 
 # Regexes over transformers 5 module paths (PEFT full-matches them against ``named_modules()`` names).
 _DECODER_LINEARS = r"\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
-# Language model of LLaVA, Qwen2-VL and Qwen2.5-VL: ``model.language_model.layers.N.{self_attn,mlp}.*``.
-# (Qwen2.5-VL's vision blocks also have ``mlp.gate_proj``: the ``language_model`` anchor keeps them out.)
+# Language model of LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL: ``model.language_model.layers.N.
+# {self_attn,mlp}.*``. (Qwen2.5-VL's vision blocks also have ``mlp.gate_proj`` and InternVL's vision tower
+# ``attention.{q,k,v}_proj``: the ``language_model`` anchor keeps them out.)
 LANGUAGE_MODEL_LORA_TARGETS = r".*\.language_model" + _DECODER_LINEARS
 # Language model of Idefics3 / SmolVLM: ``model.text_model.layers.N.*`` (the SigLIP tower is ``vision_model``).
 TEXT_MODEL_LORA_TARGETS = r".*\.text_model" + _DECODER_LINEARS
@@ -30,6 +31,10 @@ LLAMA_STYLE_LORA_TARGETS = (
 )
 # Hub ids and directories that are not presets: the LLaVA default, or the language model of an Idefics3.
 DEFAULT_LORA_TARGETS = f"{LLAMA_STYLE_LORA_TARGETS}|{TEXT_MODEL_LORA_TARGETS}"
+# ... except for these model types (``config.model_type``), which get their preset's targets instead: InternVL
+# names its projector as LLaVA does (``multi_modal_projector.linear_{1,2}``), which the LLaVA default adapts,
+# while the internvl3-1b preset adapts the language model only.
+MODEL_TYPE_LORA_TARGETS = {"internvl": LANGUAGE_MODEL_LORA_TARGETS}
 
 # 4-bit loading quantises the language model only; vision encoders, projectors (every family of
 # mmcl.backbones.parts) and the output head stay as loaded.
@@ -49,6 +54,11 @@ class BackbonePreset:
 
 # Qwen2-VL / Qwen2.5-VL: 16 to 512 visual tokens per image (each token covers 28 x 28 pixels).
 QWEN_IMAGE_BOUNDS = {"size": {"shortest_edge": 16 * 28 * 28, "longest_edge": 512 * 28 * 28}}
+# Qwen3-VL: the same 16 to 512 visual tokens, each covering 32 x 32 pixels (16-px patches, 2x2 merge).
+QWEN3_IMAGE_BOUNDS = {"size": {"shortest_edge": 16 * 32 * 32, "longest_edge": 512 * 32 * 32}}
+# InternVL3: at most 2 tiles of 448 px (a wide or tall image; a near-square one fits one tile) plus the
+# thumbnail added to any tiled image, 256 visual tokens each: 256 to 768 tokens per image.
+INTERNVL_IMAGE_BOUNDS = {"max_patches": 2}
 
 PRESETS: Registry[BackbonePreset] = Registry("backbone preset")
 
@@ -87,6 +97,23 @@ for _preset in [
         LANGUAGE_MODEL_LORA_TARGETS,
         dtype="bfloat16",
         processor_options=QWEN_IMAGE_BOUNDS,
+    ),
+    BackbonePreset(
+        "qwen3-vl-2b",
+        "Qwen/Qwen3-VL-2B-Instruct from the Hugging Face hub (images capped at 512 visual tokens)",
+        "Qwen/Qwen3-VL-2B-Instruct",
+        LANGUAGE_MODEL_LORA_TARGETS,
+        dtype="bfloat16",
+        processor_options=QWEN3_IMAGE_BOUNDS,
+    ),
+    BackbonePreset(
+        "internvl3-1b",
+        "OpenGVLab/InternVL3-1B-hf (transformers-native InternVL) from the Hugging Face hub "
+        "(up to 2 tiles of 448 px + thumbnail)",
+        "OpenGVLab/InternVL3-1B-hf",
+        LANGUAGE_MODEL_LORA_TARGETS,
+        dtype="bfloat16",
+        processor_options=INTERNVL_IMAGE_BOUNDS,
     ),
     BackbonePreset(
         "smolvlm-256m",
@@ -255,6 +282,8 @@ def load_backbone(
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MmclError(f"backbone {name}: cannot load from {source!r} ({first_line})") from None
+    if name not in PRESETS:
+        lora_targets = MODEL_TYPE_LORA_TARGETS.get(getattr(model.config, "model_type", None), lora_targets)
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 

@@ -1,7 +1,8 @@
 """Tiny local models of the hub backbones' architectures, built from config (nothing is downloaded):
-``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and
-``Idefics3ForConditionalGeneration`` (SmolVLM), each with a processor of the real class and a chat template
-that renders the roles and image tokens the real processor's template renders.
+``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``, ``Idefics3ForConditionalGeneration`` (SmolVLM) and
+``InternVLForConditionalGeneration`` (InternVL3-hf), each with a processor of the real class and a chat
+template that renders the roles and image tokens the real processor's template renders.
 
 They exist so that tests (and anyone without a GPU) can run the exact loading, chat formatting, training and
 generation path of the hub presets; their weights are random. The tokenizer is a byte-level BPE trained
@@ -17,27 +18,54 @@ from typing import Iterable
 
 from mmcl.errors import ConfigError
 
-TINY_ARCHITECTURES = ("qwen2-vl", "qwen2.5-vl", "smolvlm")
+TINY_ARCHITECTURES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "smolvlm", "internvl")
 
+
+def chatml_template(image_markup: str, default_system: str | None = None) -> str:
+    r"""ChatML (``<|im_start|>role\n ... <|im_end|>\n`` per turn, ``<|im_start|>assistant\n`` as the generation
+    prompt) with ``image_markup`` in place of each image, and a system turn of ``default_system`` before a
+    conversation that opens without one (none when it is None)."""
+    default = (
+        "{% if loop.first and message['role'] != 'system' %}"
+        f"<|im_start|>system\n{default_system}<|im_end|>\n{{% endif %}}"
+        if default_system is not None
+        else ""
+    )
+    return (
+        "{% for message in messages %}"
+        f"{default}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{image_markup}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+QWEN_IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
 # ChatML as Qwen2-VL / Qwen2.5-VL render it: a default system turn, an image as
 # <|vision_start|><|image_pad|><|vision_end|> in place, every turn closed by <|im_end|>.
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+QWEN_CHAT_TEMPLATE = chatml_template(QWEN_IMAGE_MARKUP, "You are a helpful assistant.")
+# Qwen3-VL (Instruct): the same ChatML and image markup, but no default system turn (a system turn is
+# rendered only when the conversation has one).
+QWEN3_CHAT_TEMPLATE = chatml_template(QWEN_IMAGE_MARKUP)
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
 ]  # fmt: skip
+
+# InternVL3-hf: ChatML without a default system turn; the template writes "<IMG_CONTEXT>\n" per image and the
+# processor expands each <IMG_CONTEXT> into <img>, image_seq_length <IMG_CONTEXT> per tile, </img>.
+INTERNVL_CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>\n")
+# the tokenizer attributes InternVLProcessor reads (transformers' conversion script sets the same four)
+INTERNVL_IMAGE_TOKENS = {
+    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}  # fmt: skip
+INTERNVL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_IMAGE_TOKENS.values()]
 
 # SmolVLM (Idefics3): "<|im_start|>User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>\n";
 # the role is followed by ":" alone when the turn opens with an image, else by ": ".
@@ -72,7 +100,10 @@ class TinyArchSpec:
     vision_layers: int = 2
     vision_heads: int = 2
     image_size: int = 56  # Qwen: one 56x56 image = 4x4 patches of 14 px = 4 tokens after the 2x2 merge
+    qwen3_image_size: int = 64  # Qwen3-VL: 16-px patches, so 64x64 = 4x4 patches = 4 tokens after the merge
     idefics_tile: int = 32  # Idefics3: tiles of 32 px, 8-px patches, pixel shuffle 2 = 4 tokens per tile
+    internvl_tile: int = 32  # InternVL: tiles of 32 px, 8-px patches, pixel shuffle 0.5 = 4 tokens per tile
+    internvl_max_tiles: int = 4  # a 48x48 image: a 2x2 grid of tiles plus the thumbnail = 20 tokens
     vocab_size: int = 512
     max_positions: int = 1024
 
@@ -88,8 +119,9 @@ def default_corpus() -> list[str]:
     return corpus + list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
-def _family_tokenizer(corpus: Iterable[str], vocab_size: int, special_tokens: list[str], **roles: str):
-    """The locally trained BPE of :mod:`mmcl.backbones.tiny`, re-wrapped with one family's special tokens."""
+def _family_tokenizer(corpus: Iterable[str], vocab_size: int, special_tokens: list[str], **roles):
+    """The locally trained BPE of :mod:`mmcl.backbones.tiny`, re-wrapped with one family's special tokens
+    (``roles``: pad/eos/bos tokens, and ``extra_special_tokens``, named tokens a processor reads)."""
     from transformers import PreTrainedTokenizerFast
 
     from mmcl.backbones.tiny import train_tokenizer
@@ -109,6 +141,25 @@ def _qwen_processor(tokenizer, spec: TinyArchSpec, chat_template: str):
     pixels = spec.image_size * spec.image_size
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels // 4, "longest_edge": pixels})
     return qwen_vl_processor(image_processor, tokenizer, chat_template)
+
+
+def _qwen3_processor(tokenizer, spec: TinyArchSpec):
+    """A Qwen3-VL processor: Qwen2-VL's image processor with 16-px patches and the mean/std of 0.5 of the
+    hub checkpoints (image part only when torchvision is absent)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from mmcl.backbones.processors import processor_for_images
+
+    pixels = spec.qwen3_image_size * spec.qwen3_image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": pixels // 4, "longest_edge": pixels},
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return processor_for_images("Qwen3VLProcessor", image_processor, tokenizer, QWEN3_CHAT_TEMPLATE)
 
 
 def _qwen_token_ids(tokenizer) -> dict[str, int]:
@@ -185,6 +236,45 @@ def build_qwen2_5_vl(tokenizer, spec: TinyArchSpec):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+def build_qwen3_vl(tokenizer, spec: TinyArchSpec):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    head_dim = spec.text_hidden // spec.text_heads
+    # interleaved M-RoPE over head_dim/2 frequencies, split (time, height, width) 24 : 20 : 20 as the hub's
+    # [24, 20, 20] of 64
+    frequencies = head_dim // 2
+    spatial = 5 * frequencies // 16
+    text = {
+        **_qwen_text_config(tokenizer, spec),
+        "head_dim": head_dim,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [frequencies - 2 * spatial, spatial, spatial],
+            "mrope_interleaved": True,
+        },
+    }
+    grid = spec.qwen3_image_size // 16
+    vision = {
+        "depth": spec.vision_layers,
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": spec.vision_hidden * 2,
+        "num_heads": spec.vision_heads,
+        "out_hidden_size": spec.text_hidden,  # the mergers project into the language model's width
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": grid * grid,  # a learned grid of patch positions, resampled to each image
+        # DeepStack: the first block's output, through its own merger, is added to the image tokens' hidden
+        # states after the first decoder layer (the hub's 2B model taps 3 of its 24 blocks)
+        "deepstack_visual_indexes": [0],
+    }
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=True, **_qwen_token_ids(tokenizer)
+    )
+    return Qwen3VLForConditionalGeneration(config)
+
+
 def build_idefics3(tokenizer, spec: TinyArchSpec):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
@@ -236,6 +326,64 @@ def _idefics3_processor(tokenizer, spec: TinyArchSpec):
     )
 
 
+def build_internvl(tokenizer, spec: TinyArchSpec):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    vision = {
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": spec.vision_hidden * 2,
+        "num_hidden_layers": spec.vision_layers,
+        "num_attention_heads": spec.vision_heads,
+        "attention_bias": True,  # InternViT's qkv bias
+        "image_size": spec.internvl_tile,
+        "patch_size": 8,
+    }
+    text = {
+        "model_type": "qwen2",  # InternVL3-1B's language model is a Qwen2.5
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": spec.text_intermediate,
+        "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_kv_heads,
+        "max_position_embeddings": spec.max_positions,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    }
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=_internvl_tokens_per_tile(spec),
+        downsample_ratio=0.5,
+    )
+    return InternVLForConditionalGeneration(config)
+
+
+def _internvl_tokens_per_tile(spec: TinyArchSpec) -> int:
+    return (spec.internvl_tile // 8) ** 2 // 4  # 8-px patches, then pixel shuffle by 0.5 in each direction
+
+
+def _internvl_processor(tokenizer, spec: TinyArchSpec):
+    """An InternVL processor: GOT-OCR2's image processor cutting an image into up to ``internvl_max_tiles``
+    tiles plus a thumbnail, ImageNet mean/std as the hub checkpoints (image part only without torchvision)."""
+    from transformers import GotOcr2ImageProcessorPil
+
+    from mmcl.backbones.processors import processor_for_images
+
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": spec.internvl_tile, "width": spec.internvl_tile},
+        max_patches=spec.internvl_max_tiles,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    return processor_for_images(
+        "InternVLProcessor", image_processor, tokenizer, INTERNVL_CHAT_TEMPLATE,
+        image_seq_length=_internvl_tokens_per_tile(spec),
+    )  # fmt: skip
+
+
 def build_tiny_arch(
     architecture: str,
     out_dir: Path,
@@ -255,6 +403,19 @@ def build_tiny_arch(
         processor = _qwen_processor(tokenizer, spec, QWEN_CHAT_TEMPLATE)
         build = build_qwen2_vl if architecture == "qwen2-vl" else build_qwen2_5_vl
         processor_class = "Qwen2VLProcessor" if architecture == "qwen2-vl" else "Qwen2_5_VLProcessor"
+    elif architecture == "qwen3-vl":
+        tokenizer = _family_tokenizer(
+            corpus, spec.vocab_size, QWEN_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>"
+        )
+        processor = _qwen3_processor(tokenizer, spec)
+        build, processor_class = build_qwen3_vl, "Qwen3VLProcessor"
+    elif architecture == "internvl":
+        tokenizer = _family_tokenizer(
+            corpus, spec.vocab_size, INTERNVL_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+            extra_special_tokens=INTERNVL_IMAGE_TOKENS,
+        )  # fmt: skip
+        processor = _internvl_processor(tokenizer, spec)
+        build, processor_class = build_internvl, "InternVLProcessor"
     elif architecture == "smolvlm":
         tokenizer = _family_tokenizer(
             corpus,
