@@ -104,6 +104,17 @@ def make_stream_config(model_dir: Path, cache_dir: Path, output_dir: Path, **ext
     return config
 
 
+def first_tasks_stream(cache_dir: Path, count: int, train: int, test: int) -> dict[str, Any]:
+    """A ``stream`` config section of the first ``count`` synth-domain tasks as task files (fewer stages)."""
+    from mmcl.streams.stream import StreamConfig, build_stream
+
+    options = {"train_per_task": train, "test_per_task": test}
+    tasks = build_stream(StreamConfig(options=options, cache_dir=str(cache_dir)), cache_dir)[:count]
+    return {"name": "synth-first", "tasks": [
+        {"name": t.name, "train": str(t.train_file), "test": str(t.test_file), "scorer": t.scorer,
+         "max_new_tokens": t.max_new_tokens} for t in tasks]}
+
+
 @pytest.fixture
 def tiny_stream_config(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> dict[str, Any]:
     """An experiment config (as a dict for YAML) running synth-domain on the tiny model; fresh output dir."""

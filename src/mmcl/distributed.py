@@ -80,3 +80,10 @@ def gather_objects(value: Item) -> list[Item]:
     parts: list[Item | None] = [None] * world_size()
     torch.distributed.all_gather_object(parts, value)
     return parts  # type: ignore[return-value]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the processes, in place (unchanged for one process); returns it."""
+    if active():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mmcl import distributed
 from mmcl.streams.stream import Task
 from mmcl.config import TrainingConfig, setting
 from mmcl.data.sample import Sample
@@ -53,7 +54,7 @@ from mmcl.methods.lora_utils import (
     named_adapters_tensors,
 )
 from mmcl.training import evolmm_rewards as rewards
-from mmcl.training.rollouts import Rollout, sample_rollouts
+from mmcl.training.rollouts import Rollout, prompt_seed, sample_rollouts
 from mmcl.training.scalars import write_scalars
 
 PROPOSER, SOLVER = "proposer", "solver"
@@ -276,20 +277,23 @@ class Evolmm(Method[EvolmmConfig]):
         stage_log = []
         for step in range(steps):
             batch = [items[next(order)] for _ in range(images_per_step)]
-            step_seed = seed * 1_000_003 + step * 2
+            # several processes: each samples its share of the images (every completion from its own seeded
+            # stream, see mmcl.training.rollouts) and all gather the rollouts
+            positions = distributed.shard(range(len(batch)))
             backbone.model.set_adapter(PROPOSER)
-            questions = [group[0] for group in sample_rollouts(
-                backbone, [proposal_prompt(item, options.proposer_prompt) for item in batch], 1,
-                options.question_max_new_tokens, options.temperature, seed=step_seed)]  # fmt: skip
+            questions = distributed.gather_shards([group[0] for group in sample_rollouts(
+                backbone, [proposal_prompt(batch[i], options.proposer_prompt) for i in positions], 1,
+                options.question_max_new_tokens, options.temperature,
+                prompt_seeds=[prompt_seed(seed, 2 * step, i) for i in positions])], len(batch))  # fmt: skip
             asked = [question_text(q, tags) or options.fallback_question for q in questions]
             backbone.model.set_adapter(SOLVER)
-            groups = sample_rollouts(
+            groups = distributed.gather_shards(sample_rollouts(
                 backbone,
-                [question_prompt(item, options.solver_prompt.replace("{question}", question))
-                 for item, question in zip(batch, asked)],
+                [question_prompt(batch[i], options.solver_prompt.replace("{question}", asked[i])) for i in positions],
                 options.solver_samples, options.answer_max_new_tokens, options.temperature,
-                batch_size=max(32, options.solver_samples), seed=step_seed + 1,
-            )  # fmt: skip
+                batch_size=max(32, options.solver_samples),
+                prompt_seeds=[prompt_seed(seed, 2 * step + 1, i) for i in positions],
+            ), len(batch))  # fmt: skip
             answer_rewards, entropies, question_rewards = [], [], []
             for question, group in zip(asked, groups):
                 texts = [rollout.text for rollout in group]

@@ -5,6 +5,11 @@ LoRA adapter is updated with REINFORCE against an exponential-moving-average bas
 per-token KL to the adapter-free backbone, beta adapting to a target KL. Both variants are here: the k3 KL
 on the sampled token with one batched update (``tiny-calibrated``) and the exact full-vocabulary KL with
 one update per completion (``reference``, the authors' released ``src/train.py``).
+
+Several processes: every process holds the whole step's rollouts (gathered after sharded sampling). The
+batched update splits them again: each process scores its share, normalised by the tokens of all rollouts,
+and the gradients and KL sums are added over the processes, so every process takes the step one process
+would take. The per-completion updates are sequential by nature and run in full on every process.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmcl import distributed
 from mmcl.methods.evolmm_parts import RoleState
 from mmcl.training import evolmm_rewards as rewards
 from mmcl.training.common import k3_kl
@@ -78,41 +84,54 @@ def policy_update(
     state: RoleState,
     optimizer: torch.optim.Optimizer,
     options: EvolmmConfig,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """One REINFORCE step of ``role``'s adapter on ``rollouts``: token-mean of -(r - b) log pi(token)
     plus beta times the token-mean KL to the adapter-free backbone, KL_t either the k3 estimator
     exp(ref - logp) - (ref - logp) - 1 on the sampled token (non-negative, unbiased) or the exact
     sum_v pi(v) (log pi(v) - log ref(v)) (``options.kl_estimator``). Then b and beta are updated with
-    the step's mean reward and KL."""
+    the step's mean reward and KL. ``shard``: the processes split the rollouts (see the module doc)."""
     model = backbone.model
     model.set_adapter(role)  # the only active and trainable adapter
     full = options.kl_estimator == "full"
     reward_mean = sum(role_rewards) / len(role_rewards)
     baseline = reward_mean if state.baseline is None else state.baseline
-    advantages = torch.tensor([r - baseline for r in role_rewards], dtype=torch.float32, device=backbone.device)
-    with torch.no_grad(), model.disable_adapter():
-        reference, _, reference_full = completion_scores(backbone, rollouts, options.temperature, full)
-    logprobs, mask, policy_full = completion_scores(backbone, rollouts, options.temperature, full)
-    mask = mask.to(logprobs.dtype)
-    tokens = mask.sum().clamp(min=1.0)
-    if full:
-        kl_per_token = exact_kl(policy_full, reference_full)
-    else:
-        kl_per_token = k3_kl(logprobs, reference)
-    kl = (kl_per_token * mask).sum() / tokens
-    policy_loss = -(advantages[:, None] * logprobs * mask).sum() / tokens
-    beta = state.beta
-    loss = policy_loss + beta * kl
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    tokens = max(sum(int(r.completion_ids.numel()) for r in rollouts), 1)  # of all rollouts, on every process
+    mine = distributed.shard(range(len(rollouts))) if shard else list(range(len(rollouts)))
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(2, dtype=torch.float64)  # KL and loss, summed over tokens
+    beta = state.beta
+    if mine:
+        own = [rollouts[i] for i in mine]
+        advantages = torch.tensor([role_rewards[i] - baseline for i in mine], dtype=torch.float32,
+                                  device=backbone.device)
+        with torch.no_grad(), model.disable_adapter():
+            reference, _, reference_full = completion_scores(backbone, own, options.temperature, full)
+        logprobs, mask, policy_full = completion_scores(backbone, own, options.temperature, full)
+        mask = mask.to(logprobs.dtype)
+        if full:
+            kl_per_token = exact_kl(policy_full, reference_full)
+        else:
+            kl_per_token = k3_kl(logprobs, reference)
+        kl_sum = (kl_per_token * mask).sum()
+        loss_sum = -(advantages[:, None] * logprobs * mask).sum() + beta * kl_sum
+        (loss_sum / tokens).backward()
+        sums += torch.tensor([float(kl_sum.detach()), float(loss_sum.detach())], dtype=torch.float64)
+    if shard and distributed.active():
+        for parameter in parameters:
+            if parameter.requires_grad:
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+                distributed.all_reduce_sum(parameter.grad)
+        distributed.all_reduce_sum(sums)
     torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
     optimizer.step()
-    kl_value = float(kl.detach())
+    kl_value, loss_value = (float(value) / tokens for value in sums)
     state.baseline = rewards.ema_baseline(state.baseline, reward_mean, options.baseline_decay)
     state.beta = rewards.adaptive_kl_coefficient(beta, kl_value, options.kl_target, options.kl_adapt_rate)
     return {"reward": reward_mean, "kl": kl_value, "beta": beta, "baseline": state.baseline,
-            "loss": float(loss.detach()), "updates": 1}  # fmt: skip
+            "loss": loss_value, "updates": 1}  # fmt: skip
 
 
 def role_update(
@@ -130,7 +149,7 @@ def role_update(
     before the first update, the baseline after the last, the number of optimizer steps and (per
     completion) each update's record under ``"each"``."""
     if options.update == "batch":
-        return policy_update(backbone, role, rollouts, role_rewards, state, optimizer, options)
+        return policy_update(backbone, role, rollouts, role_rewards, state, optimizer, options, shard=True)
     each = [
         policy_update(backbone, role, [rollout], [reward], state, optimizer, options)
         for rollout, reward in zip(rollouts, role_rewards, strict=True)

@@ -27,6 +27,15 @@ This loop is ~200 lines, runs on the CPU, and each term is pinned by tests on kn
 The reference log-probabilities are computed by swapping the reference weights into the trainable
 parameters in place (:func:`swapped_parameters`) under ``no_grad``; no second adapter is created.
 Dropout is off throughout (model in eval mode), so the ratio is exactly 1 on the first iteration.
+
+Several processes (``torchrun``): every process draws the same global batch of prompts per step and takes
+every ``world_size``-th prompt from its rank; each completion is sampled from its own random stream,
+seeded by (seed, step, the prompt's position in the global batch, completion index), so the rollouts do not
+depend on the sharding; a group never spans processes, so advantages are local. Each process's loss is its
+share of the global loss (its completions over all completions, or its tokens over all tokens for
+``bnpo``), gradients are summed over the processes before clipping, and every process takes the same
+optimiser step: the update equals one process's on the whole batch up to float rounding. Instance
+filtering shards its instances the same way and gathers their accuracies.
 """
 
 from __future__ import annotations
@@ -39,11 +48,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from mmcl import distributed
 from mmcl.backbones.backbone import Backbone
 from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, DataError
 from mmcl.training.common import k3_kl
-from mmcl.training.rollouts import Rollout, completion_logprobs, sample_rollouts
+from mmcl.training.rollouts import Rollout, completion_logprobs, prompt_seed, sample_rollouts
 from mmcl.utils import ShuffledCycle
 
 
@@ -181,11 +191,15 @@ def filter_instances(
     batch_size: int = 64,
 ) -> FilterResult:
     """Sample ``rollouts_per_instance`` completions per instance with the current policy and keep the
-    instances :func:`keep_instances` accepts (accuracy reward only)."""
+    instances :func:`keep_instances` accepts (accuracy reward only). Several processes share the instances
+    (every ``world_size``-th from the rank) and gather the accuracies."""
+    positions = distributed.shard(range(len(samples)))
     groups = sample_rollouts(
-        backbone, samples, rollouts_per_instance, max_new_tokens, temperature, batch_size=batch_size, seed=seed
-    )
-    means = [sum(reward(r).accuracy for r in group) / len(group) for group in groups]
+        backbone, [samples[i] for i in positions], rollouts_per_instance, max_new_tokens, temperature,
+        batch_size=batch_size, prompt_seeds=[prompt_seed(seed, -1, i) for i in positions],
+    )  # fmt: skip
+    mine = [sum(reward(r).accuracy for r in group) / len(group) for group in groups]
+    means = distributed.gather_shards(mine, len(samples))
     kept = [s for s, keep in zip(samples, keep_instances(means, drop_all_correct)) if keep]
     return FilterResult(kept=kept, mean_accuracy=means)
 
@@ -265,9 +279,11 @@ def train_grpo(
     try:
         for step in range(config.steps):
             prompts = next(batches)
+            positions = distributed.shard(range(len(prompts)))  # this process's prompts of the global batch
             groups = sample_rollouts(
-                backbone, prompts, config.group_size, config.max_new_tokens, config.temperature, config.top_p,
-                batch_size=config.rollout_batch_size, seed=seed * 1_000_003 + step,
+                backbone, [prompts[i] for i in positions], config.group_size, config.max_new_tokens,
+                config.temperature, config.top_p, batch_size=config.rollout_batch_size,
+                prompt_seeds=[prompt_seed(seed, step, i) for i in positions],
             )  # fmt: skip
             rollouts = [r for group in groups for r in group]
             parts = [reward(r) for r in rollouts]
@@ -275,6 +291,12 @@ def train_grpo(
             advantages = group_advantages(
                 totals.view(len(groups), config.group_size), config.advantage_eps, config.scale_rewards
             ).flatten()
+            # [completions, tokens, reward, accuracy, format] summed over every process
+            local_tokens = sum(int(r.completion_ids.numel()) for r in rollouts)
+            sums = distributed.all_reduce_sum(torch.tensor(
+                [len(rollouts), local_tokens, float(totals.sum()), sum(p.accuracy for p in parts),
+                 sum(p.format for p in parts)], dtype=torch.float64))  # fmt: skip
+            completions, total_tokens = int(sums[0]), int(sums[1])
             chunks = [
                 range(start, min(start + config.train_batch_size, len(rollouts)))
                 for start in range(0, len(rollouts), config.train_batch_size)
@@ -288,41 +310,46 @@ def train_grpo(
                 with swapped_parameters(model, reference):
                     ref_lp = frozen_logprobs()
             old_lp = frozen_logprobs() if config.iterations > 1 else []
-            total_tokens = sum(int(r.completion_ids.numel()) for r in rollouts)
-            stats_sum = {"kl": 0.0, "clip_fraction": 0.0, "loss": 0.0}
+            stats = torch.zeros(3, dtype=torch.float64)  # kl, clip fraction, loss: weighted shares of the step
             for _ in range(config.iterations):
                 optimizer.zero_grad(set_to_none=True)
                 for index, chunk in enumerate(chunks):
                     chunk_rollouts = [rollouts[i] for i in chunk]
                     logprobs, mask = completion_logprobs(backbone, chunk_rollouts, config.temperature)
                     old = old_lp[index] if old_lp else logprobs.detach()
-                    loss, stats = grpo_loss(
+                    loss, chunk_stats = grpo_loss(
                         logprobs, old, ref_lp[index] if ref_lp else None, advantages[chunk.start : chunk.stop],
                         mask, config.clip_epsilon, config.kl_coef, config.loss_type,
                     )  # fmt: skip
-                    # chunks are parts of one batch: weight by their share of completions (grpo) or tokens (bnpo)
+                    # chunks are parts of one global batch: weight by their share of its completions (grpo)
+                    # or tokens (bnpo)
                     if config.loss_type == "grpo":
-                        share = len(chunk) / len(rollouts)
+                        share = len(chunk) / completions
                     else:
                         share = float(mask.sum()) / max(total_tokens, 1)
                     (loss * share).backward()
                     weight = share / config.iterations
-                    stats_sum["loss"] += float(loss.detach()) * weight
-                    stats_sum["kl"] += stats["kl"] * weight
-                    stats_sum["clip_fraction"] += stats["clip_fraction"] * weight
+                    stats += torch.tensor([chunk_stats["kl"], chunk_stats["clip_fraction"], float(loss.detach())],
+                                          dtype=torch.float64) * weight
+                if distributed.active():
+                    for parameter in parameters:
+                        if parameter.grad is None:
+                            parameter.grad = torch.zeros_like(parameter)
+                        distributed.all_reduce_sum(parameter.grad)
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
                 learning_rate = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
+            kl, clip_fraction, loss_value = distributed.all_reduce_sum(stats).tolist()
             entry = StepLog(
                 step=step + 1,
-                reward=float(totals.mean()),
-                accuracy=sum(p.accuracy for p in parts) / len(parts),
-                format=sum(p.format for p in parts) / len(parts),
-                kl=stats_sum["kl"],
-                clip_fraction=stats_sum["clip_fraction"],
-                loss=stats_sum["loss"],
+                reward=float(sums[2]) / completions,
+                accuracy=float(sums[3]) / completions,
+                format=float(sums[4]) / completions,
+                kl=kl,
+                clip_fraction=clip_fraction,
+                loss=loss_value,
                 learning_rate=learning_rate,
             )
             history.append(entry)

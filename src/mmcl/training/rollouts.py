@@ -19,10 +19,12 @@ placeholder tokens are excluded from both (:func:`placeholder_token_ids`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from mmcl.backbones.backbone import Backbone, decoding_settings, only_generation_config
 from mmcl.data.sample import Sample
@@ -77,12 +79,56 @@ def sampling_config(
     )  # fmt: skip
 
 
+def seeded_sampling_config(backbone: Backbone, max_new_tokens: int, suppressed: list[int]):
+    """The ``GenerationConfig`` of :class:`SeededSampling`: the evaluation's greedy decoding (the sampling is
+    in the logits processor) with the placeholder tokens suppressed."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**decoding_settings(max_new_tokens), suppress_tokens=suppressed or None,
+                            **backbone.special_token_ids())
+
+
 def _cut_at_eos(ids: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
     """``ids`` up to and including the first EOS; ``generate`` pads finished rows after it."""
     for position, token in enumerate(ids.tolist()):
         if token in eos_ids:
             return ids[: position + 1]
     return ids
+
+
+def prompt_seed(seed: int, step: int, position: int) -> int:
+    """The random stream of the prompt at ``position`` of a step's global batch of prompts: the same on every
+    process whichever shard holds the prompt (``step`` -1 and below: before the steps, e.g. filtering)."""
+    return (seed * 1_000_003 + step) * 1_000_003 + position
+
+
+def completion_seed(prompt_stream: int, index: int) -> int:
+    """The seed of completion ``index`` of the prompt whose stream is ``prompt_stream`` (a 63-bit hash of both)."""
+    digest = hashlib.sha256(f"rollout/{prompt_stream}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class SeededSampling(LogitsProcessor):
+    """Sampling with one random stream per row, for ``generate`` in greedy mode: the logits are divided by
+    ``temperature``, cut to the nucleus ``top_p``, and perturbed by Gumbel noise drawn from the row's own
+    generator; the argmax of ``logits / T + Gumbel`` is a draw from ``softmax(logits / T)`` (the Gumbel-max
+    trick), so each row's tokens depend on its seed alone, not on the rows it is batched with."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:  # keep the most likely tokens until their mass reaches top_p
+            ordered, order = torch.sort(scores, descending=True, dim=-1)
+            probabilities = torch.softmax(ordered, dim=-1)
+            outside = probabilities.cumsum(dim=-1) - probabilities >= self.top_p
+            scores = scores.masked_fill(torch.empty_like(outside).scatter_(-1, order, outside), float("-inf"))
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float32).tiny)))
+        return scores + gumbel.to(scores.device)
 
 
 def sample_rollouts(
@@ -94,20 +140,30 @@ def sample_rollouts(
     top_p: float = 1.0,
     batch_size: int = 32,
     seed: int | None = None,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> list[list[Rollout]]:
     """``per_sample`` sampled completions for each sample (outer list follows ``samples``), under
     ``torch.no_grad`` with the model's currently active adapters; the model is put back in its
     previous train/eval mode. ``batch_size`` counts generated sequences per ``generate`` call (at
     least one prompt with all its ``per_sample`` completions). ``seed`` makes the draw reproducible
-    (for the same ``batch_size``) without touching the global random state."""
+    (for the same ``batch_size``) without touching the global random state.
+
+    ``prompt_seeds`` (one per sample) instead gives every completion its own random stream
+    (:class:`SeededSampling`): a prompt's completions are then the same whichever prompts it is batched
+    or sharded with (up to the float noise of padding), which multi-process training needs."""
     if per_sample < 1:
         raise ConfigError(f"rollouts: per_sample must be >= 1, got {per_sample}")
     if temperature <= 0:
         raise ConfigError(f"rollouts: temperature must be > 0 for sampling, got {temperature}")
+    if prompt_seeds is not None and len(prompt_seeds) != len(samples):
+        raise ValueError(f"rollouts: {len(prompt_seeds)} prompt seeds for {len(samples)} prompts")
     eos_ids = eos_token_ids(backbone)
     suppressed = placeholder_token_ids(backbone)
     prompts_per_call = max(1, batch_size // per_sample)
-    config = sampling_config(backbone, max_new_tokens, per_sample, temperature, top_p, suppressed)
+    if prompt_seeds is None:
+        config = sampling_config(backbone, max_new_tokens, per_sample, temperature, top_p, suppressed)
+    else:  # greedy over Gumbel-perturbed logits (SeededSampling), one row per completion
+        config = seeded_sampling_config(backbone, max_new_tokens, suppressed)
     model = backbone.model
     was_training = model.training
     model.eval()
@@ -118,9 +174,16 @@ def sample_rollouts(
                 torch.manual_seed(seed)
             for start in range(0, len(samples), prompts_per_call):
                 chunk = list(samples[start : start + prompts_per_call])
-                batch = backbone.prompt_batch(chunk)
+                extra = {}
+                if prompt_seeds is None:
+                    batch = backbone.prompt_batch(chunk)
+                else:
+                    batch = backbone.prompt_batch([sample for sample in chunk for _ in range(per_sample)])
+                    seeds = [completion_seed(stream, j) for stream in prompt_seeds[start : start + len(chunk)]
+                             for j in range(per_sample)]  # fmt: skip
+                    extra["logits_processor"] = LogitsProcessorList([SeededSampling(seeds, temperature, top_p)])
                 with only_generation_config(model, config):
-                    output = model.generate(**batch, generation_config=config)
+                    output = model.generate(**batch, generation_config=config, **extra)
                 new_tokens = output[:, batch["input_ids"].shape[1] :].cpu()
                 for index, sample in enumerate(chunk):
                     group = []
