@@ -27,6 +27,7 @@ from mmcl.log import info as log_info
 from mmcl.evaluation.chance import task_chance
 from mmcl.evaluation.evaluator import generate_answers, write_predictions
 from mmcl.evaluation.general import general_task
+from mmcl.evaluation.input_cache import InputCache
 from mmcl.evaluation.protocols import PROTOCOLS, EvaluationProtocol, Row
 from mmcl.evaluation.protocols.general import GeneralAbility
 from mmcl.evaluation.protocols.low_shot import LowShotTransfer
@@ -198,6 +199,9 @@ class ContinualRun:
         self.session_recorded = False
         self.loaded_stage = 0  # the stage whose weights the model holds (0 = the backbone as loaded)
         self.backbone = None
+        cache_mb = config.evaluation.input_cache_mb
+        self.input_cache = InputCache(cache_mb * 2**20) if cache_mb else None  # processed test batches
+        self.length_orders: dict[tuple[str, ...], list[int]] = {}  # sample ids -> generation order
 
     # -- the run dir -------------------------------------------------------------------------
     def claim(self, overwrite: bool, recompute_changed: bool) -> None:
@@ -351,15 +355,37 @@ class ContinualRun:
         return lambda batch, tokens: self.method.generate(batch, task, tokens)
 
     def answers(self, row_index: int, task: Task, samples: list, max_new_tokens: int) -> list[str]:
-        """Answers of the model after stage ``row_index`` (sharded over processes, gathered on all)."""
+        """Answers of the model after stage ``row_index`` (sharded over processes, gathered on all), in the
+        order of ``samples``; generated in order of prompt length with ``evaluation.sort_by_length``, and
+        from processed batches kept in the run's input cache when the same batch was processed before."""
         self.ensure_stage_loaded(row_index)
-        part = generate_answers(
-            self.generator(row_index, task), distributed.shard(samples), max_new_tokens, self.config.evaluation.batch_size
-        )
-        answers = distributed.gather_shards(part, len(samples))
+        order = self.generation_order(samples)
+        ordered = [samples[i] for i in order]
+        self.backbone.input_cache = self.input_cache
+        try:
+            part = generate_answers(
+                self.generator(row_index, task), distributed.shard(ordered), max_new_tokens,
+                self.config.evaluation.batch_size,
+            )
+        finally:
+            self.backbone.input_cache = None
+        answers: list[str] = [""] * len(samples)
+        for position, answer in zip(order, distributed.gather_shards(part, len(samples)), strict=True):
+            answers[position] = answer
         if distributed.active():
             self.method.sync_evaluation()
         return answers
+
+    def generation_order(self, samples: list) -> list[int]:
+        """Positions of ``samples`` in the order they are generated: as given, or by (image count, prompt
+        tokens) with ``evaluation.sort_by_length`` (a stable sort: ties keep file order)."""
+        if not self.config.evaluation.sort_by_length:
+            return list(range(len(samples)))
+        key = tuple(sample.id for sample in samples)
+        if key not in self.length_orders:
+            lengths = [self.backbone.prompt_length(sample) for sample in samples]
+            self.length_orders[key] = sorted(range(len(samples)), key=lengths.__getitem__)
+        return self.length_orders[key]
 
     def evaluate_file(self, row_index: int, task: Task, samples: list, out_file: Path) -> None:
         if self.exists_everywhere(out_file):

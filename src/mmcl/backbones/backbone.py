@@ -4,7 +4,7 @@ assistant-only labels, and batched greedy generation with left padding."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -125,6 +125,8 @@ class Backbone:
     processor: Any
     lora_targets: str
     max_length: int = 512
+    # processed prompt batches kept across evaluations (mmcl.evaluation.input_cache.InputCache); None = off
+    input_cache: Any = field(default=None, repr=False, compare=False)
 
     @property
     def tokenizer(self):
@@ -192,15 +194,32 @@ class Backbone:
                 batch[key] = _concat_padded(present)
         return batch
 
+    def prompt_length(self, sample: Sample) -> tuple[int, int]:
+        """(images, text tokens) of the sample's generation prompt: the order key of sorted evaluation."""
+        messages = build_messages(sample, include_final_answer=False)
+        text = self._render(messages, generation_prompt=True)
+        return image_count(messages), len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def prompt_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        """Left-padded prompts (generation prompt appended) with their images, on the model's device."""
-        texts, images = [], []
+        """Left-padded prompts (generation prompt appended) with their images, on the model's device; taken
+        from :attr:`input_cache` when the same texts and image files were processed before."""
+        texts, image_files, image_counts = [], [], []
         for sample in samples:
             messages = build_messages(sample, include_final_answer=False)
             texts.append(self._render(messages, generation_prompt=True))
-            images.extend(sample_images(sample)[: image_count(messages)])
+            image_counts.append(image_count(messages))
+            image_files.extend(str(path) for path in sample.images[: image_counts[-1]])
+        key = (tuple(texts), tuple(image_files))
+        cached = self.input_cache.get(key) if self.input_cache is not None else None
+        if cached is not None:
+            from transformers import BatchFeature
+
+            return BatchFeature(data=cached).to(self.device)
+        images = [image for sample, count in zip(samples, image_counts) for image in sample_images(sample)[:count]]
         self.tokenizer.padding_side = "left"
         batch = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        if self.input_cache is not None:
+            self.input_cache.put(key, batch)
         return batch.to(self.device)
 
     @property
