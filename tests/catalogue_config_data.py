@@ -151,6 +151,7 @@ CONFIG_CASES = [
     config_case("low-shot-negative", r"evaluation\.low_shot\.shots: must be in \[0, inf\), got -1", evaluation__low_shot=-1),
     config_case("low-shot-section-negative", r"evaluation\.low_shot\.shots: must be in \[0, inf\), got -2",
                 evaluation={"batch_size": 8, "general": "none", "low_shot": {"shots": -2}}),
+    config_case("stop-after-stage-zero", r"--stop-after-stage: must be >= 1, got 0", ("--stop-after-stage", "0")),
     config_case("low-shot-extra-without-shots",
                 r"evaluation\.low_shot\.extra_tasks: needs evaluation\.low_shot\.shots > 0",
                 evaluation={"batch_size": 8, "general": "none", "low_shot": {"extra_tasks": {"name": "synth-unimodal"}}}),

@@ -64,6 +64,8 @@ def command_run(args: argparse.Namespace) -> int:
     from mmcl.determinism import pin_environment, requested_level
 
     config_path = Path(args.config) if args.config else None
+    if args.stop_after_stage is not None and args.stop_after_stage < 1:
+        raise ConfigError(f"--stop-after-stage: must be >= 1, got {args.stop_after_stage}")
     overrides = _overrides(args)
     level = requested_level(_config_file_data(config_path), overrides)
     if level is not None:  # before anything imports torch
@@ -80,10 +82,12 @@ def command_run(args: argparse.Namespace) -> int:
     if hasattr(config, "plugins"):
         config.plugins = loaded_plugins()
     base_dir = config_path.parent if config_path else Path.cwd()
-    return _run(config, base_dir, overwrite=args.overwrite, recompute_changed=args.recompute_changed)
+    return _run(config, base_dir, overwrite=args.overwrite, recompute_changed=args.recompute_changed,
+                stop_after=args.stop_after_stage)
 
 
-def _run(config: Any, base_dir: Path, overwrite: bool = False, recompute_changed: bool = False) -> int:
+def _run(config: Any, base_dir: Path, overwrite: bool = False, recompute_changed: bool = False,
+         stop_after: int | None = None) -> int:
     """Run (or resume) ``config``'s experiment, write its report and print its table."""
     from mmcl import distributed
     from mmcl.report.render import format_table, write_report
@@ -95,7 +99,7 @@ def _run(config: Any, base_dir: Path, overwrite: bool = False, recompute_changed
     run = ContinualRun(config, base_dir, overwrite=overwrite, recompute_changed=recompute_changed)
     print(f"run dir: {run.run_dir}  (method {config.method.name}, stream {config.stream.name}, backbone {config.backbone.name})")
     try:
-        results = run.run()
+        results = run.run(stop_after=stop_after)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished stages and evaluations are kept in {run.run_dir}. "
               "Run the same command again to continue.", file=sys.stderr)
@@ -396,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pin the CPU kernels: the same seed gives the same matrix on every x86-64 machine "
                           "(--set deterministic_isa=baseline for CPUs without AVX2)")
     run.add_argument("--overwrite", action="store_true", help="replace a run dir made by a different config")
+    run.add_argument("--stop-after-stage", type=int, metavar="K", default=None,
+                     help="train and evaluate up to stage K, then stop; running again continues (one stage per "
+                          "process, e.g. to measure each stage's memory)")
     run.add_argument("--recompute-changed", action="store_true",
                      help="the data changed since the run dir was made: redo the stages and evaluations that depend on it")
     run.set_defaults(handler=command_run)

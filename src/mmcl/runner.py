@@ -404,14 +404,15 @@ class ContinualRun:
             stored = {"summary": summary, "sections": self.method.report_sections()}
             atomic_write_text(self.layout.method_summary_file, json.dumps(stored, indent=1))
 
-    def run(self) -> Results | None:
-        """Train and evaluate what is missing, then write ``results.json`` (process 0; others return None).
+    def run(self, stop_after: int | None = None) -> Results | None:
+        """Train and evaluate what is missing (up to stage ``stop_after`` when given), then write
+        ``results.json`` (process 0; others return None).
         The session's wall-clock time joins ``sessions.json`` (also when it fails or is interrupted); the
         run-dir lock is released at the end, also on errors and Ctrl-C, and a run dir this invocation
         created is removed again when it fails before anything was computed in it."""
         started = time.perf_counter()
         try:
-            return self._run(started)
+            return self._run(started, stop_after)
         except BaseException:
             self.record_session(started)
             self.abandon()
@@ -430,10 +431,11 @@ class ContinualRun:
             except OSError:  # the disk that just failed the run: the time is the one thing lost
                 pass
 
-    def _run(self, started: float) -> Results | None:
+    def _run(self, started: float, stop_after: int | None = None) -> Results | None:
         if self.config.evaluation.evaluate_base:
             self.evaluate_row(self.rows[0])
-        for index in range(1, len(self.stages) + 1):
+        last = len(self.stages) if stop_after is None else min(stop_after, len(self.stages))
+        for index in range(1, last + 1):
             if not distributed.agree(self.stage_dir(index).exists()):
                 self.train_stage(index)
             else:
