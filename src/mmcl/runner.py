@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from safetensors.torch import load_file
 
 from mmcl.backbones.backbone import GREEDY_DECODING
@@ -325,6 +326,8 @@ class ContinualRun:
             "train_metrics": metrics,
             "environment": environment_record(self.config.deterministic),
         }
+        if torch.cuda.is_available():  # the process's peak so far (with --stop-after-stage: this stage's)
+            info["peak_cuda_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         atomic_write_text(self.layout.stage_info_file(index, label, work=True), json.dumps(info, indent=1))
         self.layout.stage_work_dir(index, label).replace(self.layout.stage_dir(index, label))
 

@@ -106,6 +106,14 @@ class TinyArchSpec:
     internvl_max_tiles: int = 4  # a 48x48 image: a 2x2 grid of tiles plus the thumbnail = 20 tokens
     vocab_size: int = 512
     max_positions: int = 1024
+    # real-size builds (benchmarks/scale_rehearsal.py) set these to a published checkpoint's values
+    vision_mlp_ratio: int = 2  # vision MLP width / vision width (Qwen2-VL's mlp_ratio; SigLIP and CLIP use 4)
+    idefics_patch: int = 8  # Idefics3 vision patch size (SmolVLM: 16)
+    idefics_scale: int = 2  # Idefics3 pixel-shuffle factor (SmolVLM: 4)
+    model_vocab: int | None = None  # rows of the embedding matrix; None = the tokenizer's length
+
+    def vocabulary(self, tokenizer) -> int:
+        return self.model_vocab or len(tokenizer)
 
 
 def default_corpus() -> list[str]:
@@ -178,7 +186,7 @@ def _qwen_text_config(tokenizer, spec: TinyArchSpec) -> dict:
     frequencies = spec.text_hidden // spec.text_heads // 2
     spatial = 3 * frequencies // 8
     return {
-        "vocab_size": len(tokenizer),
+        "vocab_size": spec.vocabulary(tokenizer),
         "hidden_size": spec.text_hidden,
         "intermediate_size": spec.text_intermediate,
         "num_hidden_layers": spec.text_layers,
@@ -204,7 +212,7 @@ def build_qwen2_vl(tokenizer, spec: TinyArchSpec):
         "embed_dim": spec.vision_hidden,
         "hidden_size": spec.text_hidden,  # the merger projects into the language model's width
         "num_heads": spec.vision_heads,
-        "mlp_ratio": 2,
+        "mlp_ratio": spec.vision_mlp_ratio,
         "patch_size": 14,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
@@ -221,7 +229,7 @@ def build_qwen2_5_vl(tokenizer, spec: TinyArchSpec):
     vision = {
         "depth": spec.vision_layers,
         "hidden_size": spec.vision_hidden,
-        "intermediate_size": spec.vision_hidden * 2,
+        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
         "num_heads": spec.vision_heads,
         "out_hidden_size": spec.text_hidden,
         "patch_size": 14,
@@ -258,7 +266,7 @@ def build_qwen3_vl(tokenizer, spec: TinyArchSpec):
     vision = {
         "depth": spec.vision_layers,
         "hidden_size": spec.vision_hidden,
-        "intermediate_size": spec.vision_hidden * 2,
+        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
         "num_heads": spec.vision_heads,
         "out_hidden_size": spec.text_hidden,  # the mergers project into the language model's width
         "patch_size": 16,
@@ -280,15 +288,15 @@ def build_idefics3(tokenizer, spec: TinyArchSpec):
 
     vision = {
         "hidden_size": spec.vision_hidden,
-        "intermediate_size": spec.vision_hidden * 2,
+        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
         "num_hidden_layers": spec.vision_layers,
         "num_attention_heads": spec.vision_heads,
         "image_size": spec.idefics_tile,
-        "patch_size": 8,
+        "patch_size": spec.idefics_patch,
     }
     text = {
         "model_type": "llama",
-        "vocab_size": len(tokenizer),
+        "vocab_size": spec.vocabulary(tokenizer),
         "hidden_size": spec.text_hidden,
         "intermediate_size": spec.text_intermediate,
         "num_hidden_layers": spec.text_layers,
@@ -302,7 +310,7 @@ def build_idefics3(tokenizer, spec: TinyArchSpec):
     config = Idefics3Config(
         vision_config=vision,
         text_config=text,
-        scale_factor=2,
+        scale_factor=spec.idefics_scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -317,7 +325,7 @@ def _idefics3_processor(tokenizer, spec: TinyArchSpec):
         size={"longest_edge": 2 * spec.idefics_tile},  # a 2x2 grid of tiles plus the global view
         max_image_size={"longest_edge": spec.idefics_tile},
     )
-    tokens_per_tile = (spec.idefics_tile // 8) ** 2 // 4
+    tokens_per_tile = (spec.idefics_tile // spec.idefics_patch) ** 2 // spec.idefics_scale**2
     return Idefics3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -331,7 +339,7 @@ def build_internvl(tokenizer, spec: TinyArchSpec):
 
     vision = {
         "hidden_size": spec.vision_hidden,
-        "intermediate_size": spec.vision_hidden * 2,
+        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
         "num_hidden_layers": spec.vision_layers,
         "num_attention_heads": spec.vision_heads,
         "attention_bias": True,  # InternViT's qkv bias
@@ -340,7 +348,7 @@ def build_internvl(tokenizer, spec: TinyArchSpec):
     }
     text = {
         "model_type": "qwen2",  # InternVL3-1B's language model is a Qwen2.5
-        "vocab_size": len(tokenizer),
+        "vocab_size": spec.vocabulary(tokenizer),
         "hidden_size": spec.text_hidden,
         "intermediate_size": spec.text_intermediate,
         "num_hidden_layers": spec.text_layers,
@@ -390,9 +398,12 @@ def build_tiny_arch(
     corpus: Iterable[str] | None = None,
     spec: TinyArchSpec = TinyArchSpec(),
     seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
     """Build the tiny model + processor of ``architecture`` (one of :data:`TINY_ARCHITECTURES`) and save
-    both with ``save_pretrained`` into ``out_dir``, loadable like a hub checkpoint; returns ``out_dir``."""
+    both with ``save_pretrained`` into ``out_dir``, loadable like a hub checkpoint; returns ``out_dir``.
+    The weights are created in ``dtype`` on ``device`` (a real-size ``spec`` never makes an fp32 copy)."""
     import torch
 
     corpus = list(corpus) if corpus is not None else default_corpus()
@@ -431,7 +442,13 @@ def build_tiny_arch(
         raise ConfigError(f"unknown tiny architecture {architecture!r} (known: {', '.join(TINY_ARCHITECTURES)})")
     tokenizer.chat_template = processor.chat_template
     torch.manual_seed(seed)
-    model = build(tokenizer, spec)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = build(tokenizer, spec)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     out_dir = Path(out_dir)

@@ -120,6 +120,10 @@ class Method(ABC, Generic[ConfigT]):
     reference: ClassVar[bool] = False
     # False: the method reads, merges or builds LoRA factors itself, which DoRA's magnitude vector would break
     supports_dora: ClassVar[bool] = True
+    # how the stored state (state.safetensors) grows with the tasks learned: "constant" (one set of weights,
+    # statistics folded in) or "per-task" (by design: an adapter, expert, prompt, basis, penalty or buffer
+    # part per task); benchmarks/scale_rehearsal.py checks the measured growth against it
+    state_growth: ClassVar[str] = "constant"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

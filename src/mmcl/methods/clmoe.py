@@ -224,6 +224,7 @@ def dual_router_layers(model: torch.nn.Module) -> dict[str, DualRouterLinear]:
 @register_method
 class ClMoe(Method[ClMoeConfig]):
     name = "clmoe"
+    state_growth = "per-task"
     supports_dora = False  # MoE-LoRA layers whose A and B the momentum merge mixes directly
     description = ("CL-MoE: MoE-LoRA with instance- and task-level routers (task chosen per sample by feature "
                    "prototypes) and a momentum merge of the experts after each task")

@@ -235,6 +235,7 @@ def _no_answer_no_loss(module: torch.nn.Module, args: tuple, kwargs: dict, outpu
 @register_method
 class DarkExperienceReplay(ExperienceReplay):
     name = "der"
+    state_growth = "per-task"
     config_class = DerConfig
     description = (
         "Sequential LoRA + replay buffer whose samples also regress the model's answer logits recorded after their "

@@ -272,6 +272,7 @@ def client_shards(n_samples: int, clients: int, seed: int) -> list[list[int]]:
 @register_method
 class Disco(Method[DiscoConfig]):
     name = "disco"
+    state_growth = "per-task"
     supports_dora = False  # the task LoRAs are plain B A pairs, concatenated and mixed per sample
     description = ("DISCO: a LoRA per task, mixed per sample by softmax(cos(instruction feature, task "
                    "prototypes) / temperature); optional federated training (FedAvg of client LoRAs)")

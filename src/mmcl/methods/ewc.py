@@ -187,6 +187,7 @@ def diagonal_fisher(
 @register_method
 class Ewc(SequentialLora[EwcConfig]):
     name = "ewc"
+    state_growth = "per-task"
     description = "Sequential LoRA + Elastic Weight Consolidation (diagonal Fisher penalty; per-task or online)"
 
     def init_state(self) -> None:

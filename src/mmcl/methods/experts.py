@@ -33,6 +33,7 @@ def adapter_name(task: Task) -> str:
 @register_method
 class TaskExperts(Method[ConfigT]):
     name = "experts"
+    state_growth = "per-task"
     description = "A fresh LoRA per task, chosen by the true task identity at test time (oracle upper bound)"
     reference = True  # an oracle: it knows the task at test time
 

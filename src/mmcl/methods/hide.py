@@ -272,6 +272,7 @@ def mixing_weights(image: torch.Tensor, text: torch.Tensor, image_anchors: torch
 @register_method
 class HiDe(Method[HiDeConfig]):
     name = "hide"
+    state_growth = "per-task"
     supports_dora = False  # the experts are plain A/B pairs, fused and mixed directly
     description = ("HiDe-LLaVA: a LoRA expert per task; lower layers fuse the experts, the top layer mixes them "
                    "by image/instruction anchor similarity (per sample)")

@@ -386,6 +386,7 @@ def feature_grams(
 @register_method
 class KeepLora(Method[KeepLoraConfig]):
     name = "keeplora"
+    state_growth = "per-task"
     supports_dora = False  # A is computed and B A merged into the weights
     description = ("KeepLoRA: frozen A from the task gradient projected out of the protected subspace "
                    "(pretrained principal + earlier tasks), train B, merge after each task")

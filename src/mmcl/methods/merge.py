@@ -340,6 +340,7 @@ class _LayerDeltas(Sequence):
 @register_method
 class Merge(Method[MergeConfig]):
     name = "merge"
+    state_growth = "per-task"
     supports_dora = False  # the task vectors are s B A, merged entry by entry into the weights
     description = ("Model merging of per-task LoRA task vectors into the base weights after each task: task "
                    "arithmetic, TIES-Merging or MagMax (strategy option)")

@@ -279,6 +279,7 @@ class VirtualTokenLookup:
 @register_method
 class ModalPrompt(Method[ModalPromptConfig]):
     name = "modalprompt"
+    state_growth = "per-task"
     description = ("ModalPrompt: per-task prompt tokens, chosen per sample by image and instruction similarity "
                    "to learned prototypes; frozen backbone, no replay, no task identity")
     supports_dora = False  # trains no LoRA: lora.use_dora is refused instead of silently ignored

@@ -105,6 +105,7 @@ from mmcl.streams.stream import Task
 @register_method
 class MrLora(TaskExperts[MrLoraConfig]):
     name = "mrlora"
+    state_growth = "per-task"
     reference = False  # routes by a learned router, not by the true task: a continual learner
     description = "MR-LoRA: a fresh LoRA expert per task and a LoRA router (an MLLM prompt) that picks the expert"
 

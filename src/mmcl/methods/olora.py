@@ -110,6 +110,7 @@ def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 @register_method
 class OLora(Method[OLoraConfig]):
     name = "olora"
+    state_growth = "per-task"
     supports_dora = False
     description = "O-LoRA: a new LoRA per task, old ones frozen and summed, new A kept orthogonal to the old As"
 

@@ -266,6 +266,7 @@ def query_rewrite(method: "Pclr") -> Rewrite:
 @register_method
 class Pclr(Method[PclrConfig]):
     name = "pclr"
+    state_growth = "per-task"
     supports_dora = False  # the pool holds plain rank-1 A/B components selected per sample
     description = ("PCLR's LoRA rank pool: rank-1 components with language and vision keys, the top-k by key "
                    "similarity active per sample, keys trained by a key-matching loss (ICLR 2026; no compression)")

@@ -161,6 +161,7 @@ class RouteContext:
 @register_method
 class ProgLora(Method[ProgLoraConfig]):
     name = "proglora"
+    state_growth = "per-task"
     supports_dora = False  # the blocks are plain B A pairs mixed per sample
     description = ("ProgLoRA: a new LoRA block per task (old ones frozen), mixed per sample in training and "
                    "inference by softmax(key_k . query / sqrt(d)) over per-task keys (Findings of ACL 2025)")

@@ -161,6 +161,7 @@ def merge_lora(layer: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, sign: f
 @register_method
 class RegLora(SequentialLora[RegLoraConfigT]):
     name = "reglora"
+    state_growth = "per-task"
     supports_dora = False
     description = "RegLoRA (SEFE): merge each task's LoRA, penalise the new LoRA at earlier tasks' key positions"
     config_class = RegLoraConfig

@@ -30,4 +30,5 @@ class SefeConfig(AsdConfig, RegLoraConfig):
 @register_method
 class Sefe(AsdTrainData, RegLora[SefeConfig]):
     name = "sefe"
+    state_growth = "per-task"
     description = "SEFE: answer-style diversification of the data (ASD) + RegLoRA"
