@@ -3,6 +3,7 @@ ratio to plain batched generation with one LoRA adapter active, on the same synt
 
 Usage: python benchmarks/mrlora_inference_cost.py [--samples-per-task 100] [--batch-size 64]
                                                   [--router-description title|line|name] [--backbone tiny-llava]
+                                                  [--answer-tokens 4 32 128]
 
 The method gets an expert for each of the five synth-domain tasks and a router, all freshly
 initialised (no training: the cost of a pass does not depend on the weights). Each task's test
@@ -13,6 +14,10 @@ one does not (router accuracy is ~100% on synth-domain); so by default the route
 paid for in full, but its choice is replaced by the sample's own expert, as a perfectly accurate
 router would choose (``--raw-router`` keeps the untrained router's choices). The routing report's
 oracle scoring is switched off here (it only re-answers misrouted samples).
+
+``--answer-tokens N ...`` forces every answer to exactly N new tokens (``min_new_tokens = max_new_tokens = N``
+in both paths), one measurement per N: the router's single forward pass is then set against answers of known
+length; without it each task's own budget is used and answers stop at the end token.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 from pathlib import Path
 
 import torch
 
+import mmcl.backbones.backbone as backbone_module
 from mmcl.backbones.registry import TINY_LLAVA_DIR, load_backbone
 from mmcl.streams.registry import SYNTH_DOMAIN_DEFAULTS
 from mmcl.streams.stream import StreamConfig, build_stream
@@ -37,6 +45,44 @@ def batches(samples, size):
     return [samples[begin : begin + size] for begin in range(0, len(samples), size)]
 
 
+@contextmanager
+def forced_length(tokens: int | None) -> Iterator[None]:
+    """Every generate call decodes exactly ``tokens`` new tokens (None: unchanged)."""
+    if tokens is None:
+        yield
+        return
+    original = backbone_module.decoding_settings
+    backbone_module.decoding_settings = lambda budget: {**original(tokens), "min_new_tokens": tokens}
+    try:
+        yield
+    finally:
+        backbone_module.decoding_settings = original
+
+
+def measure(work, method, backbone, tokens: int | None) -> tuple[float, float, float]:
+    """(MR-LoRA seconds, plain seconds, generate calls per batch) over every task's batches."""
+    routed_seconds = plain_seconds = 0.0
+    generate_calls = total_batches = 0
+    for task, task_batches in work:
+        budget = tokens or task.max_new_tokens
+        started = time.perf_counter()
+        for batch in task_batches:
+            method.generate(batch, task, budget)
+            generate_calls += len(set(method.last_routes))  # one generate call per chosen expert
+            total_batches += 1
+        routed = time.perf_counter() - started
+        backbone.model.set_adapter(adapter_name(task), inference_mode=True)
+        started = time.perf_counter()
+        for batch in task_batches:
+            backbone.generate(batch, budget)
+        plain = time.perf_counter() - started
+        routed_seconds += routed
+        plain_seconds += plain
+        n = sum(len(batch) for batch in task_batches)
+        print(f"{task.name:>5}: {n} samples  mrlora {routed:7.2f}s  plain {plain:7.2f}s  ratio {routed / plain:.2f}")
+    return routed_seconds, plain_seconds, generate_calls / max(total_batches, 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples-per-task", type=int, default=SYNTH_DOMAIN_DEFAULTS["test_per_task"])
@@ -45,6 +91,8 @@ def main() -> int:
     parser.add_argument("--backbone", default="tiny-llava", help="preset or model directory (default: tiny-llava)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--raw-router", action="store_true", help="keep the untrained router's choices")
+    parser.add_argument("--answer-tokens", type=int, nargs="+", default=None,
+                        help="force answers of exactly these lengths (one measurement each)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -78,24 +126,12 @@ def main() -> int:
     method.generate(warm_batches[0][:4], warm_task, warm_task.max_new_tokens)  # warm-up both paths
     backbone.generate(warm_batches[0][:4], warm_task.max_new_tokens)
 
-    routed_seconds = plain_seconds = 0.0
-    generate_calls = total_batches = 0
-    for task, task_batches in work:
-        started = time.perf_counter()
-        for batch in task_batches:
-            method.generate(batch, task, task.max_new_tokens)
-            generate_calls += len(set(method.last_routes))  # one generate call per chosen expert
-            total_batches += 1
-        routed = time.perf_counter() - started
-        backbone.model.set_adapter(adapter_name(task), inference_mode=True)
-        started = time.perf_counter()
-        for batch in task_batches:
-            backbone.generate(batch, task.max_new_tokens)
-        plain = time.perf_counter() - started
-        routed_seconds += routed
-        plain_seconds += plain
-        n = sum(len(batch) for batch in task_batches)
-        print(f"{task.name:>5}: {n} samples  mrlora {routed:7.2f}s  plain {plain:7.2f}s  ratio {routed / plain:.2f}")
+    for tokens in args.answer_tokens or [None]:
+        with forced_length(tokens):
+            routed_seconds, plain_seconds, calls = measure(work, method, backbone, tokens)
+        label = f"{tokens} tokens" if tokens else "own budgets"
+        print(f"total ({label}): mrlora {routed_seconds:.2f}s  plain {plain_seconds:.2f}s  "
+              f"ratio {routed_seconds / plain_seconds:.2f}x  generate calls per batch {calls:.2f}")
 
     # the router prompt's length against the plain prompt's, for the record
     sample = tasks[-1].test_samples[0]
@@ -103,10 +139,7 @@ def main() -> int:
     router_tokens = backbone.prompt_batch([router_prompt(sample, method.descriptions())])["input_ids"].shape[1]
     print(f"router prompt {router_tokens} tokens vs plain prompt {plain_tokens} tokens ({args.router_description})")
     chooser = f"untrained {ROUTER}" if args.raw_router else f"{ROUTER} pass run, own expert chosen"
-    print(f"generate calls per batch: {generate_calls / total_batches:.2f} ({chooser})")
-    print(f"router prefix shared through the KV cache: {method._prefix_sharing}")
-    ratio = routed_seconds / plain_seconds
-    print(f"total: mrlora {routed_seconds:.2f}s  plain {plain_seconds:.2f}s  ratio {ratio:.2f}x")
+    print(f"routing: {chooser}; router prefix shared through the KV cache: {method._prefix_sharing}")
     return 0
 
 
