@@ -15,7 +15,7 @@ from conftest import eval_logits, set_up_on_tiny
 import mmcl.methods.moelora  # noqa: F401  (registers "moelora")
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import METHODS, LoraSettings
-from mmcl.methods.moelora import MoeLora, MoeLoraConfig, MoeLoraLinear, moe_layers, wrap_linear_layers
+from mmcl.methods.moelora import MoeLora, MoeLoraConfig, MoeLoraLinear, moe_layers, wrap_moe_layers
 
 
 def make_layer(rank: int = 8, experts: int = 4, alpha: float = 16.0, seed: int = 0) -> MoeLoraLinear:
@@ -96,10 +96,10 @@ def test_rank_not_divisible_by_experts_is_a_config_error():
 
 def test_wrap_uses_fullmatch_on_linear_layers_only():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
-    assert wrap_linear_layers(model, r"2\.[01]", rank=2, alpha=2.0, experts=2) == ["2.0", "2.1"]
+    assert wrap_moe_layers(model, r"2\.[01]", rank=2, alpha=2.0, experts=2) == ["2.0", "2.1"]
     assert isinstance(model[0], nn.Linear) and list(moe_layers(model)) == ["2.0", "2.1"]
     with pytest.raises(ConfigError, match="matches no linear layer"):
-        wrap_linear_layers(nn.Sequential(nn.Linear(4, 4)), r"0\.", rank=2, alpha=2.0, experts=2)
+        wrap_moe_layers(nn.Sequential(nn.Linear(4, 4)), r"0\.", rank=2, alpha=2.0, experts=2)
 
 
 # -- on the tiny model ---------------------------------------------------------------------------

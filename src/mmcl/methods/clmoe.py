@@ -82,7 +82,7 @@ from mmcl.methods.moelora import (
     MoeLoraLinear,
     check_rank,
     moe_layers,
-    wrap_linear_layers,
+    wrap_moe_layers,
 )
 from mmcl.methods.mrlora_router import generate_grouped
 from mmcl.methods.sample_features import TextFeatures, cosine_to, image_features
@@ -251,7 +251,7 @@ class ClMoe(Method[ClMoeConfig]):
             parameter.requires_grad = False
         torch.manual_seed(self.seed)
         settings = self.lora
-        names = wrap_linear_layers(
+        names = wrap_moe_layers(
             model, settings.targets or backbone.lora_targets, settings.rank, settings.alpha, self.config.experts,
             settings.dropout,
         )  # fmt: skip

@@ -160,10 +160,7 @@ class TaskLoraLinear(WrappedLinear):
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, activation: Activation, dropout: float = 0.0):
-        super().__init__()
-        self.base = base
-        for parameter in base.parameters():
-            parameter.requires_grad = False
+        super().__init__(base)
         self.rank = rank
         self.scaling = alpha / rank
         self.activation = activation  # a plain object: not a submodule, not in the state dict
@@ -269,6 +266,19 @@ def client_shards(n_samples: int, clients: int, seed: int) -> list[list[int]]:
 
 
 # -- the method -----------------------------------------------------------------------------------
+
+def add_task_slot(layers: dict[str, TaskLoraLinear], slot: int, a_init: str, seed: int, method: str) -> None:
+    """Every layer drops LoRAs past ``slot`` (left by an interrupted stage) and gets a fresh trainable one
+    there, ``A`` drawn from a generator seeded with ``seed``; the older ones stay frozen."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, layer in layers.items():
+        if layer.tasks < slot:
+            raise RuntimeError(f"{method}: {name} holds {layer.tasks} LoRAs before task {slot + 1} (state not loaded?)")
+        layer.keep_tasks(slot)
+        layer.add_task(a_init, generator)
+        layer.lora_A[slot].requires_grad = True
+        layer.lora_B[slot].requires_grad = True
+
 @register_method
 class Disco(Method[DiscoConfig]):
     name = "disco"
@@ -300,15 +310,7 @@ class Disco(Method[DiscoConfig]):
     # -- training --------------------------------------------------------------------------------
     def before_task(self, task_index: int, task: Task) -> None:
         slot = len(self.trained)
-        generator = torch.Generator().manual_seed(self.seed + task_index)
-        for name, layer in self._layers().items():
-            if layer.tasks < slot:
-                raise RuntimeError(f"disco: {name} holds {layer.tasks} LoRAs before task {slot + 1} "
-                                   "(state not loaded?)")
-            layer.keep_tasks(slot)
-            layer.add_task(self.config.a_init, generator)
-            layer.lora_A[slot].requires_grad = True
-            layer.lora_B[slot].requires_grad = True
+        add_task_slot(self._layers(), slot, self.config.a_init, self.seed + task_index, "disco")
         self.activation.task, self.activation.weights = slot, None
 
     def train_data(self, task_index: int, task: Task, samples: Sequence[Sample]) -> list[Sample]:

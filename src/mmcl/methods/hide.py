@@ -76,7 +76,6 @@ and ``B`` per layer and the two anchor matrices; ``state_json`` the task names a
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,7 +90,7 @@ from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.sample_features import TextFeatures, cosine_to, image_features
 from mmcl.streams.stream import Task
-from mmcl.methods.wrapped_linear import WrappedLinear
+from mmcl.methods.wrapped_linear import WrappedLinear, wrap_linear_layers
 
 FUSE_CHOICES = ("factors", "updates")
 COEFFICIENT_CHOICES = ("one", "mean")
@@ -151,10 +150,7 @@ class HiDeLinear(WrappedLinear):
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float, fuse: str = "factors",
                  coefficient: str = "one", dropout: float = 0.0, top: bool = False):
-        super().__init__()
-        self.base = base
-        for parameter in base.parameters():
-            parameter.requires_grad = False
+        super().__init__(base)
         self.rank = rank
         self.scaling = scaling
         self.fuse = fuse
@@ -228,24 +224,6 @@ class HiDeLinear(WrappedLinear):
                 f"fuse={self.fuse}, coefficient={self.coefficient}")
 
 
-def wrap_linear_layers(model: nn.Module, targets: str, make: Any) -> list[str]:
-    """Replace every ``nn.Linear`` whose full name ``re.fullmatch``-es ``targets`` by ``make(linear)``;
-    returns the wrapped names. ConfigError when nothing matches."""
-    try:
-        pattern = re.compile(targets)
-    except re.error as exc:
-        raise ConfigError(f"lora.targets: invalid regex {targets!r} ({exc})") from None
-    names = [name for name, module in model.named_modules()
-             if name and isinstance(module, nn.Linear) and pattern.fullmatch(name)]
-    if not names:
-        raise ConfigError(f"lora.targets: regex {targets!r} matches no linear layer of the model")
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(getattr(parent, child)))
-    return names
-
-
 def hide_layers(model: nn.Module) -> dict[str, HiDeLinear]:
     """Full module name -> HiDe wrapper, in module order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, HiDeLinear)}
@@ -299,7 +277,7 @@ class HiDe(Method[HiDeConfig]):
             parameter.requires_grad = False
         scaling = self.lora.alpha / self.lora.rank
 
-        def make(linear: nn.Linear) -> HiDeLinear:
+        def make(name: str, linear: nn.Linear) -> HiDeLinear:
             return HiDeLinear(linear, self.expert_rank, scaling, self.config.fuse, self.config.fusion_coefficient,
                               self.lora.dropout)
 

@@ -74,7 +74,6 @@ gradient per target weight, or one ``in x in`` Gram matrix per target layer (the
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -87,7 +86,7 @@ from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, DataError, RunDirError
 from mmcl.methods.base import Method, register_method
 from mmcl.streams.stream import Task
-from mmcl.methods.wrapped_linear import WrappedLinear
+from mmcl.methods.wrapped_linear import WrappedLinear, float_weights, wrap_linear_layers
 
 SOURCES = ("features", "gradients")
 BASIS = "basis"  # state group: module name -> U_p (in x k, float32)
@@ -245,10 +244,7 @@ class KeepLoraLinear(WrappedLinear):
     as the base weight. The base layer is frozen."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base = base
-        for parameter in base.parameters():
-            parameter.requires_grad = False
+        super().__init__(base)
         self.rank = rank
         self.scaling = alpha / rank
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
@@ -276,27 +272,6 @@ class KeepLoraLinear(WrappedLinear):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
-
-
-def wrap_linear_layers(model: nn.Module, targets: str, rank: int, alpha: float, dropout: float) -> list[str]:
-    """Replace every ``nn.Linear`` whose full name ``re.fullmatch``-es ``targets`` by a :class:`KeepLoraLinear`."""
-    try:
-        pattern = re.compile(targets)
-    except re.error as exc:
-        raise ConfigError(f"lora.targets: invalid regex {targets!r} ({exc})") from None
-    names = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear) and pattern.fullmatch(name)]
-    if not names:
-        raise ConfigError(f"lora.targets: regex {targets!r} matches no linear layer of the model")
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        if not base.weight.dtype.is_floating_point:
-            raise ConfigError(
-                f"keeplora: layer {name} holds {base.weight.dtype} weights (quantised?); merging needs float weights"
-            )
-        setattr(parent, child, KeepLoraLinear(base, rank, alpha, dropout))
-    return names
 
 
 def keeplora_layers(model: nn.Module) -> dict[str, KeepLoraLinear]:
@@ -410,8 +385,8 @@ class KeepLora(Method[KeepLoraConfig]):
         for parameter in model.parameters():
             parameter.requires_grad = False
         settings = self.lora
-        wrap_linear_layers(model, settings.targets or backbone.lora_targets, settings.rank, settings.alpha,
-                           settings.dropout)
+        wrap_linear_layers(model, settings.targets or backbone.lora_targets, lambda name, base: KeepLoraLinear(
+            float_weights("keeplora", name, base), settings.rank, settings.alpha, settings.dropout))
         self._layers = keeplora_layers(model)
         self.bases, self.merged, self.tasks_done, self.pending, self.history = {}, [], [], [], []
         self._live = False

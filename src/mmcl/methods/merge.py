@@ -90,7 +90,6 @@ merging a few float32 ``out x in`` matrices of one layer at a time.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +100,7 @@ from torch import nn
 from mmcl.config import LoraSettings, setting
 from mmcl.errors import ConfigError, DataError, RunDirError
 from mmcl.methods.base import Method, register_method
-from mmcl.methods.wrapped_linear import WrappedLinear
+from mmcl.methods.wrapped_linear import WrappedLinear, float_weights, wrap_linear_layers
 from mmcl.streams.stream import Task
 
 STRATEGIES = ("task-arithmetic", "ties", "magmax")
@@ -240,10 +239,7 @@ class MergeLinear(WrappedLinear):
     pretrained weight is kept as ``base_weight`` (a CPU copy, outside the module's state)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.base = base
-        for parameter in base.parameters():
-            parameter.requires_grad = False
+        super().__init__(base)
         self.rank = rank
         self.scaling = alpha / rank
         device = base.weight.device
@@ -289,26 +285,6 @@ class MergeLinear(WrappedLinear):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, active={self.active}"
-
-
-def wrap_linear_layers(model: nn.Module, targets: str, rank: int, alpha: float, dropout: float) -> dict[str, MergeLinear]:
-    """Replace every ``nn.Linear`` whose full name ``re.fullmatch``-es ``targets`` by a :class:`MergeLinear`."""
-    try:
-        pattern = re.compile(targets)
-    except re.error as exc:
-        raise ConfigError(f"lora.targets: invalid regex {targets!r} ({exc})") from None
-    names = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear) and pattern.fullmatch(name)]
-    if not names:
-        raise ConfigError(f"lora.targets: regex {targets!r} matches no linear layer of the model")
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        if not base.weight.dtype.is_floating_point:
-            raise ConfigError(f"merge: layer {name} holds {base.weight.dtype} weights (quantised?); merging needs "
-                              "float weights (set backbone.load_in_4bit: false)")
-        setattr(parent, child, MergeLinear(base, rank, alpha, dropout))
-    return merge_layers(model)
 
 
 def merge_layers(model: nn.Module) -> dict[str, MergeLinear]:
@@ -362,8 +338,9 @@ class Merge(Method[MergeConfig]):
         for parameter in model.parameters():
             parameter.requires_grad = False
         settings = self.lora
-        self._layers = wrap_linear_layers(model, settings.targets or backbone.lora_targets, settings.rank,
-                                          settings.alpha, settings.dropout)
+        wrap_linear_layers(model, settings.targets or backbone.lora_targets, lambda name, base: MergeLinear(
+            float_weights("merge", name, base), settings.rank, settings.alpha, settings.dropout))
+        self._layers = merge_layers(model)
         self.vectors, self.vector_tasks, self.thresholds, self._live = [], [], [], False
 
     def layers(self) -> dict[str, MergeLinear]:

@@ -31,7 +31,6 @@ slots: two matmuls whatever ``E`` is. The stage state is the MoE parameters only
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -41,7 +40,7 @@ from torch import nn
 from mmcl.config import LoraSettings, setting
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import Method, register_method
-from mmcl.methods.wrapped_linear import WrappedLinear
+from mmcl.methods.wrapped_linear import WrappedLinear, wrap_linear_layers
 
 
 @dataclass
@@ -77,11 +76,8 @@ class MoeLoraLinear(WrappedLinear):
     columns). New parameters take the dtype and device of the base layer; the base is frozen."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, experts: int, dropout: float = 0.0):
-        super().__init__()
+        super().__init__(base)
         check_rank(rank, experts)
-        self.base = base
-        for parameter in base.parameters():
-            parameter.requires_grad = False
         self.rank = rank
         self.alpha = alpha
         self.experts = experts
@@ -117,27 +113,11 @@ class MoeLoraLinear(WrappedLinear):
         return f"experts={self.experts}, rank={self.rank} ({self.expert_rank} per expert), scaling={self.scaling:g}"
 
 
-def wrap_linear_layers(
+def wrap_moe_layers(
     model: nn.Module, targets: str, rank: int, alpha: float, experts: int, dropout: float = 0.0
 ) -> list[str]:
-    """Replace every ``nn.Linear`` whose full module name ``re.fullmatch``-es ``targets`` by a
-    :class:`MoeLoraLinear`; returns the wrapped names. Raises ConfigError when nothing matches."""
-    try:
-        pattern = re.compile(targets)
-    except re.error as exc:
-        raise ConfigError(f"lora.targets: invalid regex {targets!r} ({exc})") from None
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name and isinstance(module, nn.Linear) and pattern.fullmatch(name)
-    ]
-    if not names:
-        raise ConfigError(f"lora.targets: regex {targets!r} matches no linear layer of the model")
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoeLoraLinear(getattr(parent, child), rank, alpha, experts, dropout))
-    return names
+    """Replace every targeted ``nn.Linear`` by a :class:`MoeLoraLinear`; returns the wrapped names."""
+    return wrap_linear_layers(model, targets, lambda name, base: MoeLoraLinear(base, rank, alpha, experts, dropout))
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoeLoraLinear]:
@@ -162,7 +142,7 @@ class MoeLora(Method[MoeLoraConfig]):
             parameter.requires_grad = False
         torch.manual_seed(self.seed)
         settings = self.lora
-        wrap_linear_layers(
+        wrap_moe_layers(
             model,
             settings.targets or backbone.lora_targets,
             settings.rank,

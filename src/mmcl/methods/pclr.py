@@ -147,10 +147,7 @@ class RankPoolLinear(WrappedLinear):
     ``base(x) + scaling * sum_i mask[b, i] b_i (a_i . dropout(x))`` for the rows ``x[b]``."""
 
     def __init__(self, base: nn.Linear, scaling: float, selection: Selection, dropout: float = 0.0):
-        super().__init__()
-        self.base = base
-        for parameter in base.parameters():
-            parameter.requires_grad = False
+        super().__init__(base)
         self.scaling = scaling
         self.selection = selection  # a plain object: not a submodule
         self.lora_A = nn.ParameterList()

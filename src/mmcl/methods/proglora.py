@@ -80,6 +80,7 @@ from mmcl.data.sample import Sample
 from mmcl.errors import ConfigError, RunDirError
 from mmcl.methods.base import Method, register_method
 from mmcl.methods.disco import (
+    add_task_slot,
     A_INITS,
     Activation,
     TaskLoraLinear,
@@ -209,15 +210,7 @@ class ProgLora(Method[ProgLoraConfig]):
     # -- training --------------------------------------------------------------------------------
     def before_task(self, task_index: int, task: Task) -> None:
         slot = len(self.trained)
-        generator = torch.Generator().manual_seed(self.seed + task_index)
-        for name, layer in self._layers().items():
-            if layer.tasks < slot:
-                raise RuntimeError(f"proglora: {name} holds {layer.tasks} blocks before task {slot + 1} "
-                                   "(state not loaded?)")
-            layer.keep_tasks(slot)
-            layer.add_task(self.config.a_init, generator)
-            layer.lora_A[slot].requires_grad = True
-            layer.lora_B[slot].requires_grad = True
+        add_task_slot(self._layers(), slot, self.config.a_init, self.seed + task_index, "proglora")
         self.router.keep(slot)
         self._key_generator = torch.Generator().manual_seed(self.seed + 7919 * (task_index + 1))
 

@@ -206,11 +206,8 @@ class SMoLoraLinear(WrappedLinear):
         gate_gradient: str = "none",
         dropout: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(base)
         check_rank(rank, visual_experts + instruction_experts)
-        self.base = base
-        for parameter in base.parameters():
-            parameter.requires_grad = False
         self.context = context
         self.rank = rank
         self.alpha = alpha
