@@ -128,8 +128,21 @@ def contains(prediction: str, reference: str) -> float:
     return float(re.search(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", haystack) is not None)
 
 
+def synth_gui(prediction: str, reference: str) -> float:
+    """The ``gui`` task of ``synth-ability`` (mmcl's own rule; no published script scores this data): a
+    reference holding a box ``[x1,y1,x2,y2]`` is scored by :func:`~mmcl.evaluation.official.box_iou`
+    (first box of the reply, 1.0 when IoU >= 0.5: Acc@0.5 of RefCOCO grounding, the stricter variant of
+    CoIN Grounding's ``coin_grounding``, whose cut of the reply's first and last characters would misread
+    a pixel box); any other reference, an option letter (MMT-Bench GUI style), by :func:`option_letter`."""
+    from mmcl.evaluation.official import box_iou, parse_box  # official imports this module
+
+    if parse_box(reference) is not None:
+        return box_iou(prediction, reference)
+    return option_letter(prediction, reference)
+
+
 SCORERS: Registry[Scorer] = Registry("scorer")
-for _scorer in (exact_match, yes_no, option_letter, numeric, contains):
+for _scorer in (exact_match, yes_no, option_letter, numeric, contains, synth_gui):
     SCORERS.register(_scorer.__name__, _scorer)
 
 

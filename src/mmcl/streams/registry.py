@@ -15,6 +15,9 @@ SYNTH_DOMAIN_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task":
 SYNTH_UNIMODAL_DEFAULTS: dict[str, Any] = {"train_per_task": 64, "test_per_task": 100, "image_size": 48, "seed": 0}
 
 
+SYNTH_ABILITY_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task": 200, "image_size": 96, "seed": 0}
+
+
 def _synthetic(name: str, defaults: dict[str, Any], options: dict[str, Any], cache: Path, version: int,
                write: Callable[..., Path], specs: Sequence[Any]) -> list[Task]:
     """A generated stream's tasks: options checked against ``defaults``, files written once per setting."""
@@ -57,6 +60,13 @@ def _synth_unimodal(options: dict[str, Any], cache: Path) -> list[Task]:
                       write_synth_unimodal, UNIMODAL_TASKS)
 
 
+def _synth_ability(options: dict[str, Any], cache: Path) -> list[Task]:
+    from mmcl.synthetic.ability import ABILITY_TASKS, GENERATOR_VERSION, write_synth_ability
+
+    return _synthetic("synth-ability", SYNTH_ABILITY_DEFAULTS, options, cache, GENERATOR_VERSION, write_synth_ability,
+                      ABILITY_TASKS)
+
+
 register_stream(
     StreamSpec(
         name="synth-domain",
@@ -72,6 +82,15 @@ register_stream(
                     "CLiMB's unimodal low-shot transfer (evaluation.low_shot.extra_tasks)",
         build=_synth_unimodal,
         defaults=SYNTH_UNIMODAL_DEFAULTS,
+    )
+)
+register_stream(
+    StreamSpec(
+        name="synth-ability",
+        description="Four drawn abilities (OCR, math & logic, visual perception, GUI agent) in MLLM-CL's ability "
+                    "order, each tested on renderings, ranges, layouts or labels unseen in training",
+        build=_synth_ability,
+        defaults=SYNTH_ABILITY_DEFAULTS,
     )
 )
 
