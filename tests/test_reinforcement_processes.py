@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import first_tasks_stream, make_stream_config, write_config
-from test_runner import read_json
+from test_runner import invoke, read_json
 
 METHODS = {
     "grpo": {"steps": 2, "prompts_per_step": 5, "group_size": 2, "filter": True, "filter_rollouts": 2,
@@ -36,7 +36,7 @@ def counting(backbone, samples, *args, _sample=grpo.sample_rollouts, **kwargs):
     return _sample(backbone, samples, *args, **kwargs)
 grpo.sample_rollouts = evolmm.sample_rollouts = counting
 code = main(sys.argv[1:])
-rank = os.environ.get("RANK", "single")
+rank = os.environ["RANK"]
 with open(os.path.join(os.environ["COUNTS_DIR"], "prompts_" + rank + ".json"), "w") as out:
     json.dump(counts, out)
 sys.exit(code)
@@ -45,7 +45,7 @@ sys.exit(code)
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_process_updates_match_one_process(method: str, tiny_model_dir: Path, stream_cache_dir: Path,
-                                               tmp_path: Path) -> None:
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first two stages' adapters after a 2-process run equal a 1-process run's up to float rounding, and
     the per-step records (rewards of the gathered rollouts) are the same."""
     config = make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / "single",
@@ -53,17 +53,27 @@ def test_two_process_updates_match_one_process(method: str, tiny_model_dir: Path
     config["stream"] = first_tasks_stream(stream_cache_dir, 2, train=6, test=2)
     config["evaluation"] = {"batch_size": 8, "forward_transfer": False, "evaluate_base": False, "general": "none",
                             "max_new_tokens": 4}
+    import mmcl.methods.evolmm as evolmm_module
+    import mmcl.training.grpo as grpo_module
+
+    counts: list[int] = []
+
+    def counting(backbone, samples, *args, _sample=grpo_module.sample_rollouts, **kwargs):
+        counts.append(len(samples))
+        return _sample(backbone, samples, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "sample_rollouts", counting)
+    monkeypatch.setattr(evolmm_module, "sample_rollouts", counting)
+    single = invoke(["run", str(write_config(tmp_path / "single.yaml", config))])
+    assert single.code == 0, single.err
     launcher = tmp_path / "counting_mmcl.py"
     launcher.write_text(COUNTING_LAUNCHER, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COUNTS_DIR": str(tmp_path)}
-    single = subprocess.run([sys.executable, str(launcher), "run", str(write_config(tmp_path / "single.yaml", config))],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
     ddp = write_config(tmp_path / "ddp.yaml", dict(config, output_dir=str(tmp_path / "ddp")))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            str(launcher), "run", str(ddp)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    sampled = {rank: sum(read_json(tmp_path / f"prompts_{rank}.json")) for rank in ("single", "0", "1")}
+    sampled = {"single": sum(counts), **{rank: sum(read_json(tmp_path / f"prompts_{rank}.json")) for rank in ("0", "1")}}
     assert 0 < sampled["0"] < sampled["single"] and sampled["0"] + sampled["1"] == sampled["single"]  # shared out
     for stage in ("1_rs", "2_med"):
         alone = load_file(str(tmp_path / "single" / "stages" / stage / "state.safetensors"))
