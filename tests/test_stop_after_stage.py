@@ -10,7 +10,7 @@ from test_runner import TRAINING, invoke, read_json
 
 
 def test_stage_by_stage_run_equals_one_run(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path) -> None:
-    stream = first_tasks_stream(stream_cache_dir, 3, train=8, test=4)
+    stream = first_tasks_stream(stream_cache_dir, 3, train=4, test=2)
     configs = {}
     for name in ("steps", "whole"):
         config = make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / name, training=dict(TRAINING),

@@ -90,7 +90,7 @@ def test_every_config_field_documents_itself() -> None:
     neutral = {key for key, *_, affects in rows if not affects}
     assert neutral == {
         "name", "output_dir", "stream.cache_dir", "training.logging_steps", "training.progress_bar",
-        "evaluation.superficial.enabled",
+        "evaluation.superficial.enabled", "evaluation.input_cache_mb",
     }  # fmt: skip
 
 
