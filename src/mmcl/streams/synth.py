@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from mmcl.data.answer_styles import LETTERS, MC_INSTRUCTION
 from mmcl.errors import ConfigError
 from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, balanced_examples, draw_shape, rng_for, yes_no
-from mmcl.synthetic.files import check_sizes, write_cached, write_split
+from mmcl.synthetic.files import write_task_stream
 
 GENERATOR_VERSION = "synth-2"  # the synth-domain stream; part of its cache key: bump it whenever the output changes (tests/test_integrity.py pins the output)
 
@@ -286,19 +286,8 @@ def write_synth_domain(
 ) -> Path:
     """Write the ``synth-domain`` stream (tasks rs, med, ad, sci, fin) under ``root`` and return ``root``,
     the folder holding ``<task>/train.json``, ``<task>/test.json`` and ``manifest.json``. Cached."""
-    check_sizes(image_size, seed=seed, train_per_task=train_per_task, test_per_task=test_per_task)
-    params = {
-        "generator": "synth-domain", "version": GENERATOR_VERSION, "seed": seed, "train_per_task": train_per_task,
-        "test_per_task": test_per_task, "image_size": image_size, "tasks": [spec.name for spec in SYNTH_DOMAIN_TASKS],
-    }  # fmt: skip
-
-    def fill(folder: Path) -> None:
-        for spec in SYNTH_DOMAIN_TASKS:
-            for split, n in (("train", train_per_task), ("test", test_per_task)):
-                examples = domain_examples(spec.name, n, seed, split, image_size)
-                write_split(folder / spec.name, spec.name, split, examples)
-
-    return write_cached(Path(root), params, fill)
+    return write_task_stream(root, "synth-domain", GENERATOR_VERSION, SYNTH_DOMAIN_TASKS, domain_examples, seed,
+                             train_per_task, test_per_task, image_size)
 
 
 __all__ = [

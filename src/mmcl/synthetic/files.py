@@ -8,11 +8,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from mmcl.data.sample import IMAGE_PLACEHOLDER
 from mmcl.errors import ConfigError, DataError
-from mmcl.synthetic.draw import SynthExample
+from mmcl.synthetic.draw import SynthExample, TaskSpec
 
 
 def write_split(folder: Path, task: str, split: str, examples: Iterable[SynthExample]) -> None:
@@ -93,4 +93,25 @@ def check_sizes(image_size: int, **counts: int) -> None:
             raise ConfigError(f"synthetic data: {name} must be a non-negative integer, got {value!r}")
 
 
-__all__ = ["check_sizes", "write_cached", "write_split"]
+def write_task_stream(
+    root: Path, generator: str, version: int, specs: Sequence[TaskSpec],
+    examples: Callable[[str, int, int, str, int], Iterable[SynthExample]],
+    seed: int, train_per_task: int, test_per_task: int, image_size: int,
+) -> Path:
+    """A generated stream under ``root``: for every task ``<task>/train.json`` and ``test.json`` from
+    ``examples(task, n, seed, split, image_size)``, with the manifest that keys the cache. Cached."""
+    check_sizes(image_size, seed=seed, train_per_task=train_per_task, test_per_task=test_per_task)
+    params = {
+        "generator": generator, "version": version, "seed": seed, "train_per_task": train_per_task,
+        "test_per_task": test_per_task, "image_size": image_size, "tasks": [spec.name for spec in specs],
+    }  # fmt: skip
+
+    def fill(folder: Path) -> None:
+        for spec in specs:
+            for split, n in (("train", train_per_task), ("test", test_per_task)):
+                write_split(folder / spec.name, spec.name, split, examples(spec.name, n, seed, split, image_size))
+
+    return write_cached(Path(root), params, fill)
+
+
+__all__ = ["check_sizes", "write_cached", "write_split", "write_task_stream"]

@@ -24,7 +24,7 @@ from typing import Iterator
 from PIL import Image, ImageDraw
 
 from mmcl.synthetic.draw import SynthExample, TaskSpec, draw_shape, rng_for
-from mmcl.synthetic.files import check_sizes, write_cached, write_split
+from mmcl.synthetic.files import write_task_stream
 
 GENERATOR_VERSION = 1
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -73,15 +73,5 @@ def unimodal_examples(task: str, n: int, seed: int, split: str, image_size: int)
 def write_synth_unimodal(root: Path, seed: int = 0, train_per_task: int = 64, test_per_task: int = 100,
                          image_size: int = 48) -> Path:
     """Write both tasks under ``root`` (``<task>/train.json``, ``<task>/test.json``, ``manifest.json``). Cached."""
-    check_sizes(image_size, seed=seed, train_per_task=train_per_task, test_per_task=test_per_task)
-    params = {
-        "generator": "synth-unimodal", "version": GENERATOR_VERSION, "seed": seed, "train_per_task": train_per_task,
-        "test_per_task": test_per_task, "image_size": image_size, "tasks": [spec.name for spec in UNIMODAL_TASKS],
-    }  # fmt: skip
-
-    def fill(folder: Path) -> None:
-        for spec in UNIMODAL_TASKS:
-            for split, n in (("train", train_per_task), ("test", test_per_task)):
-                write_split(folder / spec.name, spec.name, split, unimodal_examples(spec.name, n, seed, split, image_size))
-
-    return write_cached(Path(root), params, fill)
+    return write_task_stream(root, "synth-unimodal", GENERATOR_VERSION, UNIMODAL_TASKS, unimodal_examples, seed,
+                             train_per_task, test_per_task, image_size)
