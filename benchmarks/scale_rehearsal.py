@@ -17,6 +17,11 @@ Per-method costs are scaled down with the other sizes (``SCALED_OPTIONS``): Fish
 router samples and epochs, GRPO prompts and group size, EvoLMM images and samples, DER's buffer; every
 other option is the method's default. Images: synth-domain's 48-px images, resized by the processor to the
 family's tile (SmolVLM: a 2x2 grid of 512-px tiles plus the global view, 5 x 64 visual tokens).
+
+Last, the evaluation throughput of mmcl's batched generation (``evaluation.batch_size`` 8, left padding)
+beside batch size 1 (the peers' protocol: LLaVA's and MCITlib's eval scripts answer one question at a
+time), on the same ``--throughput-samples`` test samples with the base weights, and how many greedy answers
+differ between the two (padding can change them).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from mmcl.backbones.tiny_archs import TinyArchSpec, build_tiny_arch
 
 # published config values (config.json of each hub checkpoint)
 SIZES: dict[str, tuple[str, TinyArchSpec]] = {
-    "tiny": ("smolvlm", TinyArchSpec()),  # smoke test of the script itself
+    "tiny": ("smolvlm", TinyArchSpec()),  # smoke tests of the script itself
+    "tiny-llava": ("llava", TinyArchSpec()),
     # HuggingFaceTB/SmolVLM-256M-Instruct: SmolLM2-135M + SigLIP-B/16 at 512 px, pixel shuffle 4
     "smolvlm-256m": ("smolvlm", TinyArchSpec(
         text_hidden=576, text_layers=30, text_heads=9, text_kv_heads=3, text_intermediate=1536, max_positions=8192,
@@ -48,7 +54,13 @@ SIZES: dict[str, tuple[str, TinyArchSpec]] = {
     "qwen2-vl-2b": ("qwen2-vl", TinyArchSpec(
         text_hidden=1536, text_layers=28, text_heads=12, text_kv_heads=2, text_intermediate=8960, max_positions=32768,
         vision_hidden=1280, vision_layers=32, vision_heads=16, vision_mlp_ratio=4, image_size=448,
-        model_vocab=151936)),
+        model_vocab=151936, tie_embeddings=True)),
+    # llava-hf/llava-1.5-7b-hf: Vicuna-7B (Llama-2 dimensions) + CLIP ViT-L/14 at 336 px, 576 visual tokens;
+    # 14 GB in bf16: build it on a GPU machine (or with --dtype bfloat16 on a host with > 30 GB free)
+    "llava-1.5-7b": ("llava", TinyArchSpec(
+        text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32, text_intermediate=11008, max_positions=4096,
+        vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp_ratio=4, image_size=336, llava_patch=14,
+        model_vocab=32064)),
 }  # fmt: skip
 TASKS = 3
 BATCH = 2
@@ -135,6 +147,27 @@ def measure(method: str, model: Path, data: Path, out: Path, args: argparse.Name
     }  # fmt: skip
 
 
+def eval_throughput(model: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Samples per second of batched generation (batch 8) and of batch size 1 on the same samples."""
+    from mmcl.backbones.registry import load_backbone
+    from mmcl.data.readers import read_samples
+    from mmcl.evaluation.evaluator import generate_answers
+    from mmcl.streams.synth import SYNTH_DOMAIN_TASKS
+
+    backbone = load_backbone(str(model), dtype=args.dtype, device=args.device)
+    samples = [sample for spec in SYNTH_DOMAIN_TASKS[:TASKS]
+               for sample in read_samples(data / spec.name / "test.json", spec.name, split="test")]  # fmt: skip
+    result: dict[str, Any] = {"samples": len(samples)}
+    answers = {}
+    for batch_size in (8, 1):
+        generate_answers(backbone.generate, samples[:batch_size], 4, batch_size)  # warm-up
+        started = time.perf_counter()
+        answers[batch_size] = generate_answers(backbone.generate, samples, 4, batch_size)
+        result[f"samples_per_second_batch{batch_size}"] = len(samples) / (time.perf_counter() - started)
+    result["answers_differing"] = sum(a != b for a, b in zip(answers[8], answers[1]))
+    return result
+
+
 def growth_verdict(row: dict[str, Any]) -> str:
     """Whether the stored state grew as declared: ``constant`` within 5%, ``per-task`` by a positive step."""
     first, second, third = row["stored_bytes"]
@@ -151,6 +184,8 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated; default: every registered method")
     parser.add_argument("--steps", type=int, default=2, help="optimisation steps per task")
     parser.add_argument("--test", type=int, default=4, help="test samples per task")
+    parser.add_argument("--throughput-samples", type=int, default=8, help="test samples per task for the "
+                        "batched-vs-batch-1 evaluation throughput (0: skip it)")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
 
@@ -174,7 +209,17 @@ def main() -> None:
             print(f"{method:12s} failed: {exc}")
             continue
         print_row(rows[-1], next((row for row in rows if row["method"] == "seq-lora"), None))
-    (out / "rehearsal.json").write_text(json.dumps(rows, indent=1))
+    report: dict[str, Any] = {"size": args.size, "parameters": count, "dtype": args.dtype, "device": args.device,
+                              "steps": args.steps, "methods": rows}
+    if args.throughput_samples:
+        throughput_data = write_synth_domain(out / "throughput-data", seed=1, train_per_task=1,
+                                             test_per_task=args.throughput_samples)
+        report["throughput"] = speed = eval_throughput(out / "model", throughput_data, args)
+        print(f"evaluation throughput on {speed['samples']} samples: batch 8 {speed['samples_per_second_batch8']:.2f} "
+              f"samples/s, batch 1 {speed['samples_per_second_batch1']:.2f} samples/s "
+              f"({speed['samples_per_second_batch8'] / speed['samples_per_second_batch1']:.2f}x); "
+              f"{speed['answers_differing']} answers differ")
+    (out / "rehearsal.json").write_text(json.dumps(report, indent=1))
     print(f"table: {out / 'rehearsal.json'}")
 
 

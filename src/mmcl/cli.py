@@ -369,11 +369,11 @@ def _length_checker_or_note(config: Any):
 
 
 def command_pretrain_tiny(args: argparse.Namespace) -> int:
-    from mmcl.backbones.pretrain import PretrainConfig, pretrain_tiny
+    from mmcl.backbones.pretrain import pretrain_tiny, recipe_for
 
-    config = PretrainConfig(steps=args.steps, seed=args.seed)
+    config, _ = recipe_for(args.preset, steps=args.steps, seed=args.seed)
     out = pretrain_tiny(config, Path(args.out) if args.out else None)
-    print(f"tiny-llava written to {out}")
+    print(f"{config.preset} written to {out}")
     return 0
 
 
@@ -436,8 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stream setting for a stream name, e.g. stream.options.root=/data/CoIN")
     check.set_defaults(handler=command_data_check)
 
-    pretrain = commands.add_parser("pretrain-tiny", help="rebuild the shipped tiny-llava weights (reproducible)")
-    pretrain.add_argument("--out", help="output directory (default: the package's tiny_llava folder)")
+    pretrain = commands.add_parser("pretrain-tiny", help="rebuild a shipped tiny backbone's weights (reproducible)")
+    pretrain.add_argument("--preset", choices=["tiny-llava", "tiny-reader"], default="tiny-llava",
+                          help="which backbone: tiny-llava (48-px shapes; default) or tiny-reader (96-px, reads text)")
+    pretrain.add_argument("--out", help="output directory (default: the package's folder of the preset)")
     pretrain.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(handler=command_pretrain_tiny)

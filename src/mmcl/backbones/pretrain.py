@@ -1,4 +1,4 @@
-"""``mmcl pretrain-tiny``: the reproducible recipe behind the shipped ``tiny-llava`` weights.
+"""``mmcl pretrain-tiny``: the reproducible recipes behind the shipped ``tiny-llava`` and ``tiny-reader`` weights.
 
 A randomly initialised tiny LLaVA (see :mod:`mmcl.backbones.tiny`) is trained end to end (vision tower,
 projector and language model) on the synthetic pretraining mix ``synth-pretrain``: plain scenes of
@@ -10,13 +10,19 @@ Two stages, in the spirit of LLaVA's frozen pretrained vision encoder:
 1. vision: the CLIP tower alone learns dense per-patch labels (the colour and the shape under each
    patch, from the generator's scene facts) and the object count from its pooled output;
 2. language: the tower is frozen; projector and language model learn the mix's conversations.
+
+Presets (``--preset``, :func:`recipe_for`): ``tiny-llava`` (the default; 48-pixel images) and ``tiny-reader``
+(96-pixel images, for ``synth-ability``): its mix is half the shapes mix drawn at 96 pixels and half the
+reading mix of :mod:`mmcl.synthetic.reading_mix` (random strings to transcribe, index and count), and its
+vision stage adds a per-patch character head trained on the text images only (each head ignores, with
+label -100, the patches of the other kind of image).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from mmcl.backbones.backbone import Backbone
@@ -24,6 +30,7 @@ from mmcl.backbones.tiny import TinyLlavaSpec, build_model, build_processor, tra
 from mmcl.data.readers import read_samples
 from mmcl.data.sample import Sample
 from mmcl.config import TrainingConfig
+from mmcl.errors import ConfigError
 from mmcl.log import info
 from mmcl.training.sft import train_on_samples
 
@@ -43,12 +50,54 @@ class PretrainConfig:
     vision_epochs: float = 3.0  # stage 1: dense patch supervision of the CLIP tower
     vision_batch_size: int = 128
     vision_learning_rate: float = 2e-3
+    preset: str = "tiny-llava"  # which recipe (see recipe_for); tiny-llava's pretrain.json does not record it
 
 
-def _read_mix(root: Path, split: str) -> list[Sample]:
+DEFAULT_PRESET = "tiny-llava"
+_RECIPES: dict[str, tuple[PretrainConfig, TinyLlavaSpec]] = {
+    "tiny-llava": (PretrainConfig(), TinyLlavaSpec()),
+    "tiny-reader": (
+        PretrainConfig(preset="tiny-reader", n_train=24000, n_test=600, image_size=96),
+        TinyLlavaSpec(image_size=96, patch_size=8, vocab_size=1024),
+    ),
+}
+
+
+def recipe_for(preset: str, **overrides) -> tuple[PretrainConfig, TinyLlavaSpec]:
+    """The recipe and architecture of a preset, with ``overrides`` of recipe fields (the spec follows the
+    recipe's ``image_size``)."""
+    if preset not in _RECIPES:
+        raise ConfigError(f"pretrain-tiny: unknown preset {preset!r} (known: {', '.join(_RECIPES)})")
+    config, spec = _RECIPES[preset]
+    config = replace(config, **overrides)
+    return config, replace(spec, image_size=config.image_size)
+
+
+def _mix_roots(config: PretrainConfig, data_dir: Path | None) -> list[Path]:
+    """Write (cached) the preset's pretraining mix; returns its roots, each holding task folders."""
+    from mmcl.synthetic.pretrain_mix import write_synth_pretrain
+    from mmcl.synthetic.reading_mix import write_reading_mix
+
+    cache = Path.home() / ".cache" / "mmcl" / "synth-pretrain"
+    if config.preset == DEFAULT_PRESET:  # tiny-llava's cache folder keeps its name
+        root = Path(data_dir or cache / f"seed{config.seed}-n{config.n_train}")
+        return [write_synth_pretrain(root, seed=config.seed, n_train=config.n_train, n_test=config.n_test,
+                                     image_size=config.image_size)]  # fmt: skip
+    root = Path(data_dir or cache / f"{config.preset}-seed{config.seed}-n{config.n_train}")
+    shapes_train, shapes_test = config.n_train // 2, config.n_test // 2
+    return [
+        write_synth_pretrain(root / "shapes", seed=config.seed, n_train=shapes_train, n_test=shapes_test,
+                             image_size=config.image_size),
+        write_reading_mix(root / "reading", seed=config.seed, n_train=config.n_train - shapes_train,
+                          n_test=config.n_test - shapes_test, image_size=config.image_size),
+    ]  # fmt: skip
+
+
+def _read_mix(roots: list[Path], split: str) -> list[Sample]:
     samples: list[Sample] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        samples.extend(read_samples(folder / f"{split}.json", folder.name, split=split))
+    for root in roots:
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            samples.extend(read_samples(folder / f"{split}.json", folder.name, split=split))
     return samples
 
 
@@ -78,16 +127,50 @@ def _patch_labels(sample: Sample, spec: TinyLlavaSpec) -> tuple[list[int], list[
     return colors, shapes, len(objects) - 1
 
 
-def pretrain_vision_tower(model, processor, samples: list[Sample], spec: TinyLlavaSpec, config: PretrainConfig) -> float:
+IGNORED = -100  # a label no loss sees (cross_entropy's ignore_index)
+
+
+def _all_patch_labels(sample: Sample, spec: TinyLlavaSpec) -> tuple[list[int], list[int], int, list[int]]:
+    """Colour, shape, count and character labels of one image: a reading-mix image has only character
+    labels, a shapes image all but those (the others are ``IGNORED``)."""
+    from mmcl.synthetic.reading_mix import READING_TASK, char_patch_labels
+
+    n = (spec.image_size // spec.patch_size) ** 2
+    if sample.task == READING_TASK:
+        return [IGNORED] * n, [IGNORED] * n, IGNORED, char_patch_labels(sample.metadata["facts"], spec.image_size,
+                                                                        spec.patch_size)  # fmt: skip
+    return (*_patch_labels(sample, spec), [IGNORED] * n)
+
+
+def _loss(logits, labels):
+    """Mean cross-entropy over the labelled entries (zero, keeping the graph, when there are none)."""
+    import torch
+
+    if not bool((labels != IGNORED).any()):
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _hits(logits, labels, counted) -> tuple[int, int]:
+    """Correct argmaxes and the number of ``counted`` labels."""
+    return int(((logits.argmax(-1) == labels) & counted).sum()), int(counted.sum())
+
+
+def pretrain_vision_tower(
+    model, processor, samples: list[Sample], spec: TinyLlavaSpec, config: PretrainConfig
+) -> dict[str, float]:
     """Stage 1: train ``model``'s CLIP tower with linear heads on dense patch labels; returns the final
-    patch-colour accuracy on the last epoch's batches (a sanity number recorded in pretrain.json)."""
+    per-patch accuracies on the last epoch's batches (sanity numbers recorded in pretrain.json): ``colour``
+    (shapes images) and, for tiny-reader, ``char`` (patches of a character, text images)."""
     import math
 
     import torch
 
     from mmcl.synthetic.pretrain_mix import COLORS, PRETRAIN_SHAPES
+    from mmcl.synthetic.reading_mix import READER_CHARSET
     from mmcl.data.images import sample_images
 
+    reader = config.preset != DEFAULT_PRESET
     tower = model.model.vision_tower
     hidden = tower.config.hidden_size
     heads = torch.nn.ModuleDict({
@@ -95,45 +178,60 @@ def pretrain_vision_tower(model, processor, samples: list[Sample], spec: TinyLla
         "shape": torch.nn.Linear(hidden, len(PRETRAIN_SHAPES) + 1),
         "count": torch.nn.Linear(hidden, 4),
     })
+    if reader:  # created after the others: tiny-llava's heads draw the same initial weights as before
+        heads["char"] = torch.nn.Linear(hidden, len(READER_CHARSET) + 1)
     unique = list({sample.images[0]: sample for sample in samples}.values())
     pixels = torch.cat([
         processor.image_processor(images=sample_images(s), return_tensors="pt")["pixel_values"] for s in unique
     ])
-    labels = [_patch_labels(s, spec) for s in unique]
-    colors = torch.tensor([c for c, _, _ in labels])
-    shapes = torch.tensor([h for _, h, _ in labels])
-    counts = torch.tensor([n for _, _, n in labels])
+    labels = [_all_patch_labels(s, spec) for s in unique]
+    colors = torch.tensor([c for c, _, _, _ in labels])
+    shapes = torch.tensor([h for _, h, _, _ in labels])
+    counts = torch.tensor([n for _, _, n, _ in labels])
+    chars = torch.tensor([k for _, _, _, k in labels])
     parameters = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.vision_learning_rate, weight_decay=0.01)
     steps = math.ceil(len(unique) / config.vision_batch_size * config.vision_epochs)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.vision_learning_rate, total_steps=steps)
     generator = torch.Generator().manual_seed(config.seed)
     tower.train()
-    order, hits, seen = torch.empty(0, dtype=torch.long), 0, 0
+    order = torch.empty(0, dtype=torch.long)
+    tallies = {"colour": [0, 0], "char": [0, 0]}  # hits, seen
+    accuracy = {"colour": 0.0, "char": 0.0}
     for step in range(steps):
         if len(order) < config.vision_batch_size:
             order = torch.cat([order, torch.randperm(len(unique), generator=generator)])
-            hits = seen = 0
+            tallies = {"colour": [0, 0], "char": [0, 0]}
         batch, order = order[: config.vision_batch_size], order[config.vision_batch_size :]
         states = tower(pixel_values=pixels[batch]).last_hidden_state
         patches, pooled = states[:, 1:], states[:, 0]
         color_logits, shape_logits = heads["color"](patches), heads["shape"](patches)
-        loss = (
-            torch.nn.functional.cross_entropy(color_logits.flatten(0, 1), colors[batch].flatten())
-            + torch.nn.functional.cross_entropy(shape_logits.flatten(0, 1), shapes[batch].flatten())
-            + torch.nn.functional.cross_entropy(heads["count"](pooled), counts[batch])
+        loss = _loss(color_logits, colors[batch]) + _loss(shape_logits, shapes[batch]) + _loss(
+            heads["count"](pooled), counts[batch]
         )
+        char_logits = heads["char"](patches) if reader else None
+        if char_logits is not None:
+            loss = loss + _loss(char_logits, chars[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        hits += int((color_logits.argmax(-1) == colors[batch]).sum())
-        seen += colors[batch].numel()
+        for name, (logits, truth, counted) in {
+            "colour": (color_logits, colors[batch], colors[batch] != IGNORED),
+            "char": (char_logits, chars[batch], chars[batch] > 0),
+        }.items():
+            if logits is not None:
+                hits, seen = _hits(logits, truth, counted)
+                tallies[name][0] += hits
+                tallies[name][1] += seen
+        accuracy = {name: 100.0 * hits / max(1, seen) for name, (hits, seen) in tallies.items()}
         if step % 50 == 0 or step == steps - 1:
-            info(f"vision step {step + 1}/{steps}: loss {loss.item():.3f}, patch colour accuracy {100 * hits / seen:.1f}%")
+            extra = f", patch character accuracy {accuracy['char']:.1f}%" if reader else ""
+            info(f"vision step {step + 1}/{steps}: loss {loss.item():.3f}, "
+                 f"patch colour accuracy {accuracy['colour']:.1f}%{extra}")  # fmt: skip
     for parameter in tower.parameters():
         parameter.requires_grad = False
-    return 100.0 * hits / max(1, seen)
+    return accuracy if reader else {"colour": accuracy["colour"]}
 
 
 def held_out_accuracy(backbone: Backbone, samples: list[Sample], batch_size: int = 64) -> dict[str, float]:
@@ -153,26 +251,21 @@ def held_out_accuracy(backbone: Backbone, samples: list[Sample], batch_size: int
 
 
 def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir: Path | None = None) -> Path:
-    """Generate the mix, train tokenizer and model, save model + processor with ``save_pretrained``."""
-    from mmcl.backbones.registry import TINY_LLAVA_DIR
-    from mmcl.synthetic.pretrain_mix import write_synth_pretrain
+    """Generate the preset's mix, train tokenizer and model, save model + processor with ``save_pretrained``
+    (default folder: the preset's in the package)."""
+    from mmcl.backbones.registry import SHIPPED_PRESET_DIRS
 
-    out_dir = Path(out_dir or TINY_LLAVA_DIR)
-    spec = TinyLlavaSpec(image_size=config.image_size)
-    data_root = write_synth_pretrain(
-        Path(data_dir or Path.home() / ".cache" / "mmcl" / "synth-pretrain" / f"seed{config.seed}-n{config.n_train}"),
-        seed=config.seed,
-        n_train=config.n_train,
-        n_test=config.n_test,
-        image_size=config.image_size,
-    )
-    train = _read_mix(data_root, "train")
+    spec = recipe_for(config.preset)[1]
+    spec = replace(spec, image_size=config.image_size)
+    out_dir = Path(out_dir or SHIPPED_PRESET_DIRS[config.preset])
+    data_roots = _mix_roots(config, data_dir)
+    train = _read_mix(data_roots, "train")
     corpus = [text for sample in train for turn in sample.turns() for text in turn]
     tokenizer = train_tokenizer(corpus, spec.vocab_size)
     processor = build_processor(tokenizer, spec)
     model = build_model(tokenizer, spec, seed=config.seed)
     vision_accuracy = pretrain_vision_tower(model, processor, train, spec, config)
-    backbone = Backbone(name="tiny-llava", model=model, processor=processor, lora_targets="")
+    backbone = Backbone(name=config.preset, model=model, processor=processor, lora_targets="")
     training = TrainingConfig(
         epochs=config.epochs,
         max_steps=config.steps or -1,
@@ -185,11 +278,16 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
     )
     with tempfile.TemporaryDirectory() as work:
         metrics = train_on_samples(backbone, train, training, Path(work), seed=config.seed)
-    held_out = held_out_accuracy(backbone, _read_mix(data_root, "test"))
+    held_out = held_out_accuracy(backbone, _read_mix(data_roots, "test"))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    record = {"recipe": asdict(config), "spec": asdict(spec), "train_metrics": metrics,
-              "vision_patch_colour_accuracy": vision_accuracy, "held_out_accuracy": held_out}
+    recipe = asdict(config)
+    if config.preset == DEFAULT_PRESET:
+        del recipe["preset"]  # tiny-llava's record keeps the keys it always had
+    record = {"recipe": recipe, "spec": asdict(spec), "train_metrics": metrics,
+              "vision_patch_colour_accuracy": vision_accuracy["colour"], "held_out_accuracy": held_out}
+    if "char" in vision_accuracy:
+        record["vision_patch_char_accuracy"] = vision_accuracy["char"]
     (out_dir / "pretrain.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     return out_dir

@@ -15,6 +15,9 @@ from mmcl.errors import ConfigError, MmclError
 from mmcl.registry import Registry
 
 TINY_LLAVA_DIR = Path(__file__).parent / "tiny_llava"
+TINY_READER_DIR = Path(__file__).parent / "tiny_reader"
+# Presets whose weights ship inside the package, built by `mmcl pretrain-tiny --preset <name>`.
+SHIPPED_PRESET_DIRS: dict[str, Path] = {"tiny-llava": TINY_LLAVA_DIR, "tiny-reader": TINY_READER_DIR}
 
 # Regexes over transformers 5 module paths (PEFT full-matches them against ``named_modules()`` names).
 _DECODER_LINEARS = r"\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
@@ -73,6 +76,13 @@ for _preset in [
         "tiny-llava",
         "Shipped 5M-parameter LlavaForConditionalGeneration (CLIP tower + Llama), pretrained by `mmcl pretrain-tiny`",
         str(TINY_LLAVA_DIR),
+        LLAMA_STYLE_LORA_TARGETS,
+    ),
+    BackbonePreset(
+        "tiny-reader",
+        "Shipped reading-capable tiny LlavaForConditionalGeneration for synth-ability (96-px images), "
+        "pretrained by `mmcl pretrain-tiny --preset tiny-reader`",
+        str(TINY_READER_DIR),
         LLAMA_STYLE_LORA_TARGETS,
     ),
     BackbonePreset(
@@ -189,7 +199,7 @@ _RESOLVED: dict[str, str] = {}
 
 def _resolve_backbone(name: str) -> str:
     source = PRESETS[name].source if name in PRESETS else name
-    if name == "tiny-llava":
+    if name in SHIPPED_PRESET_DIRS:
         return source  # shipped with the package; load_backbone says how to rebuild missing weights
     local = Path(source).expanduser()
     if local.is_dir():
@@ -267,8 +277,10 @@ def load_backbone(
     from mmcl.backbones.processors import load_processor
 
     source, lora_targets = resolve_source(name)
-    if name == "tiny-llava" and not (TINY_LLAVA_DIR / "model.safetensors").is_file():
-        raise MmclError(f"backbone tiny-llava: weights missing in {TINY_LLAVA_DIR}; build them with `mmcl pretrain-tiny`")
+    shipped = SHIPPED_PRESET_DIRS.get(name)
+    if shipped is not None and not (shipped / "model.safetensors").is_file():
+        command = "mmcl pretrain-tiny" + ("" if name == "tiny-llava" else f" --preset {name}")
+        raise MmclError(f"backbone {name}: weights missing in {shipped}; build them with `{command}`")
     torch_dtype = resolve_dtype(name, dtype, device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -111,6 +111,8 @@ class TinyArchSpec:
     idefics_patch: int = 8  # Idefics3 vision patch size (SmolVLM: 16)
     idefics_scale: int = 2  # Idefics3 pixel-shuffle factor (SmolVLM: 4)
     model_vocab: int | None = None  # rows of the embedding matrix; None = the tokenizer's length
+    tie_embeddings: bool = False  # Qwen2-VL: input and output embeddings shared (Qwen2-VL-2B: true)
+    llava_patch: int = 14  # LLaVA-1.5's CLIP ViT-L/14 (the tower sees ``image_size`` pixels)
 
     def vocabulary(self, tokenizer) -> int:
         return self.model_vocab or len(tokenizer)
@@ -218,7 +220,8 @@ def build_qwen2_vl(tokenizer, spec: TinyArchSpec):
         "temporal_patch_size": 2,
     }
     config = Qwen2VLConfig(
-        text_config=_qwen_text_config(tokenizer, spec), vision_config=vision, **_qwen_token_ids(tokenizer)
+        text_config=_qwen_text_config(tokenizer, spec), vision_config=vision, **_qwen_token_ids(tokenizer),
+        tie_word_embeddings=spec.tie_embeddings,
     )
     return Qwen2VLForConditionalGeneration(config)
 
@@ -369,6 +372,73 @@ def build_internvl(tokenizer, spec: TinyArchSpec):
     return InternVLForConditionalGeneration(config)
 
 
+# LLaVA-1.5's conversation format: "USER: <image>\n{question} ASSISTANT: {answer}</s>"
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_llava(tokenizer, spec: TinyArchSpec):
+    """LLaVA-1.5: CLIP tower, 2-layer GELU projector, Llama decoder with untied embeddings, features from
+    the tower's second-to-last layer (llava-hf's config)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
+        "num_hidden_layers": spec.vision_layers,
+        "num_attention_heads": spec.vision_heads,
+        "image_size": spec.image_size,
+        "patch_size": spec.llava_patch,
+        "projection_dim": 768,
+    }
+    text = {
+        "model_type": "llama",
+        "vocab_size": spec.vocabulary(tokenizer),
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": spec.text_intermediate,
+        "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_kv_heads,
+        "max_position_embeddings": spec.max_positions,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+    }
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(spec.image_size // spec.llava_patch) ** 2,
+        tie_word_embeddings=False,
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def _llava_processor(tokenizer, spec: TinyArchSpec):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.llava_patch,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
+    )  # fmt: skip
+
+
 def _internvl_tokens_per_tile(spec: TinyArchSpec) -> int:
     return (spec.internvl_tile // 8) ** 2 // 4  # 8-px patches, then pixel shuffle by 0.5 in each direction
 
@@ -392,20 +462,9 @@ def _internvl_processor(tokenizer, spec: TinyArchSpec):
     )  # fmt: skip
 
 
-def build_tiny_arch(
-    architecture: str,
-    out_dir: Path,
-    corpus: Iterable[str] | None = None,
-    spec: TinyArchSpec = TinyArchSpec(),
-    seed: int = 0,
-    dtype: str = "float32",
-    device: str = "cpu",
-) -> Path:
-    """Build the tiny model + processor of ``architecture`` (one of :data:`TINY_ARCHITECTURES`) and save
-    both with ``save_pretrained`` into ``out_dir``, loadable like a hub checkpoint; returns ``out_dir``.
-    The weights are created in ``dtype`` on ``device`` (a real-size ``spec`` never makes an fp32 copy)."""
-    import torch
-
+def family_parts(architecture: str, corpus: Iterable[str] | None = None, spec: TinyArchSpec = TinyArchSpec()):
+    """``(tokenizer, processor, build, processor_class)`` of ``architecture``: ``build(tokenizer, spec)``
+    creates the model on the current default device and dtype (e.g. under ``torch.device("meta")``)."""
     corpus = list(corpus) if corpus is not None else default_corpus()
     if architecture in ("qwen2-vl", "qwen2.5-vl"):
         tokenizer = _family_tokenizer(
@@ -438,9 +497,34 @@ def build_tiny_arch(
         )
         processor = _idefics3_processor(tokenizer, spec)
         build, processor_class = build_idefics3, None
+    elif architecture == "llava":  # real-size LLaVA-1.5 for the scale rehearsal; tests use mmcl.backbones.tiny
+        tokenizer = _family_tokenizer(
+            corpus, spec.vocab_size, ["<s>", "</s>", "<pad>", "<image>"], bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+            extra_special_tokens={"image_token": "<image>"},
+        )  # fmt: skip
+        processor = _llava_processor(tokenizer, spec)
+        build, processor_class = build_llava, None
     else:
         raise ConfigError(f"unknown tiny architecture {architecture!r} (known: {', '.join(TINY_ARCHITECTURES)})")
     tokenizer.chat_template = processor.chat_template
+    return tokenizer, processor, build, processor_class
+
+
+def build_tiny_arch(
+    architecture: str,
+    out_dir: Path,
+    corpus: Iterable[str] | None = None,
+    spec: TinyArchSpec = TinyArchSpec(),
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Path:
+    """Build the tiny model + processor of ``architecture`` (one of :data:`TINY_ARCHITECTURES`) and save
+    both with ``save_pretrained`` into ``out_dir``, loadable like a hub checkpoint; returns ``out_dir``.
+    The weights are created in ``dtype`` on ``device`` (a real-size ``spec`` never makes an fp32 copy)."""
+    import torch
+
+    tokenizer, processor, build, processor_class = family_parts(architecture, corpus, spec)
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))

@@ -1,0 +1,103 @@
+"""The tiny-reader preset of ``mmcl pretrain-tiny``: tiny-llava's recipe is untouched, a very small
+tiny-reader pretraining writes a model folder that loads and generates, and the CLI and the registry
+know the preset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from mmcl.backbones import pretrain
+from mmcl.backbones.pretrain import PretrainConfig, pretrain_tiny, recipe_for
+from mmcl.backbones.registry import (
+    PRESETS,
+    TINY_LLAVA_DIR,
+    TINY_READER_DIR,
+    load_backbone,
+    resolve_backbone,
+)
+from mmcl.backbones.tiny import TinyLlavaSpec
+from mmcl.data.readers import read_samples
+from mmcl.errors import ConfigError, MmclError
+
+
+def test_tiny_llava_recipe_is_unchanged() -> None:
+    recorded = json.loads((TINY_LLAVA_DIR / "pretrain.json").read_text(encoding="utf-8"))
+    config, spec = recipe_for("tiny-llava")
+    recipe = asdict(config)
+    assert recipe.pop("preset") == "tiny-llava"
+    assert recipe == recorded["recipe"] and asdict(spec) == recorded["spec"]
+    assert config == PretrainConfig() and spec == TinyLlavaSpec()
+    assert recipe_for("tiny-llava", steps=7, seed=2)[0] == PretrainConfig(steps=7, seed=2)
+
+
+def test_tiny_reader_recipe() -> None:
+    config, spec = recipe_for("tiny-reader")
+    base = recipe_for("tiny-llava")[1]
+    assert (config.preset, config.image_size, config.n_train, config.n_test) == ("tiny-reader", 96, 24000, 600)
+    assert (spec.image_size, spec.patch_size, spec.vocab_size) == (96, 8, 1024)
+    assert asdict(spec) == {**asdict(base), "image_size": 96, "vocab_size": 1024}  # same tower and LM sizes
+    assert recipe_for("tiny-reader", image_size=32)[1].image_size == 32
+    with pytest.raises(ConfigError, match="unknown preset"):
+        recipe_for("tiny-writer")
+
+
+def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> None:
+    config, _ = recipe_for("tiny-reader", n_train=48, n_test=8, steps=2, batch_size=8, image_size=32,
+                           vision_epochs=1.0, vision_batch_size=16)  # fmt: skip
+    out = pretrain_tiny(config, tmp_path / "model", data_dir=tmp_path / "data")
+    record = json.loads((out / "pretrain.json").read_text(encoding="utf-8"))
+    assert record["recipe"]["preset"] == "tiny-reader" and record["spec"]["vocab_size"] == 1024
+    assert 0.0 <= record["vision_patch_char_accuracy"] <= 100.0
+    held_out = set(record["held_out_accuracy"])
+    assert "overall" in held_out and {"read", "char", "length"} & held_out
+    # half shapes, half reading; each kind of image carries only its own labels
+    train = [s for task, root in (("pretrain", "shapes"), ("reading", "reading"))
+             for s in read_samples(tmp_path / "data" / root / task / "train.json", task)]  # fmt: skip
+    assert [s.task for s in train].count("reading") == 24 == [s.task for s in train].count("pretrain")
+    spec = recipe_for("tiny-reader", image_size=32)[1]
+    for sample in train[:30:5] + train[24::5]:
+        colors, _, count, chars = pretrain._all_patch_labels(sample, spec)
+        reading = sample.task == "reading"
+        assert (count == -100) == reading and (set(colors) == {-100}) == reading
+        assert (set(chars) == {-100}) != reading
+    backbone = load_backbone(str(out), device="cpu")
+    assert backbone.model.config.image_seq_length == 16
+    answers = backbone.generate(train[:1] + train[-1:], max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+
+
+def test_small_tiny_llava_record_keeps_its_keys(tmp_path: Path) -> None:
+    """tiny-llava's pretrain.json has the keys of the shipped one (no preset, no character accuracy)."""
+    recorded = json.loads((TINY_LLAVA_DIR / "pretrain.json").read_text(encoding="utf-8"))
+    config = PretrainConfig(n_train=16, n_test=4, steps=1, batch_size=4, image_size=32, vision_batch_size=16,
+                            vision_epochs=1.0)  # fmt: skip
+    out = pretrain_tiny(config, tmp_path / "model", data_dir=tmp_path / "data")
+    record = json.loads((out / "pretrain.json").read_text(encoding="utf-8"))
+    assert list(record) == list(recorded) and list(record["recipe"]) == list(recorded["recipe"])
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["manifest.json", "pretrain"]
+
+
+def test_registry_knows_the_shipped_reader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mmcl.backbones import registry
+
+    assert PRESETS["tiny-reader"].lora_targets == PRESETS["tiny-llava"].lora_targets
+    assert resolve_backbone("tiny-reader") == str(TINY_READER_DIR)
+    monkeypatch.setitem(registry.SHIPPED_PRESET_DIRS, "tiny-reader", tmp_path)
+    expected = r"weights missing in .*; build them with `mmcl pretrain-tiny --preset tiny-reader`"
+    with pytest.raises(MmclError, match=expected):
+        load_backbone("tiny-reader", device="cpu")
+
+
+def test_cli_passes_the_preset(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from mmcl import cli
+
+    seen: list[PretrainConfig] = []
+    monkeypatch.setattr(pretrain, "pretrain_tiny", lambda config, out=None: seen.append(config) or Path("/x"))
+    assert cli.main(["pretrain-tiny", "--preset", "tiny-reader", "--steps", "3"]) == 0
+    assert cli.main(["pretrain-tiny"]) == 0
+    assert seen == [recipe_for("tiny-reader", steps=3)[0], PretrainConfig()]
+    assert capsys.readouterr().out.splitlines() == ["tiny-reader written to /x", "tiny-llava written to /x"]
