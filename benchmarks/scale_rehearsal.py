@@ -15,8 +15,9 @@ the method declares (``Method.state_growth``: ``constant`` or ``per-task``).
 
 Per-method costs are scaled down with the other sizes (``SCALED_OPTIONS``): Fisher/importance samples,
 router samples and epochs, GRPO prompts and group size, EvoLMM images and samples, DER's buffer; every
-other option is the method's default. Images: synth-domain's 48-px images, resized by the processor to the
-family's tile (SmolVLM: a 2x2 grid of 512-px tiles plus the global view, 5 x 64 visual tokens).
+other option is the method's default. Images: synth-domain's 48-px images, resized by the processor to one
+512-px view for SmolVLM (64 visual tokens; ``--tiled``: the processor's 2x2 grid of tiles plus the global
+view, 320 tokens). The processed-input cache is off, so that stage peaks are the method's own.
 
 Last, the evaluation throughput of mmcl's batched generation (``evaluation.batch_size`` 8, left padding)
 beside batch size 1 (the peers' protocol: LLaVA's and MCITlib's eval scripts answer one question at a
@@ -64,6 +65,9 @@ SIZES: dict[str, tuple[str, TinyArchSpec]] = {
 }  # fmt: skip
 TASKS = 3
 BATCH = 2
+# without --tiled, one view per image: SmolVLM's processor would cut the 48-px images, upscaled, into a 2x2 grid
+# of 512-px tiles plus the global view (320 visual tokens); one 512-px view gives 64
+SINGLE_VIEW: dict[str, dict[str, Any]] = {"smolvlm-256m": {"size": {"longest_edge": 512}}}
 # each method's own loops scaled with the steps (names as `mmcl list --method X` prints them)
 SCALED_OPTIONS: dict[str, dict[str, Any]] = {
     "mrlora": {"router_samples_per_task": 2, "router_epochs": 1.0, "router_max_rounds": 1},
@@ -99,12 +103,14 @@ def run_config(method: str, model: Path, data: Path, out: Path, args: argparse.N
               "scorer": spec.scorer, "max_new_tokens": spec.max_new_tokens} for spec in SYNTH_DOMAIN_TASKS[:TASKS]]
     return {
         "name": method, "output_dir": str(out / method),
-        "backbone": {"name": str(model), "dtype": args.dtype, "device": args.device},
+        "backbone": {"name": str(model), "dtype": args.dtype, "device": args.device, "max_length": 2048,
+                     "processor_options": {} if args.tiled else SINGLE_VIEW.get(args.size, {})},
         "stream": {"name": "rehearsal", "tasks": tasks},
         "method": {"name": method, "options": SCALED_OPTIONS.get(method, {})},
         "training": {"max_steps": args.steps, "batch_size": BATCH, "progress_bar": False, "warmup_ratio": 0.0,
                      "bf16": args.dtype == "bfloat16" and args.device != "cpu"},
-        "evaluation": {"batch_size": 8, "forward_transfer": False, "evaluate_base": False, "general": "none",
+        # no processed-input cache: its (bounded, results-neutral) memory would count as the method's growth
+        "evaluation": {"batch_size": 8, "input_cache_mb": 0, "forward_transfer": False, "evaluate_base": False, "general": "none",
                        "max_new_tokens": 4},
     }  # fmt: skip
 
@@ -154,7 +160,8 @@ def eval_throughput(model: Path, data: Path, args: argparse.Namespace) -> dict[s
     from mmcl.evaluation.evaluator import generate_answers
     from mmcl.streams.synth import SYNTH_DOMAIN_TASKS
 
-    backbone = load_backbone(str(model), dtype=args.dtype, device=args.device)
+    backbone = load_backbone(str(model), dtype=args.dtype, device=args.device, max_length=2048,
+                             processor_options={} if args.tiled else SINGLE_VIEW.get(args.size, {}))
     samples = [sample for spec in SYNTH_DOMAIN_TASKS[:TASKS]
                for sample in read_samples(data / spec.name / "test.json", spec.name, split="test")]  # fmt: skip
     result: dict[str, Any] = {"samples": len(samples)}
@@ -186,6 +193,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=4, help="test samples per task")
     parser.add_argument("--throughput-samples", type=int, default=8, help="test samples per task for the "
                         "batched-vs-batch-1 evaluation throughput (0: skip it)")
+    parser.add_argument("--tiled", action="store_true", help="keep the processor's own image tiling (SmolVLM: "
+                        "4 tiles + global view) instead of one view per image")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
 

@@ -229,3 +229,31 @@ def test_synth_gui_scores_letters_by_option_rule_and_boxes_by_iou(prediction: st
                                                                   expected: float) -> None:
     assert synth_gui(prediction, reference) == expected
     assert score_one("synth_gui", prediction, reference) == expected
+
+
+@pytest.mark.parametrize(
+    "named, expected",
+    [({}, "tiny-reader"), ({"backbone.name": "tiny-llava"}, "tiny-llava")],
+)
+def test_synth_ability_runs_on_tiny_reader_unless_a_backbone_is_named(named: dict[str, Any], expected: str) -> None:
+    from mmcl.cli import _stream_backbone
+    from mmcl.config import load_config
+
+    config = load_config(None, {"stream.name": "synth-ability", **named})
+    _stream_backbone(config, named=bool(named))
+    assert config.backbone.name == expected
+    other = load_config(None, {"stream.name": "synth-domain"})
+    _stream_backbone(other, named=False)
+    assert other.backbone.name == "tiny-llava"
+
+
+def test_tiny_reader_general_set_holds_shapes_and_reading_questions(tmp_path: Path) -> None:
+    from mmcl.config import BackboneConfig, EvaluationConfig
+    from mmcl.evaluation.general import general_task
+
+    task = general_task(EvaluationConfig(), BackboneConfig(name="tiny-reader"), StreamConfig(cache_dir=str(tmp_path)),
+                        tmp_path)  # fmt: skip
+    samples = read_samples(task.test_file, "general", split="test")
+    qtypes = {sample.metadata["qtype"] for sample in samples}
+    assert {"read", "char", "length", "color", "count"} <= qtypes and "caption" not in qtypes
+    assert all(Image.open(sample.images[0]).size == (96, 96) for sample in samples[::50])

@@ -44,6 +44,22 @@ def _config_file_data(path: Path | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _names_backbone(data: dict[str, Any] | None) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("backbone"), dict) and "name" in data["backbone"]
+
+
+def _stream_backbone(config: Any, named: bool) -> None:
+    """Use the stream's own backbone (e.g. ``tiny-reader`` for ``synth-ability``) when the user named none."""
+    from mmcl.streams import registry  # noqa: F401  (registers the built-in streams)
+    from mmcl.streams.stream import STREAMS
+
+    spec = STREAMS[config.stream.name] if not config.stream.tasks and config.stream.name in STREAMS else None
+    if named or spec is None or spec.backbone is None or spec.backbone == config.backbone.name:
+        return
+    config.backbone.name = spec.backbone
+    print(f"backbone: {spec.backbone}, {config.stream.name}'s own (name another with --backbone or backbone.name)")
+
+
 def _set_assignments(assignments: list[str] | None) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for assignment in assignments or []:
@@ -79,6 +95,7 @@ def command_run(args: argparse.Namespace) -> int:
         config_path = None
     else:
         config = load_config(config_path, overrides)
+    _stream_backbone(config, named="backbone.name" in overrides or _names_backbone(_config_file_data(config_path)))
     if hasattr(config, "plugins"):
         config.plugins = loaded_plugins()
     base_dir = config_path.parent if config_path else Path.cwd()

@@ -91,6 +91,7 @@ register_stream(
                     "order, each tested on renderings, ranges, layouts or labels unseen in training",
         build=_synth_ability,
         defaults=SYNTH_ABILITY_DEFAULTS,
+        backbone="tiny-reader",  # 96-pixel images with text: the 48-pixel tiny-llava cannot read them
     )
 )
 

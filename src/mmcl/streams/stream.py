@@ -137,6 +137,8 @@ class StreamSpec:
     # or else a mapping of option -> default; None: not declared
     options_class: type | None = None
     defaults: dict[str, Any] | None = None
+    # the backbone preset a run of this stream uses when neither the config file nor --backbone names one
+    backbone: str | None = None
 
 
 STREAMS: Registry[StreamSpec] = Registry("stream")
