@@ -112,6 +112,14 @@ def _unknown_backbone(fixtures: Fixtures) -> Invocation:
     return Invocation(run_argv(folder, "--backbone", "tiny-lava"), patches=[probe])
 
 
+def _shipped_weights_missing(fixtures: Fixtures) -> Invocation:
+    folder = experiment(fixtures)
+    empty = fixtures.tmp_path / "tiny_reader"
+    empty.mkdir()
+    dirs = lambda: mock.patch.dict("mmcl.backbones.registry.SHIPPED_PRESET_DIRS", {"tiny-reader": empty})  # noqa: E731
+    return Invocation(run_argv(folder, "--backbone", "tiny-reader"), patches=[dirs])
+
+
 def _out_under_a_file(fixtures: Fixtures) -> Invocation:
     folder = experiment(fixtures)
     (folder / "results").write_text("not a folder\n", encoding="utf-8")
@@ -179,6 +187,8 @@ def interrupt_during_import(module: str, argv: list[str]) -> Callable[[Fixtures]
 CASES = [
     Case("unknown-backbone", _unknown_backbone, 2,
          r"unknown backbone 'tiny-lava'.*did you mean tiny-llava\?.*presets: .*qwen2-vl-2b.*tiny-llava", no_run_dir),
+    Case("shipped-weights-missing", _shipped_weights_missing, 1,
+         r"backbone tiny-reader: weights missing in .*tiny_reader; build them with `mmcl pretrain-tiny --preset tiny-reader`"),
     Case("out-under-a-file", _out_under_a_file, 6, r"results/run.*: .*experiment/results is a file, not a folder",
          _out_under_a_file_kept),
     Case("out-read-only", _out_read_only, 6, r"read-only file system: cannot write .*experiment/run/", _nothing_computed),

@@ -199,8 +199,12 @@ _RESOLVED: dict[str, str] = {}
 
 def _resolve_backbone(name: str) -> str:
     source = PRESETS[name].source if name in PRESETS else name
-    if name in SHIPPED_PRESET_DIRS:
-        return source  # shipped with the package; load_backbone says how to rebuild missing weights
+    shipped = SHIPPED_PRESET_DIRS.get(name)
+    if shipped is not None:  # shipped with the package (or rebuilt by `mmcl pretrain-tiny`)
+        if not (shipped / "model.safetensors").is_file():
+            command = "mmcl pretrain-tiny" + ("" if name == "tiny-llava" else f" --preset {name}")
+            raise MmclError(f"backbone {name}: weights missing in {shipped}; build them with `{command}`")
+        return str(shipped)
     local = Path(source).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -277,10 +281,6 @@ def load_backbone(
     from mmcl.backbones.processors import load_processor
 
     source, lora_targets = resolve_source(name)
-    shipped = SHIPPED_PRESET_DIRS.get(name)
-    if shipped is not None and not (shipped / "model.safetensors").is_file():
-        command = "mmcl pretrain-tiny" + ("" if name == "tiny-llava" else f" --preset {name}")
-        raise MmclError(f"backbone {name}: weights missing in {shipped}; build them with `{command}`")
     torch_dtype = resolve_dtype(name, dtype, device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
