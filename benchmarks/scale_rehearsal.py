@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from mmcl.backbones.tiny_archs import TinyArchSpec, build_tiny_arch
+from mmcl.backbones.tiny_archs import TinyArchSpec, build_tiny_arch, default_corpus
 
 # published config values (config.json of each hub checkpoint)
 SIZES: dict[str, tuple[str, TinyArchSpec]] = {
@@ -86,7 +86,10 @@ def build_model(size: str, dtype: str, device: str, folder: Path) -> int:
     from safetensors import safe_open
 
     family, spec = SIZES[size]
-    build_tiny_arch(family, folder, spec=spec, dtype=dtype, device=device)
+    # the local BPE learns " A".." H" as single tokens, as the hub tokenizers have them (MR-LoRA's router
+    # answers with one option letter and needs each letter's first token to differ)
+    corpus = default_corpus() + [f"Assistant: {letter}" for letter in "ABCDEFGH" for _ in range(20)]
+    build_tiny_arch(family, folder, corpus=corpus, spec=spec, dtype=dtype, device=device)
     count = 0
     for shard in folder.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as handle:
