@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser("pretrain-tiny", help="rebuild a shipped tiny backbone's weights (reproducible)")
     pretrain.add_argument("--preset", choices=["tiny-llava", "tiny-reader"], default="tiny-llava",
-                          help="which backbone: tiny-llava (48-px shapes; default) or tiny-reader (96-px, reads text)")
+                          help="which backbone: tiny-llava (48-px shapes; default) or tiny-reader (96 px, with a reading mix)")
     pretrain.add_argument("--out", help="output directory (default: the package's folder of the preset)")
     pretrain.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     pretrain.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""``mmcl pretrain-tiny``: the reproducible recipes behind the shipped ``tiny-llava`` and ``tiny-reader`` weights.
+"""``mmcl pretrain-tiny``: the reproducible recipes behind the shipped ``tiny-llava`` weights and ``tiny-reader``.
 
 A randomly initialised tiny LLaVA (see :mod:`mmcl.backbones.tiny`) is trained end to end (vision tower,
 projector and language model) on the synthetic pretraining mix ``synth-pretrain``: plain scenes of

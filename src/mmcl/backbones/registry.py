@@ -80,8 +80,8 @@ for _preset in [
     ),
     BackbonePreset(
         "tiny-reader",
-        "Shipped reading-capable tiny LlavaForConditionalGeneration for synth-ability (96-px images), "
-        "pretrained by `mmcl pretrain-tiny --preset tiny-reader`",
+        "Tiny LlavaForConditionalGeneration at 96 px for synth-ability, pretrained with a reading mix by "
+        "`mmcl pretrain-tiny --preset tiny-reader` (weights not shipped yet: the recipe does not read yet)",
         str(TINY_READER_DIR),
         LLAMA_STYLE_LORA_TARGETS,
     ),
