@@ -141,7 +141,8 @@ def measure(method: str, model: Path, data: Path, out: Path, args: argparse.Name
     peaks = []
     for stage in range(1, TASKS + 1):
         peaks.append(run_stage(config_file, stage, env, out / f"{method}.log"))
-        if (run_dir / "results.json").is_file():  # finished (joint: every task in one stage)
+        if sum(p.is_dir() for p in (run_dir / "stages").iterdir()) < stage:  # no new stage: finished (joint)
+            peaks.pop()
             break
     stage_dirs = sorted(p for p in (run_dir / "stages").iterdir() if p.is_dir())
     stages = [json.loads((d / "stage.json").read_text()) for d in stage_dirs]
