@@ -59,7 +59,11 @@ def test_penalty_on_known_matrices():
         torch.testing.assert_close(got, want)
 
 
-def test_stacked_penalty_is_the_mean_over_modules():
+@pytest.mark.parametrize("block", [7, 1 << 19])  # many blocks of key positions, or one
+def test_stacked_penalty_is_the_mean_over_modules(block: int, monkeypatch: pytest.MonkeyPatch):
+    import mmcl.methods.reglora as reglora
+
+    monkeypatch.setattr(reglora, "PENALTY_BLOCK", block)
     g = torch.Generator().manual_seed(2)
     shapes = {"q": (20, 30), "up": (40, 20), "none": (10, 10), "down": (20, 40)}
     Bs = {n: torch.randn(o, 4, generator=g, requires_grad=True) for n, (o, i) in shapes.items()}
