@@ -286,18 +286,9 @@ def build_qwen3_vl(tokenizer, spec: TinyArchSpec):
     return Qwen3VLForConditionalGeneration(config)
 
 
-def build_idefics3(tokenizer, spec: TinyArchSpec):
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
-
-    vision = {
-        "hidden_size": spec.vision_hidden,
-        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
-        "num_hidden_layers": spec.vision_layers,
-        "num_attention_heads": spec.vision_heads,
-        "image_size": spec.idefics_tile,
-        "patch_size": spec.idefics_patch,
-    }
-    text = {
+def _llama_text_config(tokenizer, spec: TinyArchSpec) -> dict:
+    """The Llama decoder of SmolVLM (SmolLM2) and LLaVA-1.5 (Vicuna)."""
+    return {
         "model_type": "llama",
         "vocab_size": spec.vocabulary(tokenizer),
         "hidden_size": spec.text_hidden,
@@ -310,9 +301,22 @@ def build_idefics3(tokenizer, spec: TinyArchSpec):
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
+
+
+def build_idefics3(tokenizer, spec: TinyArchSpec):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    vision = {
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
+        "num_hidden_layers": spec.vision_layers,
+        "num_attention_heads": spec.vision_heads,
+        "image_size": spec.idefics_tile,
+        "patch_size": spec.idefics_patch,
+    }
     config = Idefics3Config(
         vision_config=vision,
-        text_config=text,
+        text_config=_llama_text_config(tokenizer, spec),
         scale_factor=spec.idefics_scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
@@ -401,23 +405,9 @@ def build_llava(tokenizer, spec: TinyArchSpec):
         "patch_size": spec.llava_patch,
         "projection_dim": 768,
     }
-    text = {
-        "model_type": "llama",
-        "vocab_size": spec.vocabulary(tokenizer),
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.text_intermediate,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.text_heads,
-        "num_key_value_heads": spec.text_kv_heads,
-        "max_position_embeddings": spec.max_positions,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "tie_word_embeddings": False,
-    }
     config = LlavaConfig(
         vision_config=vision,
-        text_config=text,
+        text_config={**_llama_text_config(tokenizer, spec), "tie_word_embeddings": False},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
