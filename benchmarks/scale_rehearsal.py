@@ -14,6 +14,7 @@ stage and prediction files), each as a ratio to ``seq-lora``, and the stored sta
 the method declares (``Method.state_growth``: ``constant`` or ``per-task``).
 
 Per-method costs are scaled down with the other sizes (``SCALED_OPTIONS``): Fisher/importance samples,
+router batches of ``BATCH`` like training (a full-size router batch would grow with the routing set),
 router samples and epochs, GRPO prompts and group size, EvoLMM images and samples, DER's buffer; every
 other option is the method's default. Images: synth-domain's 48-px images, resized by the processor to one
 512-px view for SmolVLM (64 visual tokens; ``--tiled``: the processor's 2x2 grid of tiles plus the global
@@ -70,7 +71,7 @@ BATCH = 2
 SINGLE_VIEW: dict[str, dict[str, Any]] = {"smolvlm-256m": {"size": {"longest_edge": 512}}}
 # each method's own loops scaled with the steps (names as `mmcl list --method X` prints them)
 SCALED_OPTIONS: dict[str, dict[str, Any]] = {
-    "mrlora": {"router_samples_per_task": 2, "router_epochs": 1.0, "router_max_rounds": 1},
+    "mrlora": {"router_samples_per_task": 2, "router_epochs": 1.0, "router_max_rounds": 1, "router_batch_size": BATCH},
     "grpo": {"steps": 2, "prompts_per_step": 2, "group_size": 2, "filter": False, "sft_warmup_steps": 0,
              "max_new_tokens": 4},
     "sft-grpo": {"steps": 2, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4},
