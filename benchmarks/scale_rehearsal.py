@@ -14,7 +14,8 @@ stage and prediction files), each as a ratio to ``seq-lora``, and the stored sta
 the method declares (``Method.state_growth``: ``constant`` or ``per-task``).
 
 Per-method costs are scaled down with the other sizes (``SCALED_OPTIONS``): Fisher/importance samples,
-router batches of ``BATCH`` like training (a full-size router batch would grow with the routing set),
+router batches of ``BATCH`` like training (with 2 routing samples per task the default router batch of 8 would
+only fill from the fourth task on, so its memory would grow until then),
 router samples and epochs, GRPO prompts and group size, EvoLMM images and samples, DER's buffer; every
 other option is the method's default. Images: synth-domain's 48-px images, resized by the processor to one
 512-px view for SmolVLM (64 visual tokens; ``--tiled``: the processor's 2x2 grid of tiles plus the global
