@@ -90,7 +90,7 @@ def reglora_penalty(B: torch.Tensor, A: torch.Tensor, positions: torch.Tensor) -
 class KeyIndex:
     """Key positions of many modules as one gather: modules stacked (``B`` row blocks, ``A.T`` row
     blocks) in a fixed order; ``rows`` / ``cols`` = stacked ``B`` row and stacked ``A.T`` row of each
-    position (int32), ``weights`` = 1 / (positions of its module * modules)."""
+    position, ``weights`` = 1 / (positions of its module * modules)."""
 
     names: tuple[str, ...]
     rows: torch.Tensor
@@ -106,13 +106,13 @@ def key_index(positions: dict[str, torch.Tensor], shapes: dict[str, tuple[int, i
     for name in names:
         out_features, in_features = shapes[name]
         flat = positions[name]
-        rows.append((flat // in_features + row_offset).to(torch.int32))
-        cols.append((flat % in_features + col_offset).to(torch.int32))
+        rows.append(flat // in_features + row_offset)
+        cols.append(flat % in_features + col_offset)
         weights.append(torch.full((flat.numel(),), 1.0 / (flat.numel() * len(names))))
         row_offset += out_features
         col_offset += in_features
     if not names:
-        empty = torch.zeros(0, dtype=torch.int32)
+        empty = torch.zeros(0, dtype=torch.long)
         return KeyIndex((), empty, empty, torch.zeros(0))
     return KeyIndex(names, torch.cat(rows), torch.cat(cols), torch.cat(weights))
 
@@ -126,25 +126,27 @@ def _blocks(total: int):
 
 class _WeightedAbsAtKeys(torch.autograd.Function):
     """``sum_k w_k |B_stacked[row_k] . At_stacked[col_k]|`` in blocks of ``PENALTY_BLOCK`` positions. The
-    gathered rows and columns are not kept for the backward pass, which gathers them again block by block:
-    beyond the index (12 bytes per key position) the memory stays that of one block however many
-    positions the finished tasks added."""
+    gathered rows and columns of several blocks are not kept for the backward pass, which gathers them again
+    block by block: beyond the index (20 bytes per key position) the memory stays that of one block however
+    many positions the finished tasks added."""
 
     @staticmethod
     def forward(ctx, stacked_B, stacked_At, rows, cols, weights):
         total = stacked_B.new_zeros(())
+        gathered = ()
         for block in _blocks(cols.numel()):
-            values = torch.linalg.vecdot(stacked_B.index_select(0, rows[block]), stacked_At.index_select(0, cols[block]))
-            total += (values.abs() * weights[block]).sum()
-        ctx.save_for_backward(stacked_B, stacked_At, rows, cols, weights)
+            gathered = (stacked_B.index_select(0, rows[block]), stacked_At.index_select(0, cols[block]))
+            total += (torch.linalg.vecdot(*gathered).abs() * weights[block]).sum()
+        ctx.single_block = cols.numel() <= PENALTY_BLOCK  # then the one block's gathers are kept, not redone
+        ctx.save_for_backward(stacked_B, stacked_At, rows, cols, weights, *(gathered if ctx.single_block else ()))
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        stacked_B, stacked_At, rows, cols, weights = ctx.saved_tensors
+        stacked_B, stacked_At, rows, cols, weights, *kept = ctx.saved_tensors
         grad_B, grad_At = torch.zeros_like(stacked_B), torch.zeros_like(stacked_At)
         for block in _blocks(cols.numel()):
-            gathered_B, gathered_At = stacked_B.index_select(0, rows[block]), stacked_At.index_select(0, cols[block])
+            gathered_B, gathered_At = kept or (stacked_B.index_select(0, rows[block]), stacked_At.index_select(0, cols[block]))
             coefficient = (torch.sign(torch.linalg.vecdot(gathered_B, gathered_At)) * weights[block] * grad).unsqueeze(1)
             grad_B.index_add_(0, rows[block], gathered_At * coefficient)
             grad_At.index_add_(0, cols[block], gathered_B * coefficient)
