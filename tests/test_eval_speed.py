@@ -36,7 +36,7 @@ def test_cached_and_sorted_evaluation_give_the_answers_of_a_plain_run(tiny_model
 
     caches: list[InputCache] = []
     monkeypatch.setattr(runner, "InputCache", lambda size: caches.append(InputCache(size)) or caches[-1])
-    runs = {"cached": {}, "uncached": {"input_cache_mb": 0}, "sorted": {"sort_by_length": True, "batch_size": 3}}
+    runs = {"cached": {"input_cache_mb": 512}, "uncached": {}, "sorted": {"sort_by_length": True, "batch_size": 3}}
     for name, options in runs.items():
         evaluation = {"batch_size": 3, "forward_transfer": False, "general": "none", **options}
         config = make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / name, training=dict(TRAINING),
@@ -61,7 +61,7 @@ def test_sorting_is_part_of_the_fingerprint_and_orders_by_prompt_length(tiny_mod
 
     plain = from_dict(ExperimentConfig, {})
     assert from_dict(ExperimentConfig, {"evaluation": {"sort_by_length": True}}).fingerprint() != plain.fingerprint()
-    assert from_dict(ExperimentConfig, {"evaluation": {"input_cache_mb": 0}}).fingerprint() == plain.fingerprint()
+    assert from_dict(ExperimentConfig, {"evaluation": {"input_cache_mb": 512}}).fingerprint() == plain.fingerprint()
     backbone = load_backbone(str(tiny_model_dir), device="cpu")
     short, long = (Sample(id=i, task="t", images=(), prompt=p, answer="x") for i, p in (("s", "Red?"), ("l", "Is it red or blue or green?")))
     assert backbone.prompt_length(short)[1] < backbone.prompt_length(long)[1]

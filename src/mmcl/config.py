@@ -169,8 +169,9 @@ class EvaluationConfig:
     )
     sort_by_length: bool = setting(False, help="generate each test set in order of prompt length (less padding, "
                                    "faster; batches change, which can change greedy answers); answers keep file order")
-    input_cache_mb: int = setting(512, "[0, inf)", "keep processed test batches (images decoded and resized) up to "
-                                  "this many MB for the later rows of the matrix (0 = off); never changes results",
+    input_cache_mb: int = setting(0, "[0, inf)", "keep processed test batches (images decoded and resized) up to "
+                                  "this many MB for the later rows of the matrix (0 = off: no gain measured on the "
+                                  "default run, docs/scale.md); never changes results",
                                   affects_results=False)
     # The protocols' own sections (each declared in its file under mmcl/evaluation/protocols/).
     general: GeneralSettings = setting(default_factory=GeneralSettings, help="the general-ability set after every stage")
