@@ -85,8 +85,13 @@ def test_registry_knows_the_shipped_reader(monkeypatch: pytest.MonkeyPatch, tmp_
     from mmcl.backbones import registry
 
     assert PRESETS["tiny-reader"].lora_targets == PRESETS["tiny-llava"].lora_targets
-    assert resolve_backbone("tiny-reader") == str(TINY_READER_DIR)
-    monkeypatch.setitem(registry.SHIPPED_PRESET_DIRS, "tiny-reader", tmp_path)
+    assert registry.SHIPPED_PRESET_DIRS["tiny-reader"] == TINY_READER_DIR
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "model.safetensors").write_bytes(b"")
+    monkeypatch.setitem(registry.SHIPPED_PRESET_DIRS, "tiny-reader", built)
+    assert resolve_backbone("tiny-reader") == str(built)
+    monkeypatch.setitem(registry.SHIPPED_PRESET_DIRS, "tiny-reader", tmp_path / "missing")
     expected = r"weights missing in .*; build them with `mmcl pretrain-tiny --preset tiny-reader`"
     with pytest.raises(MmclError, match=expected):
         load_backbone("tiny-reader", device="cpu")

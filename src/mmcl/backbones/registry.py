@@ -137,8 +137,20 @@ for _preset in [
     register_preset(_preset)
 
 
+def _shipped_source(name: str) -> str:
+    """The folder of a preset shipped with the package (or rebuilt by ``mmcl pretrain-tiny``); one line
+    naming the command that builds it when its weights are missing."""
+    shipped = SHIPPED_PRESET_DIRS[name]
+    if not (shipped / "model.safetensors").is_file():
+        command = "mmcl pretrain-tiny" + ("" if name == "tiny-llava" else f" --preset {name}")
+        raise MmclError(f"backbone {name}: weights missing in {shipped}; build them with `{command}`")
+    return str(shipped)
+
+
 def resolve_source(name: str) -> tuple[str, str]:
     """(source, default LoRA target regex) for a preset name, a local directory or a hub id."""
+    if name in SHIPPED_PRESET_DIRS:
+        return _shipped_source(name), PRESETS[name].lora_targets
     if name in PRESETS:
         return PRESETS[name].source, PRESETS[name].lora_targets
     return name, DEFAULT_LORA_TARGETS
@@ -199,12 +211,8 @@ _RESOLVED: dict[str, str] = {}
 
 def _resolve_backbone(name: str) -> str:
     source = PRESETS[name].source if name in PRESETS else name
-    shipped = SHIPPED_PRESET_DIRS.get(name)
-    if shipped is not None:  # shipped with the package (or rebuilt by `mmcl pretrain-tiny`)
-        if not (shipped / "model.safetensors").is_file():
-            command = "mmcl pretrain-tiny" + ("" if name == "tiny-llava" else f" --preset {name}")
-            raise MmclError(f"backbone {name}: weights missing in {shipped}; build them with `{command}`")
-        return str(shipped)
+    if name in SHIPPED_PRESET_DIRS:
+        return _shipped_source(name)
     local = Path(source).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
