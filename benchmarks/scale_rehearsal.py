@@ -83,6 +83,10 @@ SCALED_OPTIONS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+def processor_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.tiled else SINGLE_VIEW.get(args.size, {})
+
+
 def build_model(size: str, dtype: str, device: str, folder: Path) -> int:
     """Save the ``size`` architecture with random weights into ``folder``; returns its parameter count."""
     from safetensors import safe_open
@@ -109,7 +113,7 @@ def run_config(method: str, model: Path, data: Path, out: Path, args: argparse.N
     return {
         "name": method, "output_dir": str(out / method),
         "backbone": {"name": str(model), "dtype": args.dtype, "device": args.device, "max_length": 2048,
-                     "processor_options": {} if args.tiled else SINGLE_VIEW.get(args.size, {})},
+                     "processor_options": processor_options(args)},
         "stream": {"name": "rehearsal", "tasks": tasks},
         "method": {"name": method, "options": SCALED_OPTIONS.get(method, {})},
         "training": {"max_steps": args.steps, "batch_size": BATCH, "progress_bar": False, "warmup_ratio": 0.0,
@@ -171,7 +175,7 @@ def eval_throughput(model: Path, data: Path, args: argparse.Namespace) -> dict[s
     from mmcl.streams.synth import SYNTH_DOMAIN_TASKS
 
     backbone = load_backbone(str(model), dtype=args.dtype, device=args.device, max_length=2048,
-                             processor_options={} if args.tiled else SINGLE_VIEW.get(args.size, {}))
+                             processor_options=processor_options(args))
     samples = [sample for spec in SYNTH_DOMAIN_TASKS[:TASKS]
                for sample in read_samples(data / spec.name / "test.json", spec.name, split="test")]  # fmt: skip
     result: dict[str, Any] = {"samples": len(samples)}

@@ -83,7 +83,8 @@ def command_run(args: argparse.Namespace) -> int:
     if args.stop_after_stage is not None and args.stop_after_stage < 1:
         raise ConfigError(f"--stop-after-stage: must be >= 1, got {args.stop_after_stage}")
     overrides = _overrides(args)
-    level = requested_level(_config_file_data(config_path), overrides)
+    file_data = _config_file_data(config_path)  # read once: determinism level and whether it names a backbone
+    level = requested_level(file_data, overrides)
     if level is not None:  # before anything imports torch
         pin_environment(level)
     from mmcl.config import load_config
@@ -95,7 +96,7 @@ def command_run(args: argparse.Namespace) -> int:
         config_path = None
     else:
         config = load_config(config_path, overrides)
-    _stream_backbone(config, named="backbone.name" in overrides or _names_backbone(_config_file_data(config_path)))
+    _stream_backbone(config, named="backbone.name" in overrides or _names_backbone(file_data))
     if hasattr(config, "plugins"):
         config.plugins = loaded_plugins()
     base_dir = config_path.parent if config_path else Path.cwd()

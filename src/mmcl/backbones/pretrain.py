@@ -255,8 +255,7 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
     (default folder: the preset's in the package)."""
     from mmcl.backbones.registry import SHIPPED_PRESET_DIRS
 
-    spec = recipe_for(config.preset)[1]
-    spec = replace(spec, image_size=config.image_size)
+    spec = recipe_for(config.preset, image_size=config.image_size)[1]
     out_dir = Path(out_dir or SHIPPED_PRESET_DIRS[config.preset])
     data_roots = _mix_roots(config, data_dir)
     train = _read_mix(data_roots, "train")
