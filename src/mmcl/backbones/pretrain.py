@@ -51,13 +51,14 @@ class PretrainConfig:
     vision_batch_size: int = 128
     vision_learning_rate: float = 2e-3
     preset: str = "tiny-llava"  # which recipe (see recipe_for); tiny-llava's pretrain.json does not record it
+    char_none_weight: float = 0.05  # tiny-reader: weight of "no character" in the per-patch character loss
 
 
 DEFAULT_PRESET = "tiny-llava"
 _RECIPES: dict[str, tuple[PretrainConfig, TinyLlavaSpec]] = {
     "tiny-llava": (PretrainConfig(), TinyLlavaSpec()),
     "tiny-reader": (
-        PretrainConfig(preset="tiny-reader", n_train=24000, n_test=600, image_size=96),
+        PretrainConfig(preset="tiny-reader", n_train=24000, n_test=600, image_size=96, vision_epochs=8.0),
         TinyLlavaSpec(image_size=96, patch_size=8, vocab_size=1024),
     ),
 }
@@ -142,13 +143,14 @@ def _all_patch_labels(sample: Sample, spec: TinyLlavaSpec) -> tuple[list[int], l
     return (*_patch_labels(sample, spec), [IGNORED] * n)
 
 
-def _loss(logits, labels):
-    """Mean cross-entropy over the labelled entries (zero, keeping the graph, when there are none)."""
+def _loss(logits, labels, weight=None):
+    """Mean (class-``weight``-ed) cross-entropy over the labelled entries (zero, keeping the graph, when there
+    are none)."""
     import torch
 
     if not bool((labels != IGNORED).any()):
         return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), weight=weight)
 
 
 def _hits(logits, labels, counted) -> tuple[int, int]:
@@ -178,8 +180,12 @@ def pretrain_vision_tower(
         "shape": torch.nn.Linear(hidden, len(PRETRAIN_SHAPES) + 1),
         "count": torch.nn.Linear(hidden, 4),
     })
+    char_weight = None
     if reader:  # created after the others: tiny-llava's heads draw the same initial weights as before
         heads["char"] = torch.nn.Linear(hidden, len(READER_CHARSET) + 1)
+        # Text covers about a tenth of the patches: unweighted, the head learns to answer "none" everywhere.
+        char_weight = torch.ones(len(READER_CHARSET) + 1)
+        char_weight[0] = config.char_none_weight
     unique = list({sample.images[0]: sample for sample in samples}.values())
     pixels = torch.cat([
         processor.image_processor(images=sample_images(s), return_tensors="pt")["pixel_values"] for s in unique
@@ -211,7 +217,7 @@ def pretrain_vision_tower(
         )
         char_logits = heads["char"](patches) if reader else None
         if char_logits is not None:
-            loss = loss + _loss(char_logits, chars[batch])
+            loss = loss + _loss(char_logits, chars[batch], char_weight)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -282,8 +288,8 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     recipe = asdict(config)
-    if config.preset == DEFAULT_PRESET:
-        del recipe["preset"]  # tiny-llava's record keeps the keys it always had
+    if config.preset == DEFAULT_PRESET:  # tiny-llava's record keeps the keys it always had
+        del recipe["preset"], recipe["char_none_weight"]
     record = {"recipe": recipe, "spec": asdict(spec), "train_metrics": metrics,
               "vision_patch_colour_accuracy": vision_accuracy["colour"], "held_out_accuracy": held_out}
     if "char" in vision_accuracy:
