@@ -27,8 +27,8 @@ from mmcl.errors import ConfigError, MmclError
 def test_tiny_llava_recipe_is_unchanged() -> None:
     recorded = json.loads((TINY_LLAVA_DIR / "pretrain.json").read_text(encoding="utf-8"))
     config, spec = recipe_for("tiny-llava")
-    recipe = asdict(config)
-    assert recipe.pop("preset") == "tiny-llava"
+    assert config.preset == "tiny-llava"
+    recipe = {key: value for key, value in asdict(config).items() if key not in pretrain.READER_ONLY_FIELDS}
     assert recipe == recorded["recipe"] and asdict(spec) == recorded["spec"]
     assert config == PretrainConfig() and spec == TinyLlavaSpec()
     assert recipe_for("tiny-llava", steps=7, seed=2)[0] == PretrainConfig(steps=7, seed=2)
@@ -38,11 +38,29 @@ def test_tiny_reader_recipe() -> None:
     config, spec = recipe_for("tiny-reader")
     base = recipe_for("tiny-llava")[1]
     assert (config.preset, config.image_size, config.n_train, config.n_test) == ("tiny-reader", 96, 24000, 600)
+    assert (config.text_vision_epochs, config.vision_epochs, config.vision_batch_size, config.char_none_weight) == (
+        8.0, 2.0, 64, 0.05)
     assert (spec.image_size, spec.patch_size, spec.vocab_size) == (96, 8, 1024)
     assert asdict(spec) == {**asdict(base), "image_size": 96, "vocab_size": 1024}  # same tower and LM sizes
     assert recipe_for("tiny-reader", image_size=32)[1].image_size == 32
     with pytest.raises(ConfigError, match="unknown preset"):
         recipe_for("tiny-writer")
+
+
+def test_character_loss_weights_no_character_down() -> None:
+    """The weighted loss is the class-weighted mean: sum(w_y * nll) / sum(w_y), ignored entries left out."""
+    import math
+
+    import torch
+
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]])
+    labels = torch.tensor([[0, 1, -100]])
+    weight = torch.tensor([0.05, 1.0, 1.0])
+    nll_none = -math.log(math.exp(2) / (math.exp(2) + 2))
+    nll_char = -math.log(math.e / (math.e + 2))
+    expected = (0.05 * nll_none + 1.0 * nll_char) / 1.05
+    assert float(pretrain._loss(logits, labels, weight)) == pytest.approx(expected, rel=1e-6)
+    assert float(pretrain._loss(logits, labels)) == pytest.approx((nll_none + nll_char) / 2, rel=1e-6)
 
 
 def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> None:
