@@ -121,6 +121,12 @@ def tiny_stream_config(tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: P
     return make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / "run")
 
 
+def process_failure(stderr: str) -> str:
+    """The start and the end of a multi-process run's stderr: the first failing rank speaks first, the
+    launcher's summary comes last (a tail alone loses the cause)."""
+    return stderr if len(stderr) <= 5000 else f"{stderr[:2500]}\n[...]\n{stderr[-2500:]}"
+
+
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     import yaml
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import first_tasks_stream, make_stream_config, write_config
+from conftest import first_tasks_stream, make_stream_config, process_failure, write_config
 from test_runner import TRAINING, invoke, prediction_records, read_json
 
 
@@ -26,7 +26,7 @@ def test_two_process_run_matches_single_process_layout(tiny_model_dir: Path, str
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(mmcl), "run", str(write_config(tmp_path / "ddp.yaml", config))]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, process_failure(done.stderr)
     assert done.stdout.count("stage 1/5 [rs]: training on 8 samples") == 1  # process 0 alone reports
 
     run_dir = tmp_path / "ddp"
@@ -61,7 +61,7 @@ def test_mrlora_routing_statistics_cover_every_process_shard(tiny_model_dir: Pat
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(mmcl), "run", str(write_config(tmp_path / "ddp.yaml", config))]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, process_failure(done.stderr)
     run_dir = tmp_path / "ddp"
     stages = read_json(run_dir / "method_summary.json")["summary"]["stages"]
     assert sorted(stages) == ["1_rs", "2_med", "3_ad"]

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from catalogue import Outcome, assert_contract
-from conftest import make_stream_config, write_config
+from conftest import make_stream_config, process_failure, write_config
 from test_runner import TRAINING, invoke, read_json
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plugins" / "l2_anchor.py"
@@ -102,7 +102,7 @@ def test_plugin_method_under_torchrun(tiny_model_dir: Path, stream_cache_dir: Pa
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(mmcl), "run", str(path), "--plugin", str(EXAMPLE), "--method", "my-l2"]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, process_failure(done.stderr)
     results = read_json(tmp_path / "ddp" / "results.json")
     assert results["complete"] and results["method"] == "my-l2"
     assert load_file(str(tmp_path / "ddp" / "stages" / "2_med" / "state.safetensors"))

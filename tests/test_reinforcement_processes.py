@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import first_tasks_stream, make_stream_config, write_config
+from conftest import first_tasks_stream, make_stream_config, process_failure, write_config
 from test_runner import invoke, read_json
 
 METHODS = {
@@ -72,7 +72,7 @@ def test_two_process_updates_match_one_process(method: str, tiny_model_dir: Path
     ddp = write_config(tmp_path / "ddp.yaml", dict(config, output_dir=str(tmp_path / "ddp")))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            str(launcher), "run", str(ddp)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, process_failure(done.stderr)
     sampled = {"single": sum(counts), **{rank: sum(read_json(tmp_path / f"prompts_{rank}.json")) for rank in ("0", "1")}}
     assert 0 < sampled["0"] < sampled["single"] and sampled["0"] + sampled["1"] == sampled["single"]  # shared out
     for stage in ("1_rs", "2_med"):
