@@ -14,8 +14,9 @@ Two stages, in the spirit of LLaVA's frozen pretrained vision encoder:
 Presets (``--preset``, :func:`recipe_for`): ``tiny-llava`` (the default; 48-pixel images) and ``tiny-reader``
 (96-pixel images, for ``synth-ability``): its mix is half the shapes mix drawn at 96 pixels and half the
 reading mix of :mod:`mmcl.synthetic.reading_mix` (random strings to transcribe, index and count), and its
-vision stage adds a per-patch character head trained on the text images only (each head ignores, with
-label -100, the patches of the other kind of image).
+vision stage adds a per-patch character head ("no character" down-weighted), trained first on the text images
+alone, then with the other heads on the whole mix (each head ignores, with label -100, the patches of the
+other kind of image).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class PretrainConfig:
 
 
 DEFAULT_PRESET = "tiny-llava"
-READER_ONLY_FIELDS = ("preset", "char_none_weight", "text_vision_epochs")  # not in tiny-llava's pretrain.json, which predates them
+# Recipe fields newer than tiny-llava's shipped pretrain.json, so left out of its record.
+READER_ONLY_FIELDS = ("preset", "char_none_weight", "text_vision_epochs")
 _RECIPES: dict[str, tuple[PretrainConfig, TinyLlavaSpec]] = {
     "tiny-llava": (PretrainConfig(), TinyLlavaSpec()),
     "tiny-reader": (
