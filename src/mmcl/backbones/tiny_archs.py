@@ -303,14 +303,22 @@ def _llama_text_config(tokenizer, spec: TinyArchSpec) -> dict:
     }
 
 
-def build_idefics3(tokenizer, spec: TinyArchSpec):
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
-
-    vision = {
+def _vit_sizes(spec: TinyArchSpec) -> dict:
+    """Width, MLP width, depth and heads of a vision tower under the common ViT config names (SigLIP of
+    SmolVLM, InternViT, CLIP of LLaVA)."""
+    return {
         "hidden_size": spec.vision_hidden,
         "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
         "num_hidden_layers": spec.vision_layers,
         "num_attention_heads": spec.vision_heads,
+    }
+
+
+def build_idefics3(tokenizer, spec: TinyArchSpec):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    vision = {
+        **_vit_sizes(spec),
         "image_size": spec.idefics_tile,
         "patch_size": spec.idefics_patch,
     }
@@ -345,10 +353,7 @@ def build_internvl(tokenizer, spec: TinyArchSpec):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     vision = {
-        "hidden_size": spec.vision_hidden,
-        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
-        "num_hidden_layers": spec.vision_layers,
-        "num_attention_heads": spec.vision_heads,
+        **_vit_sizes(spec),
         "attention_bias": True,  # InternViT's qkv bias
         "image_size": spec.internvl_tile,
         "patch_size": 8,
@@ -397,10 +402,7 @@ def build_llava(tokenizer, spec: TinyArchSpec):
 
     vision = {
         "model_type": "clip_vision_model",
-        "hidden_size": spec.vision_hidden,
-        "intermediate_size": spec.vision_hidden * spec.vision_mlp_ratio,
-        "num_hidden_layers": spec.vision_layers,
-        "num_attention_heads": spec.vision_heads,
+        **_vit_sizes(spec),
         "image_size": spec.image_size,
         "patch_size": spec.llava_patch,
         "projection_dim": 768,
