@@ -108,10 +108,23 @@ def _run(config: Any, base_dir: Path, overwrite: bool = False, recompute_changed
          stop_after: int | None = None) -> int:
     """Run (or resume) ``config``'s experiment, write its report and print its table."""
     from mmcl import distributed
+
+    distributed.init_from_env()
+    finished = False
+    try:
+        code = _run_and_report(config, base_dir, overwrite, recompute_changed, stop_after)
+        finished = code == 0  # an interrupted process's peers may never reach the barrier
+        return code
+    finally:
+        distributed.shutdown(wait=finished)
+
+
+def _run_and_report(config: Any, base_dir: Path, overwrite: bool, recompute_changed: bool,
+                    stop_after: int | None) -> int:
+    from mmcl import distributed
     from mmcl.report.render import format_table, write_report
     from mmcl.runner import ContinualRun
 
-    distributed.init_from_env()
     if not distributed.is_main():  # under torchrun, process 0 alone reports
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
     run = ContinualRun(config, base_dir, overwrite=overwrite, recompute_changed=recompute_changed)

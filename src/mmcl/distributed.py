@@ -44,6 +44,21 @@ def init_from_env() -> None:
     torch.distributed.init_process_group(backend=backend)
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group before the interpreter exits (no-op when none was joined).
+
+    A process that exits with the group still alive can abort in the C++ teardown
+    ("terminate called without an active exception") while another process still talks to it;
+    ``wait`` first lets every process reach this point (skip it on an error path, where a peer
+    may never arrive).
+    """
+    if not torch.distributed.is_initialized():
+        return
+    if wait:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if active():
         torch.distributed.barrier()
