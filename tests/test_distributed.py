@@ -70,3 +70,18 @@ def test_mrlora_routing_statistics_cover_every_process_shard(tiny_model_dir: Pat
             assert entry["n"] == 3 and sum(entry["routed"].values()) == 3, (stage, task, entry)
             _, records = prediction_records(run_dir / "predictions" / stage / f"{task}.jsonl")
             assert entry["score"] == pytest.approx(100 * sum(r["score"] for r in records) / 3)
+
+
+def test_shutdown_leaves_the_process_group_and_is_a_no_op_without_one(tmp_path: Path) -> None:
+    """A process must leave its gloo group before the interpreter exits: a finished rank that exited with the
+    group alive aborted in the C++ teardown ("terminate called without an active exception") while process 0
+    still wrote the report. ``shutdown`` destroys the group, and does nothing when there is none."""
+    import torch
+
+    from mmcl import distributed
+
+    distributed.shutdown()  # no group: nothing to do, no error
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    distributed.shutdown(wait=True)
+    assert not torch.distributed.is_initialized()
