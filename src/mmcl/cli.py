@@ -106,7 +106,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 def _run(config: Any, base_dir: Path, overwrite: bool = False, recompute_changed: bool = False,
          stop_after: int | None = None) -> int:
-    """Run (or resume) ``config``'s experiment, write its report and print its table."""
+    """Run (or resume) ``config``'s experiment between joining and leaving the process group (under torchrun)."""
     from mmcl import distributed
 
     distributed.init_from_env()
@@ -121,6 +121,7 @@ def _run(config: Any, base_dir: Path, overwrite: bool = False, recompute_changed
 
 def _run_and_report(config: Any, base_dir: Path, overwrite: bool, recompute_changed: bool,
                     stop_after: int | None) -> int:
+    """Run (or resume) the experiment; process 0 writes its report and prints its table."""
     from mmcl import distributed
     from mmcl.report.render import format_table, write_report
     from mmcl.runner import ContinualRun
