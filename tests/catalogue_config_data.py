@@ -201,6 +201,8 @@ CONFIG_CASES = [
     config_case("unknown-method-option", r"unknown config key 'method\.options\.rank'", method={"name": "seq-lora", "options": {"rank": 4}}),
     config_case("unknown-stream-option", r"train_per_tsk", stream__options={"train_per_tsk": 8}),
     config_case("unknown-stream", r"stream\.name: unknown stream 'nope'", stream={"name": "nope"}),
+    config_case("stream-flag-not-0-or-1", r"stream\.options\.shifted_test: expected 0 or 1, got 2",
+                stream={"name": "synth-ability", "options": {"shifted_test": 2}}),
     config_case("registered-stream-name-with-tasks", r"stream\.name: 'synth-domain' is a registered stream, but stream\.tasks",
                 stream={"name": "synth-domain", "tasks": _tasks("a")}),
     yaml_text_case("invalid-yaml", "name: x\ntraining: {epochs: 1\n", r"exp\.yaml: line \d+ invalid YAML"),

@@ -257,3 +257,17 @@ def test_tiny_reader_general_set_holds_shapes_and_reading_questions(tmp_path: Pa
     qtypes = {sample.metadata["qtype"] for sample in samples}
     assert {"read", "char", "length", "color", "count"} <= qtypes and "caption" not in qtypes
     assert all(Image.open(sample.images[0]).size == (96, 96) for sample in samples[::50])
+
+
+def test_shifted_test_zero_draws_test_sets_from_the_training_profiles(tmp_path: Path) -> None:
+    options = {"train_per_task": 2, "test_per_task": 8, "shifted_test": 0}
+    iid = build_stream(StreamConfig(name="synth-ability", options=options, cache_dir=str(tmp_path)), tmp_path)
+    assert iid[0].test_file.parent.parent.name.endswith("-iid-test")
+    words = {w.lower() for w in OCR_WORDS["train"]}
+    ocr = read_samples(iid[0].test_file, "ocr", split="test")
+    assert any(s.answer.lower() in words for s in ocr)
+    train_pairs = {f"{c} {s}" for s, c in vp_pairs("train")}
+    vp = read_samples(iid[2].test_file, "vp", split="test")
+    assert all(any(pair in s.prompt for pair in train_pairs) for s in vp if "How many" in s.prompt)
+    train_ids = {s.id for s in read_samples(iid[0].train_file, "ocr")}
+    assert train_ids.isdisjoint({s.id for s in ocr})

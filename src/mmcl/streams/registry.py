@@ -15,7 +15,10 @@ SYNTH_DOMAIN_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task":
 SYNTH_UNIMODAL_DEFAULTS: dict[str, Any] = {"train_per_task": 64, "test_per_task": 100, "image_size": 48, "seed": 0}
 
 
-SYNTH_ABILITY_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task": 200, "image_size": 96, "seed": 0}
+# shifted_test 1: MLLM-CL's non-IID test sets; 0: test sets drawn from the training profiles (the gap's baseline).
+SYNTH_ABILITY_DEFAULTS: dict[str, Any] = {"train_per_task": 300, "test_per_task": 200, "image_size": 96, "seed": 0,
+                                          "shifted_test": 1}
+FLAGS = ("shifted_test",)  # options that take 0 or 1
 
 
 def _synthetic(name: str, defaults: dict[str, Any], options: dict[str, Any], cache: Path, version: int,
@@ -26,10 +29,14 @@ def _synthetic(name: str, defaults: dict[str, Any], options: dict[str, Any], cac
         raise ConfigError(f"stream.options: unknown key {unknown[0]!r} for {name} (known: {', '.join(defaults)})")
     settings = {**defaults, **options}
     for key, value in settings.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+        if key in FLAGS:
+            if value not in (0, 1) or isinstance(value, bool):
+                raise ConfigError(f"stream.options.{key}: expected 0 or 1, got {value!r}")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
             raise ConfigError(f"stream.options.{key}: expected a positive integer, got {value!r}")
     folder = cache / name / (  # keyed by the generator's version too: a new generator never reuses old files
         f"{version}-seed{settings['seed']}-n{settings['train_per_task']}-{settings['test_per_task']}-px{settings['image_size']}"
+        + ("-iid-test" if settings.get("shifted_test") == 0 else "")
     )
     root = write(folder, **settings)
     return [

@@ -526,13 +526,15 @@ def gui_example(rng: random.Random, size: int, qtype: str, p: GuiProfile, arrang
 
 
 def ability_examples(task: str, n: int, seed: int = 0, split: str = "train", image_size: int = 96,
-                     settings: AbilitySettings | None = None) -> Iterator[SynthExample]:
-    """``n`` examples of one ``synth-ability`` task and split; question kinds in shuffled passes."""
+                     settings: AbilitySettings | None = None, shifted_test: bool = True) -> Iterator[SynthExample]:
+    """``n`` examples of one ``synth-ability`` task and split; question kinds in shuffled passes. With
+    ``shifted_test`` False, the test split is drawn from the training profile (fresh samples of the training
+    distribution, for the train-vs-test gap)."""
     specs = {spec.name: spec for spec in ABILITY_TASKS}
     if task not in specs:
         raise ConfigError(f"synth-ability: unknown task {task!r} (known: {', '.join(specs)})")
     settings = settings or AbilitySettings()
-    profile = settings.profile(task, split)
+    profile = settings.profile(task, split if shifted_test else "train")
     rng = rng_for("synth-ability", GENERATOR_VERSION, seed, task, split)
     kinds = ShuffledCycle(rng, specs[task].question_types)
     arrange = OptionArranger(rng, settings.fixed_option_order)
@@ -550,21 +552,24 @@ def ability_examples(task: str, n: int, seed: int = 0, split: str = "train", ima
 
 
 def write_synth_ability(root: Path, seed: int = 0, train_per_task: int = 300, test_per_task: int = 200,
-                        image_size: int = 96, settings: AbilitySettings | None = None) -> Path:
+                        image_size: int = 96, settings: AbilitySettings | None = None, shifted_test: int = 1) -> Path:
     """Write the ``synth-ability`` stream (ocr, math, vp, gui) under ``root`` and return it
-    (``<task>/train.json``, ``<task>/test.json``, ``<task>/images/``, ``manifest.json``). Cached."""
+    (``<task>/train.json``, ``<task>/test.json``, ``<task>/images/``, ``manifest.json``). Cached.
+    ``shifted_test`` 1: test sets from the shifted test profiles (MLLM-CL's non-IID setting); 0: from the
+    training profiles."""
     check_sizes(image_size, seed=seed, train_per_task=train_per_task, test_per_task=test_per_task)
     settings = settings or AbilitySettings()
     params = {
         "generator": "synth-ability", "version": GENERATOR_VERSION, "seed": seed, "train_per_task": train_per_task,
         "test_per_task": test_per_task, "image_size": image_size, "tasks": [spec.name for spec in ABILITY_TASKS],
         "settings": json.loads(json.dumps(dataclasses.asdict(settings))),  # tuples as lists, as read back
+        "shifted_test": shifted_test,
     }  # fmt: skip
 
     def fill(folder: Path) -> None:
         for spec in ABILITY_TASKS:
             for split, n in (("train", train_per_task), ("test", test_per_task)):
-                examples = ability_examples(spec.name, n, seed, split, image_size, settings)
+                examples = ability_examples(spec.name, n, seed, split, image_size, settings, bool(shifted_test))
                 write_split(folder / spec.name, spec.name, split, examples)
 
     return write_cached(Path(root), params, fill)
