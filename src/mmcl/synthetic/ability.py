@@ -42,10 +42,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from mmcl.data.answer_styles import LETTERS, MC_INSTRUCTION
+from mmcl.data.answer_styles import LETTERS
 from mmcl.errors import ConfigError
 from mmcl.synthetic import ability_draw as art
-from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, draw_shape, rng_for
+from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, draw_shape, multiple_choice, rng_for
 from mmcl.synthetic.files import check_sizes, write_cached, write_split
 from mmcl.utils import ShuffledCycle
 
@@ -202,10 +202,6 @@ class AbilitySettings:
 
     def profile(self, task: str, split: str) -> Any:
         return getattr(self, f"{task}_{'train' if split == 'train' else 'test'}")
-
-
-def _multiple_choice(question: str, options: Sequence[str]) -> str:
-    return "\n".join([question, *(f"{letter}. {option}" for letter, option in zip(LETTERS, options)), MC_INSTRUCTION])
 
 
 class OptionArranger:
@@ -366,12 +362,12 @@ def math_example(rng: random.Random, size: int, kind: str, p: MathProfile, arran
     if kind == "pie":
         distractors, largest, facts = _math_pie(rng, image, p)
         options, letter = arrange(largest, distractors)
-        question = _multiple_choice("Which colour has the largest slice of the chart?", options)
+        question = multiple_choice("Which colour has the largest slice of the chart?", options)
         return SynthExample(image, question, letter, "pie-mc", {**facts, "options": options, "target": largest})
     text, answer, facts = _MATH_KINDS[kind](rng, image, p)
     if rng.random() < p.mc_fraction:
         options, letter = arrange(str(answer), _number_distractors(rng, answer), order=int)
-        return SynthExample(image, _multiple_choice(text, options), letter, f"{kind}-mc",
+        return SynthExample(image, multiple_choice(text, options), letter, f"{kind}-mc",
                             {**facts, "options": options, "target": answer})
     return SynthExample(image, f"{text}\n{NUMBER_INSTRUCTION}", str(answer), f"{kind}-free", {**facts, "target": answer})
 
@@ -487,7 +483,7 @@ def vp_example(rng: random.Random, size: int, kind: str, p: VpProfile, arrange: 
     question, correct, distractors, image, objects = _VP_KINDS[kind](rng, size, p)
     options, letter = arrange(correct, distractors, order=(int if kind == "count" else str))
     facts = {"objects": objects, "options": options, "target": correct}
-    return SynthExample(image, _multiple_choice(question, options), letter, kind, facts)
+    return SynthExample(image, multiple_choice(question, options), letter, kind, facts)
 
 
 # -- GUI ---------------------------------------------------------------------------------------------
@@ -518,7 +514,7 @@ def gui_example(rng: random.Random, size: int, qtype: str, p: GuiProfile, arrang
     actions = {e.label: f"{verb} ({e.center[0]}, {e.center[1]})" for e in elements}
     others = rng.sample([label for label in actions if label != target.label], 3)
     options, letter = arrange(actions[target.label], [actions[o] for o in others])
-    question = _multiple_choice(f"Instruction: {instruction}\nWhich action completes the instruction?", options)
+    question = multiple_choice(f"Instruction: {instruction}\nWhich action completes the instruction?", options)
     return SynthExample(image, question, letter, qtype, {**facts, "options": options})
 
 

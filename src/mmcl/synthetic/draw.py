@@ -6,10 +6,11 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
+from mmcl.data.answer_styles import LETTERS, MC_INSTRUCTION
 from mmcl.utils import ShuffledCycle
 
 RGB = tuple[int, int, int]
@@ -88,4 +89,32 @@ def balanced_examples(
         yield make(rng, image_size, qtype, target_cycles[qtype].next())
 
 
-__all__ = ["RGB", "Box", "SynthExample", "TaskSpec", "balanced_examples", "draw_shape", "rng_for", "yes_no"]
+def multiple_choice(question: str, options: Sequence[str]) -> str:
+    """The prompt of a multiple-choice question: the question, one ``A. option`` line each, the instruction."""
+    return "\n".join([question, *(f"{letter}. {option}" for letter, option in zip(LETTERS, options)), MC_INSTRUCTION])
+
+
+def with_multiple_choice(
+    examples: Iterable[SynthExample], pools: Mapping[str, Sequence[str]], fraction: float, rng: random.Random
+) -> Iterator[SynthExample]:
+    """``examples`` with a ``fraction`` of those whose question type has a pool of answers turned into multiple
+    choice: the answer and up to three other answers of the pool in random order, the answer a letter, the
+    question type suffixed ``-mc`` (the options are in the facts). ``rng`` draws nothing else, so the
+    examples themselves stay those of the plain mix."""
+    for example in examples:
+        pool = pools.get(example.qtype)
+        if pool is None or fraction <= 0 or rng.random() >= fraction:
+            yield example
+            continue
+        others = [value for value in pool if value != example.answer]
+        options = rng.sample(others, min(len(LETTERS) - 1, len(others)))
+        options.insert(rng.randrange(len(options) + 1), example.answer)
+        yield SynthExample(example.image, multiple_choice(example.question, options),
+                           LETTERS[options.index(example.answer)], f"{example.qtype}-mc",
+                           {**example.facts, "options": options})  # fmt: skip
+
+
+__all__ = [
+    "RGB", "Box", "SynthExample", "TaskSpec", "balanced_examples", "draw_shape", "multiple_choice", "rng_for",
+    "with_multiple_choice", "yes_no",
+]  # fmt: skip

@@ -16,7 +16,9 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image, ImageDraw
 
-from mmcl.synthetic.draw import RGB, Box, SynthExample, TaskSpec, balanced_examples, draw_shape, rng_for, yes_no
+from mmcl.synthetic.draw import (
+    RGB, Box, SynthExample, TaskSpec, balanced_examples, draw_shape, rng_for, with_multiple_choice, yes_no,
+)  # fmt: skip
 from mmcl.synthetic.files import check_sizes, write_cached, write_split
 
 PRETRAIN_VERSION = "synth-1"  # the pretraining mix behind the shipped tiny-llava weights
@@ -191,15 +193,23 @@ _PRETRAIN_TARGETS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
-def pretrain_examples(n: int, seed: int = 0, split: str = "train", image_size: int = 48) -> Iterator[SynthExample]:
-    """``n`` examples of the ``synth-pretrain`` mix; question types and answers are balanced."""
+# Answers a multiple-choice variant draws its options from (tiny-reader's mix: ``mc_fraction``).
+_MC_POOLS: dict[str, list[str]] = {"color": list(COLORS), "shape": PRETRAIN_SHAPES, "count": ["1", "2", "3", "4", "5"],
+                                   "side": ["left", "right"]}  # fmt: skip
+
+
+def pretrain_examples(n: int, seed: int = 0, split: str = "train", image_size: int = 48,
+                      mc_fraction: float = 0.0) -> Iterator[SynthExample]:
+    """``n`` examples of the ``synth-pretrain`` mix; question types and answers are balanced. A fraction
+    ``mc_fraction`` of the colour, shape, count and side questions are asked as multiple choice (letters)."""
     rng = rng_for("synth-pretrain", PRETRAIN_VERSION, seed, split)
     qtypes = [qtype for qtype, weight in _PRETRAIN_WEIGHTS.items() for _ in range(weight)]
-    yield from balanced_examples(rng, _make_pretrain, qtypes, _PRETRAIN_TARGETS, n, image_size)
+    examples = balanced_examples(rng, _make_pretrain, qtypes, _PRETRAIN_TARGETS, n, image_size)
+    yield from with_multiple_choice(examples, _MC_POOLS, mc_fraction, rng_for("synth-pretrain-mc", seed, split))
 
 
 def write_synth_pretrain(
-    root: Path, seed: int = 0, n_train: int = 20000, n_test: int = 500, image_size: int = 48
+    root: Path, seed: int = 0, n_train: int = 20000, n_test: int = 500, image_size: int = 48, mc_fraction: float = 0.0
 ) -> Path:
     """Write the ``synth-pretrain`` mix as the single task ``pretrain`` under ``root`` and return ``root``
     (files: ``root/pretrain/train.json``, ``root/pretrain/test.json``, ``root/manifest.json``). Cached."""
@@ -208,10 +218,13 @@ def write_synth_pretrain(
         "generator": "synth-pretrain", "version": PRETRAIN_VERSION, "seed": seed, "n_train": n_train,
         "n_test": n_test, "image_size": image_size, "tasks": [PRETRAIN_TASK],
     }  # fmt: skip
+    if mc_fraction:  # tiny-llava's mix has none and keeps its cache key
+        params["mc_fraction"] = mc_fraction
 
     def fill(folder: Path) -> None:
         for split, n in (("train", n_train), ("test", n_test)):
-            write_split(folder / PRETRAIN_TASK, PRETRAIN_TASK, split, pretrain_examples(n, seed, split, image_size))
+            write_split(folder / PRETRAIN_TASK, PRETRAIN_TASK, split,
+                        pretrain_examples(n, seed, split, image_size, mc_fraction))
 
     return write_cached(Path(root), params, fill)
 

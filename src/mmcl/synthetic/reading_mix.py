@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from mmcl.errors import ConfigError
 from mmcl.synthetic import ability_draw as art
 from mmcl.synthetic.ability import GUI_LABELS, OCR_LINE_WORDS, OCR_WORDS
-from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, balanced_examples, rng_for
+from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, balanced_examples, rng_for, with_multiple_choice
 from mmcl.synthetic.files import check_sizes, write_cached, write_split
 
 READING_VERSION = "reading-1"  # part of the cache key: bump it whenever the output changes
@@ -178,28 +178,35 @@ def char_patch_labels(facts: dict[str, Any], image_size: int, patch_size: int) -
     return labels
 
 
-def reading_examples(n: int, seed: int = 0, split: str = "train", image_size: int = 96) -> Iterator[SynthExample]:
+_MC_POOLS = {"char": list(READER_CHARSET), "length": [str(n) for n in range(1, MAX_CHARS + 1)]}
+
+
+def reading_examples(n: int, seed: int = 0, split: str = "train", image_size: int = 96,
+                     mc_fraction: float = 0.0) -> Iterator[SynthExample]:
     """``n`` examples of the reading mix; question types (read 3 : char 2 : length 1) and their
-    lengths or positions (1-12) are balanced."""
+    lengths or positions (1-12) are balanced; a fraction ``mc_fraction`` of the char and length questions
+    are asked as multiple choice (letters)."""
     rng = rng_for("synth-reading", READING_VERSION, seed, split)
     qtypes = [qtype for qtype, weight in _WEIGHTS.items() for _ in range(weight)]
-    yield from balanced_examples(rng, _make_reading, qtypes, _TARGETS, n, image_size)
+    examples = balanced_examples(rng, _make_reading, qtypes, _TARGETS, n, image_size)
+    yield from with_multiple_choice(examples, _MC_POOLS, mc_fraction, rng_for("synth-reading-mc", seed, split))
 
 
 def write_reading_mix(
-    root: Path, seed: int = 0, n_train: int = 12000, n_test: int = 300, image_size: int = 96
+    root: Path, seed: int = 0, n_train: int = 12000, n_test: int = 300, image_size: int = 96, mc_fraction: float = 0.0
 ) -> Path:
     """Write the reading mix as the single task ``reading`` under ``root`` and return ``root`` (files:
     ``root/reading/train.json``, ``root/reading/test.json``, ``root/manifest.json``). Cached."""
     check_sizes(image_size, seed=seed, n_train=n_train, n_test=n_test)
     params = {
         "generator": "synth-reading", "version": READING_VERSION, "seed": seed, "n_train": n_train,
-        "n_test": n_test, "image_size": image_size, "tasks": [READING_TASK],
+        "n_test": n_test, "image_size": image_size, "tasks": [READING_TASK], "mc_fraction": mc_fraction,
     }  # fmt: skip
 
     def fill(folder: Path) -> None:
         for split, n in (("train", n_train), ("test", n_test)):
-            write_split(folder / READING_TASK, READING_TASK, split, reading_examples(n, seed, split, image_size))
+            write_split(folder / READING_TASK, READING_TASK, split,
+                        reading_examples(n, seed, split, image_size, mc_fraction))
 
     return write_cached(Path(root), params, fill)
 
