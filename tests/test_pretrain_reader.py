@@ -38,10 +38,10 @@ def test_tiny_reader_recipe() -> None:
     config, spec = recipe_for("tiny-reader")
     base = recipe_for("tiny-llava")[1]
     assert (config.preset, config.image_size, config.n_train, config.n_test) == ("tiny-reader", 96, 24000, 600)
-    assert (config.text_vision_epochs, config.vision_epochs, config.vision_batch_size, config.char_none_weight) == (
-        8.0, 2.0, 64, 0.05)
-    assert (spec.image_size, spec.patch_size, spec.vocab_size) == (96, 8, 1024)
-    assert asdict(spec) == {**asdict(base), "image_size": 96, "vocab_size": 1024}  # same tower and LM sizes
+    assert (config.text_vision_epochs, config.vision_epochs, config.vision_batch_size, config.char_none_weight,
+            config.mc_fraction) == (8.0, 2.0, 64, 0.05, 0.3)
+    assert (spec.image_size, spec.patch_size, spec.vocab_size) == (96, 16, 1024)
+    assert asdict(spec) == {**asdict(base), "image_size": 96, "patch_size": 16, "vocab_size": 1024}  # same widths
     assert recipe_for("tiny-reader", image_size=32)[1].image_size == 32
     with pytest.raises(ConfigError, match="unknown preset"):
         recipe_for("tiny-writer")
@@ -83,7 +83,7 @@ def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> No
         assert (count == -100) == reading and (set(colors) == {-100}) == reading
         assert (set(chars) == {-100}) != reading
     backbone = load_backbone(str(out), device="cpu")
-    assert backbone.model.config.image_seq_length == 16
+    assert backbone.model.config.image_seq_length == 4  # 32 px in 16-pixel patches
     answers = backbone.generate(train[:1] + train[-1:], max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
 
