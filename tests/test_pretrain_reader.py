@@ -39,9 +39,8 @@ def test_tiny_reader_recipe() -> None:
     base = recipe_for("tiny-llava")[1]
     assert (config.preset, config.image_size, config.n_train, config.n_test) == ("tiny-reader", 96, 24000, 600)
     assert (config.text_vision_epochs, config.vision_epochs, config.vision_batch_size, config.char_none_weight,
-            config.mc_fraction) == (8.0, 2.0, 64, 0.05, 0.3)
-    assert (spec.image_size, spec.patch_size, spec.vocab_size) == (96, 16, 1024)
-    assert asdict(spec) == {**asdict(base), "image_size": 96, "patch_size": 16, "vocab_size": 1024}  # same widths
+            config.mc_fraction, config.init_from) == (8.0, 2.0, 64, 0.05, 0.3, "tiny-llava")
+    assert asdict(spec) == {**asdict(base), "image_size": 96, "patch_size": 16}  # tiny-llava's widths and grid
     assert recipe_for("tiny-reader", image_size=32)[1].image_size == 32
     with pytest.raises(ConfigError, match="unknown preset"):
         recipe_for("tiny-writer")
@@ -65,10 +64,10 @@ def test_character_loss_weights_no_character_down() -> None:
 
 def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> None:
     config, _ = recipe_for("tiny-reader", n_train=48, n_test=8, steps=2, batch_size=8, image_size=32,
-                           vision_epochs=1.0, vision_batch_size=16)  # fmt: skip
+                           vision_epochs=1.0, vision_batch_size=16, init_from="")  # fmt: skip
     out = pretrain_tiny(config, tmp_path / "model", data_dir=tmp_path / "data")
     record = json.loads((out / "pretrain.json").read_text(encoding="utf-8"))
-    assert record["recipe"]["preset"] == "tiny-reader" and record["spec"]["vocab_size"] == 1024
+    assert record["recipe"]["preset"] == "tiny-reader" and record["recipe"]["init_from"] == ""
     assert 0.0 <= record["vision_patch_char_accuracy"] <= 100.0
     held_out = set(record["held_out_accuracy"])
     assert "overall" in held_out and {"read", "char", "length"} & held_out
@@ -124,3 +123,24 @@ def test_cli_passes_the_preset(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     assert cli.main(["pretrain-tiny"]) == 0
     assert seen == [recipe_for("tiny-reader", steps=3)[0], PretrainConfig()]
     assert capsys.readouterr().out.splitlines() == ["tiny-reader written to /x", "tiny-llava written to /x"]
+
+
+def test_warm_start_sees_a_96_pixel_image_as_tiny_llava_sees_its_pooled_48_pixel_copy() -> None:
+    import torch
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    spec = recipe_for("tiny-reader")[1]
+    tokenizer, model = pretrain.warm_start("tiny-llava", spec)
+    source = LlavaForConditionalGeneration.from_pretrained(TINY_LLAVA_DIR)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(TINY_LLAVA_DIR).get_vocab()
+    pixels = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        seen = model.model.vision_tower(pixel_values=pixels).last_hidden_state
+        pooled = source.model.vision_tower(pixel_values=torch.nn.functional.avg_pool2d(pixels, 2)).last_hidden_state
+        ids = torch.tensor([[1, 5, 6, 7, 40]])
+        text = model.model.language_model(input_ids=ids).last_hidden_state
+        source_text = source.model.language_model(input_ids=ids).last_hidden_state
+    assert seen.shape == (2, 37, 96) and torch.allclose(seen, pooled, atol=1e-4)
+    assert torch.equal(text, source_text)
+    with pytest.raises(ConfigError, match="do not match tiny-llava's token grid"):
+        pretrain.warm_start("tiny-llava", recipe_for("tiny-reader", image_size=64)[1])
