@@ -113,3 +113,26 @@ def test_small_images_fit() -> None:
     for example in reading_examples(24, seed=0, split="test", image_size=32):
         assert example.image.size == (32, 32)
         assert all(0 <= v <= 32 for cell in example.facts["chars"] for v in cell["box"])
+
+
+@pytest.mark.parametrize("mix", ["shapes", "reading"])
+def test_multiple_choice_variants_keep_the_answer_and_leave_the_other_examples_as_they_were(mix: str) -> None:
+    from mmcl.data.answer_styles import LETTERS, MC_INSTRUCTION
+    from mmcl.synthetic.pretrain_mix import pretrain_examples
+
+    make = {"shapes": lambda f: pretrain_examples(80, seed=2, image_size=96, mc_fraction=f),
+            "reading": lambda f: reading_examples(80, seed=2, image_size=96, mc_fraction=f)}[mix]  # fmt: skip
+    plain, mixed = list(make(0.0)), list(make(0.5))
+    asked = {"shapes": {"color", "shape", "count", "side"}, "reading": {"char", "length"}}[mix]
+    variants = 0
+    for before, after in zip(plain, mixed):
+        assert before.image.tobytes() == after.image.tobytes()
+        if not after.qtype.endswith("-mc"):
+            assert (after.question, after.answer, after.qtype) == (before.question, before.answer, before.qtype)
+            continue
+        variants += 1
+        options = after.facts["options"]
+        assert after.qtype[: -len("-mc")] == before.qtype and before.qtype in asked
+        assert options[LETTERS.index(after.answer)] == before.answer and len(set(options)) == len(options) >= 2
+        assert after.question.startswith(before.question + "\nA. ") and after.question.endswith(MC_INSTRUCTION)
+    assert 0 < variants < len(mixed)
