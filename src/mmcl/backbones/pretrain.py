@@ -12,8 +12,10 @@ Two stages, in the spirit of LLaVA's frozen pretrained vision encoder:
 2. language: the tower is frozen; projector and language model learn the mix's conversations.
 
 Presets (``--preset``, :func:`recipe_for`): ``tiny-llava`` (the default; 48-pixel images) and ``tiny-reader``
-(96-pixel images, for ``synth-ability``): its mix is half the shapes mix drawn at 96 pixels and half the
-reading mix of :mod:`mmcl.synthetic.reading_mix` (random strings to transcribe, index and count), and its
+(96-pixel images in 16-pixel patches, for ``synth-ability``): it starts from tiny-llava (:func:`warm_start`);
+its mix is half the shapes mix drawn at 96 pixels and half the reading mix of
+:mod:`mmcl.synthetic.reading_mix` (random strings to transcribe, index and count), 30% of the closed-answer
+questions of both asked as multiple choice, and its
 vision stage adds a per-patch character head ("no character" down-weighted), trained first on the text images
 alone, then with the other heads on the whole mix (each head ignores, with label -100, the patches of the
 other kind of image).
