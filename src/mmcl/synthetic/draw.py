@@ -1,5 +1,6 @@
 """Drawing and sampling primitives shared by the synthetic generators (the ``synth-domain`` stream,
-:mod:`mmcl.streams.synth`, and the pretraining mix, :mod:`mmcl.synthetic.pretrain_mix`)."""
+:mod:`mmcl.streams.synth`, ``synth-ability``, and the pretraining and reading mixes), including the one
+multiple-choice prompt format they all use."""
 
 from __future__ import annotations
 

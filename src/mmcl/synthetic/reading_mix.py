@@ -200,8 +200,10 @@ def write_reading_mix(
     check_sizes(image_size, seed=seed, n_train=n_train, n_test=n_test)
     params = {
         "generator": "synth-reading", "version": READING_VERSION, "seed": seed, "n_train": n_train,
-        "n_test": n_test, "image_size": image_size, "tasks": [READING_TASK], "mc_fraction": mc_fraction,
+        "n_test": n_test, "image_size": image_size, "tasks": [READING_TASK],
     }  # fmt: skip
+    if mc_fraction:  # as in write_synth_pretrain: a mix without multiple choice keeps its cache key
+        params["mc_fraction"] = mc_fraction
 
     def fill(folder: Path) -> None:
         for split, n in (("train", n_train), ("test", n_test)):
