@@ -40,6 +40,7 @@ def test_tiny_reader_recipe() -> None:
     assert (config.preset, config.image_size, config.n_train, config.n_test) == ("tiny-reader", 96, 24000, 600)
     assert (config.text_vision_epochs, config.vision_epochs, config.vision_batch_size, config.char_none_weight,
             config.mc_fraction, config.init_from) == (8.0, 2.0, 64, 0.05, 0.3, "tiny-llava")
+    assert (config.choice_steps, config.choice_share) == (1200, 0.6)
     assert asdict(spec) == {**asdict(base), "image_size": 96, "patch_size": 16}  # tiny-llava's widths and grid
     assert recipe_for("tiny-reader", image_size=32)[1].image_size == 32
     with pytest.raises(ConfigError, match="unknown preset"):
@@ -64,13 +65,18 @@ def test_character_loss_weights_no_character_down() -> None:
 
 def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> None:
     config, _ = recipe_for("tiny-reader", n_train=48, n_test=8, steps=2, batch_size=8, image_size=32,
-                           vision_epochs=1.0, vision_batch_size=16, init_from="")  # fmt: skip
+                           vision_epochs=1.0, vision_batch_size=16, init_from="", choice_steps=2)  # fmt: skip
     out = pretrain_tiny(config, tmp_path / "model", data_dir=tmp_path / "data")
     record = json.loads((out / "pretrain.json").read_text(encoding="utf-8"))
     assert record["recipe"]["preset"] == "tiny-reader" and record["recipe"]["init_from"] == ""
     assert 0.0 <= record["vision_patch_char_accuracy"] <= 100.0
     held_out = set(record["held_out_accuracy"])
     assert "overall" in held_out and {"read", "char", "length"} & held_out
+    # stage 3: two steps on text-only multiple choice (0.6 x 2 steps x 8 = 10 questions written), scored too
+    assert record["choice_metrics"]["train_loss"] > 0
+    choice = read_samples(tmp_path / "data" / "choice" / "text-choice" / "train.json", "text-choice")
+    assert len(choice) == 10 and all(s.images == () for s in choice)
+    assert {"text-match", "text-plus", "text-larger", "text-next"} <= held_out
     # half shapes, half reading; each kind of image carries only its own labels
     train = [s for task, root in (("pretrain", "shapes"), ("reading", "reading"))
              for s in read_samples(tmp_path / "data" / root / task / "train.json", task)]  # fmt: skip
