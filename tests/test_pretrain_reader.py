@@ -40,7 +40,7 @@ def test_tiny_reader_recipe() -> None:
     assert (config.preset, config.image_size, config.n_train, config.n_test) == ("tiny-reader", 96, 24000, 600)
     assert (config.text_vision_epochs, config.vision_epochs, config.vision_batch_size, config.char_none_weight,
             config.mc_fraction, config.init_from) == (8.0, 2.0, 64, 0.05, 0.3, "tiny-llava")
-    assert (config.choice_steps, config.choice_share) == (1200, 0.6)
+    assert (config.choice_steps, config.choice_share) == (0, 0.6)  # stage 3 is off (see the recipe)
     assert asdict(spec) == {**asdict(base), "image_size": 96, "patch_size": 16}  # tiny-llava's widths and grid
     assert recipe_for("tiny-reader", image_size=32)[1].image_size == 32
     with pytest.raises(ConfigError, match="unknown preset"):
