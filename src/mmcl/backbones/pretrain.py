@@ -97,12 +97,10 @@ def _mix_roots(config: PretrainConfig, data_dir: Path | None) -> list[Path]:
     from mmcl.synthetic.pretrain_mix import write_synth_pretrain
     from mmcl.synthetic.reading_mix import write_reading_mix
 
-    cache = Path.home() / ".cache" / "mmcl" / "synth-pretrain"
-    if config.preset == DEFAULT_PRESET:  # tiny-llava's cache folder keeps its name
-        root = Path(data_dir or cache / f"seed{config.seed}-n{config.n_train}")
+    root = _data_root(config, data_dir)
+    if config.preset == DEFAULT_PRESET:
         return [write_synth_pretrain(root, seed=config.seed, n_train=config.n_train, n_test=config.n_test,
                                      image_size=config.image_size)]  # fmt: skip
-    root = Path(data_dir or cache / f"{config.preset}-seed{config.seed}-n{config.n_train}")
     shapes_train, shapes_test = config.n_train // 2, config.n_test // 2
     return [
         write_synth_pretrain(root / "shapes", seed=config.seed, n_train=shapes_train, n_test=shapes_test,
@@ -113,12 +111,20 @@ def _mix_roots(config: PretrainConfig, data_dir: Path | None) -> list[Path]:
     ]  # fmt: skip
 
 
+def _data_root(config: PretrainConfig, data_dir: Path | None) -> Path:
+    """Where the preset's generated data goes: ``data_dir``, else its folder of the cache (tiny-llava's keeps
+    its name, without the preset)."""
+    name = f"seed{config.seed}-n{config.n_train}"
+    if config.preset != DEFAULT_PRESET:
+        name = f"{config.preset}-{name}"
+    return Path(data_dir or Path.home() / ".cache" / "mmcl" / "synth-pretrain" / name)
+
+
 def _choice_root(config: PretrainConfig, data_dir: Path | None) -> Path:
     """Write (cached) the text-only multiple-choice questions of stage 3; returns their root."""
     from mmcl.synthetic.text_choice import write_text_choice
 
-    cache = Path.home() / ".cache" / "mmcl" / "synth-pretrain"
-    root = Path(data_dir or cache / f"{config.preset}-seed{config.seed}-n{config.n_train}") / "choice"
+    root = _data_root(config, data_dir) / "choice"
     n_train = round(config.choice_share * config.choice_steps * config.batch_size)
     return write_text_choice(root, seed=config.seed, n_train=n_train, n_test=400)
 
