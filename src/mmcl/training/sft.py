@@ -23,18 +23,34 @@ from mmcl.log import get_logger
 ExtraLoss = Callable[[torch.nn.Module, dict, object], Optional[torch.Tensor]]
 
 
-class SampleDataset(Dataset):
-    """Samples encoded lazily by the backbone (images decoded when a batch is built)."""
+# Encoded samples kept for the later epochs of one training call, in bytes of tensors (beyond it, re-encoded).
+ENCODED_CACHE_BYTES = 256 * 2**20
 
-    def __init__(self, samples: Sequence[Sample], backbone: Backbone):
+
+class SampleDataset(Dataset):
+    """Samples encoded lazily by the backbone (images decoded when a batch is built). With ``keep``, an
+    encoding is kept for the next epochs while all kept ones stay under ``ENCODED_CACHE_BYTES``: encoding
+    (chat template, tokenizer, image processor) costs more than a tiny model's training step."""
+
+    def __init__(self, samples: Sequence[Sample], backbone: Backbone, keep: bool = False):
         self.samples = list(samples)
         self.backbone = backbone
+        self.keep = keep
+        self.kept: dict[int, dict[str, torch.Tensor]] = {}
+        self.kept_bytes = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.backbone.encode_for_training(self.samples[index])
+        if index in self.kept:
+            return self.kept[index]
+        features = self.backbone.encode_for_training(self.samples[index])
+        size = sum(value.nbytes for value in features.values())
+        if self.keep and self.kept_bytes + size <= ENCODED_CACHE_BYTES:
+            self.kept[index] = features
+            self.kept_bytes += size
+        return features
 
 
 class ContinualTrainer(Trainer):
@@ -151,7 +167,7 @@ def train_on_samples(
     trainer = ContinualTrainer(
         model=backbone.model,
         args=arguments,
-        train_dataset=SampleDataset(samples, backbone),
+        train_dataset=SampleDataset(samples, backbone, keep=total_steps > steps_per_epoch),
         data_collator=backbone.collate,
         extra_loss=extra_loss,
     )
