@@ -65,11 +65,17 @@ def test_character_loss_weights_no_character_down() -> None:
 
 def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> None:
     config, _ = recipe_for("tiny-reader", n_train=48, n_test=8, steps=2, batch_size=8, image_size=32,
-                           vision_epochs=1.0, vision_batch_size=16, init_from="", choice_steps=2)  # fmt: skip
+                           vision_epochs=1.0, vision_batch_size=16, init_from="", choice_steps=2,
+                           prompt_words=5)  # fmt: skip
     out = pretrain_tiny(config, tmp_path / "model", data_dir=tmp_path / "data")
     record = json.loads((out / "pretrain.json").read_text(encoding="utf-8"))
     assert record["recipe"]["preset"] == "tiny-reader" and record["recipe"]["init_from"] == ""
-    assert 0.0 <= record["vision_patch_char_accuracy"] <= 100.0
+    # up to 5 prompt words that the tokenizer trained on the mix cuts up became tokens; the embedding grew with them
+    backbone = load_backbone(str(out), device="cpu")
+    mix = pretrain._read_mix([tmp_path / "data" / "shapes", tmp_path / "data" / "reading"], "train")
+    scratch = pretrain.train_tokenizer([text for s in mix for turn in s.turns() for text in turn],
+                                       recipe_for("tiny-reader")[1].vocab_size)
+    assert len(scratch) < len(backbone.tokenizer) == backbone.model.get_input_embeddings().weight.shape[0]
     held_out = set(record["held_out_accuracy"])
     assert "overall" in held_out and {"read", "char", "length"} & held_out
     # stage 3: two steps on text-only multiple choice (0.6 x 2 steps x 8 = 10 questions written), scored too
@@ -87,7 +93,6 @@ def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> No
         reading = sample.task == "reading"
         assert (count == -100) == reading and (set(colors) == {-100}) == reading
         assert (set(chars) == {-100}) != reading
-    backbone = load_backbone(str(out), device="cpu")
     assert backbone.model.config.image_seq_length == 4  # 32 px in 16-pixel patches
     answers = backbone.generate(train[:1] + train[-1:], max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
@@ -150,3 +155,34 @@ def test_warm_start_sees_a_96_pixel_image_as_tiny_llava_sees_its_pooled_48_pixel
     assert torch.equal(text, source_text)
     with pytest.raises(ConfigError, match="do not match tiny-llava's token grid"):
         pretrain.warm_start("tiny-llava", recipe_for("tiny-reader", image_size=64)[1])
+
+
+def test_prompt_words_become_single_tokens_and_start_as_the_mean_of_their_pieces(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from mmcl.backbones.tiny import build_processor
+    from mmcl.data.sample import Sample
+    from mmcl.synthetic.draw import multiple_choice
+
+    spec = recipe_for("tiny-reader")[1]
+    tokenizer, model = pretrain.warm_start("tiny-llava", spec)
+    before = model.get_input_embeddings().weight.detach().clone()
+    question = multiple_choice("Which option is larger?", ["12", "7", "letter", "9"])
+    samples = [Sample(id=str(i), task="t", images=(), prompt=question, answer="letter") for i in range(3)]
+    words = pretrain.frequent_prompt_words(tokenizer, samples, limit=100)
+    assert "Ġletter" not in words and "letter" not in words  # an answer's word stays spelt as before
+    assert not any(word.lstrip("Ġ").isdigit() for word in words) and {"Answer", "Ġoption", "Ġchoices"} <= set(words)
+    old_pieces = {word: tokenizer.backend_tokenizer.model.tokenize(word) for word in words}
+    extended = pretrain.add_prompt_words(tokenizer, model, samples, limit=100)
+    line = "Answer with the option's letter from the given choices directly."
+    assert len(tokenizer(line)["input_ids"]) == 48 and len(extended(line)["input_ids"]) == 16  # " letter": 5
+    rows = model.get_input_embeddings().weight
+    assert rows.shape[0] == len(extended) and model.get_output_embeddings().weight is rows  # still tied
+    assert torch.equal(rows[: len(tokenizer)], before)
+    for word, pieces in old_pieces.items():
+        (token,) = extended(word.replace("Ġ", " "), add_special_tokens=False)["input_ids"]
+        assert torch.allclose(rows[token], before[[piece.id for piece in pieces]].mean(0))
+    build_processor(extended, spec).save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(question)["input_ids"] == extended(question)["input_ids"]
+    assert tokenizer("The cat then sat.")["input_ids"] == extended("The cat then sat.")["input_ids"]

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 from mmcl.backbones.backbone import Backbone
-from mmcl.backbones.tiny import TinyLlavaSpec, build_model, build_processor, train_tokenizer
+from mmcl.backbones.tiny import TinyLlavaSpec, add_whole_words, build_model, build_processor, train_tokenizer
 from mmcl.data.readers import read_samples
 from mmcl.data.sample import Sample
 from mmcl.config import TrainingConfig
@@ -62,12 +64,13 @@ class PretrainConfig:
     init_from: str = ""  # tiny-reader: start from this shipped preset's tokenizer and weights ("" = from scratch)
     choice_steps: int = 0  # stage 3: steps on text-only multiple choice shuffled with the mix (0 = no stage 3)
     choice_share: float = 0.6  # stage 3: text-only questions written, per sample the stage sees
+    prompt_words: int = 0  # the N most frequent prompt words the tokenizer cuts up, made single tokens (0 = none)
 
 
 DEFAULT_PRESET = "tiny-llava"
 # Recipe fields newer than tiny-llava's shipped pretrain.json, so left out of its record.
 READER_ONLY_FIELDS = ("preset", "char_none_weight", "text_vision_epochs", "mc_fraction", "init_from", "choice_steps",
-                      "choice_share")
+                      "choice_share", "prompt_words")
 _RECIPES: dict[str, tuple[PretrainConfig, TinyLlavaSpec]] = {
     "tiny-llava": (PretrainConfig(), TinyLlavaSpec()),
     "tiny-reader": (
@@ -339,6 +342,32 @@ def warm_start(preset: str, spec: TinyLlavaSpec, seed: int = 0):
     return tokenizer, model
 
 
+def frequent_prompt_words(tokenizer, samples: list[Sample], limit: int) -> list[str]:
+    """The ``limit`` most frequent words (pre-tokens) of the samples' prompts that ``tokenizer`` cuts into
+    pieces, except numbers and any word that is also a word of an answer, so answers are spelt as before."""
+    split = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    pieces = tokenizer.backend_tokenizer.model.tokenize
+    in_answers = {word.lstrip("Ġ") for sample in samples for word, _ in split(sample.answer)}
+    counts = Counter(word for sample in samples for word, _ in split(sample.prompt))
+    eligible = (word for word, _ in counts.most_common()
+                if word.lstrip("Ġ") not in in_answers and not word.lstrip("Ġ").isdigit() and len(pieces(word)) > 1)
+    return list(islice(eligible, limit))
+
+
+def add_prompt_words(tokenizer, model, samples: list[Sample], limit: int):
+    """``tokenizer`` with the samples' :func:`frequent_prompt_words` as single tokens, and ``model``'s tied
+    embedding grown to match: a new token's row starts as the mean of the rows of the pieces it joins."""
+    import torch
+
+    tokenizer, pieces_of = add_whole_words(tokenizer, frequent_prompt_words(tokenizer, samples, limit))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, pieces in pieces_of.items():
+            rows[token] = rows[pieces].mean(0)
+    return tokenizer
+
+
 def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir: Path | None = None) -> Path:
     """Generate the preset's mix, train tokenizer and model, save model + processor with ``save_pretrained``
     (default folder: the preset's in the package)."""
@@ -354,6 +383,9 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
         tokenizer = train_tokenizer([text for sample in train for turn in sample.turns() for text in turn],
                                     spec.vocab_size)
         model = build_model(tokenizer, spec, seed=config.seed)
+    if config.prompt_words:
+        words_from = train + (_read_mix([_choice_root(config, data_dir)], "train") if config.choice_steps else [])
+        tokenizer = add_prompt_words(tokenizer, model, words_from, config.prompt_words)
     processor = build_processor(tokenizer, spec)
     vision_accuracy = pretrain_vision_tower(model, processor, train, spec, config)
     backbone = Backbone(name=config.preset, model=model, processor=processor, lora_targets="")

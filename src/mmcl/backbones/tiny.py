@@ -129,3 +129,42 @@ def build_model(tokenizer, spec: TinyLlavaSpec, seed: int = 0):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def add_whole_words(tokenizer, words: Iterable[str]):
+    """A copy of the byte-level BPE ``tokenizer`` in which each of ``words`` (pre-tokens as the tokenizer splits
+    text, e.g. ``"Ġletter"`` for " letter") is one token: merges that join its present pieces left to right are
+    appended after the existing ones, so they act only once the old merges are done (another word that holds
+    such a pair of pieces changes too). New ids follow the last id; returns the new tokenizer and, per new id
+    (each word and the prefixes on the way), the ids of the old pieces it joins."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab, merges = state["model"]["vocab"], state["model"]["merges"]
+    next_id = 1 + max([*vocab.values(), *(token["id"] for token in state["added_tokens"])])
+    pieces_of: dict[int, list[int]] = {}
+    bpe = tokenizer.backend_tokenizer.model
+    for word in words:
+        pieces = [token.value for token in bpe.tokenize(word)]
+        joined = pieces[0]
+        for count, piece in enumerate(pieces[1:], start=2):
+            left, joined = joined, joined + piece
+            if joined not in vocab:
+                vocab[joined] = next_id
+                merges.append([left, piece])
+                pieces_of[next_id] = [vocab[part] for part in pieces[:count]]
+                next_id += 1
+    extended = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+        pad_token=tokenizer.pad_token,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        unk_token=tokenizer.unk_token,
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=tokenizer.chat_template,
+        padding_side=tokenizer.padding_side,
+    )
+    return extended, pieces_of
