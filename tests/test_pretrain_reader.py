@@ -40,7 +40,7 @@ def test_tiny_reader_recipe() -> None:
     assert (config.preset, config.image_size, config.n_train, config.n_test) == ("tiny-reader", 96, 24000, 600)
     assert (config.text_vision_epochs, config.vision_epochs, config.vision_batch_size, config.char_none_weight,
             config.mc_fraction, config.init_from) == (8.0, 2.0, 64, 0.05, 0.3, "tiny-llava")
-    assert (config.choice_steps, config.choice_share) == (0, 0.6)  # stage 3 is off (see the recipe)
+    assert (config.choice_steps, config.choice_share, config.choice_match_steps, config.prompt_words) == (0, 0.6, 0, 0)  # stage 3 is off (see the recipe)
     assert asdict(spec) == {**asdict(base), "image_size": 96, "patch_size": 16}  # tiny-llava's widths and grid
     assert recipe_for("tiny-reader", image_size=32)[1].image_size == 32
     with pytest.raises(ConfigError, match="unknown preset"):
@@ -66,7 +66,7 @@ def test_character_loss_weights_no_character_down() -> None:
 def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> None:
     config, _ = recipe_for("tiny-reader", n_train=48, n_test=8, steps=2, batch_size=8, image_size=32,
                            vision_epochs=1.0, vision_batch_size=16, init_from="", choice_steps=2,
-                           prompt_words=5)  # fmt: skip
+                           choice_match_steps=1, prompt_words=5)  # fmt: skip
     out = pretrain_tiny(config, tmp_path / "model", data_dir=tmp_path / "data")
     record = json.loads((out / "pretrain.json").read_text(encoding="utf-8"))
     assert record["recipe"]["preset"] == "tiny-reader" and record["recipe"]["init_from"] == ""
@@ -78,10 +78,11 @@ def test_small_tiny_reader_pretraining_loads_and_generates(tmp_path: Path) -> No
     assert len(scratch) < len(backbone.tokenizer) == backbone.model.get_input_embeddings().weight.shape[0]
     held_out = set(record["held_out_accuracy"])
     assert "overall" in held_out and {"read", "char", "length"} & held_out
-    # stage 3: two steps on text-only multiple choice (0.6 x 2 steps x 8 = 10 questions written), scored too
-    assert record["choice_metrics"]["train_loss"] > 0
+    # stage 3: one step on "Which option is X?" alone, then two on every kind shuffled with the mix
+    # (4 kinds x 1 step x 8 + 0.6 x 2 steps x 8 = 42 questions written), scored too
+    assert record["choice_metrics"]["match_train_loss"] > 0 and record["choice_metrics"]["train_loss"] > 0
     choice = read_samples(tmp_path / "data" / "choice" / "text-choice" / "train.json", "text-choice")
-    assert len(choice) == 10 and all(s.images == () for s in choice)
+    assert len(choice) == 42 and all(s.images == () for s in choice)
     assert {"text-match", "text-plus", "text-larger", "text-next"} <= held_out
     # half shapes, half reading; each kind of image carries only its own labels
     train = [s for task, root in (("pretrain", "shapes"), ("reading", "reading"))

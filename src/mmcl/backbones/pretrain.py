@@ -10,8 +10,9 @@ Two stages, in the spirit of LLaVA's frozen pretrained vision encoder:
 1. vision: the CLIP tower alone learns dense per-patch labels (the colour and the shape under each
    patch, from the generator's scene facts) and the object count from its pooled output;
 2. language: the tower is frozen; projector and language model learn the mix's conversations;
-3. (optional, ``choice_steps``) multiple choice: text-only questions of :mod:`mmcl.synthetic.text_choice`
-   shuffled with the mix, at a constant learning rate, to teach answering with an option's letter.
+3. (optional, ``choice_match_steps``, ``choice_steps``) multiple choice: text-only questions of
+   :mod:`mmcl.synthetic.text_choice`, first "Which option is X?" alone, then every kind shuffled with the mix,
+   at a constant learning rate, to teach answering with an option's letter.
 
 Presets (``--preset``, :func:`recipe_for`): ``tiny-llava`` (the default; 48-pixel images) and ``tiny-reader``
 (96-pixel images in 16-pixel patches, for ``synth-ability``): it starts from tiny-llava (:func:`warm_start`);
@@ -64,13 +65,14 @@ class PretrainConfig:
     init_from: str = ""  # tiny-reader: start from this shipped preset's tokenizer and weights ("" = from scratch)
     choice_steps: int = 0  # stage 3: steps on text-only multiple choice shuffled with the mix (0 = no stage 3)
     choice_share: float = 0.6  # stage 3: text-only questions written, per sample the stage sees
+    choice_match_steps: int = 0  # stage 3 first: steps on its "Which option is X?" questions alone (0 = none)
     prompt_words: int = 0  # the N most frequent prompt words the tokenizer cuts up, made single tokens (0 = none)
 
 
 DEFAULT_PRESET = "tiny-llava"
 # Recipe fields newer than tiny-llava's shipped pretrain.json, so left out of its record.
 READER_ONLY_FIELDS = ("preset", "char_none_weight", "text_vision_epochs", "mc_fraction", "init_from", "choice_steps",
-                      "choice_share", "prompt_words")
+                      "choice_share", "choice_match_steps", "prompt_words")
 _RECIPES: dict[str, tuple[PretrainConfig, TinyLlavaSpec]] = {
     "tiny-llava": (PretrainConfig(), TinyLlavaSpec()),
     "tiny-reader": (
@@ -125,24 +127,35 @@ def _data_root(config: PretrainConfig, data_dir: Path | None) -> Path:
 
 def _choice_root(config: PretrainConfig, data_dir: Path | None) -> Path:
     """Write (cached) the text-only multiple-choice questions of stage 3; returns their root."""
-    from mmcl.synthetic.text_choice import write_text_choice
+    from mmcl.synthetic.text_choice import TEXT_CHOICE_TASK, write_text_choice
 
     root = _data_root(config, data_dir) / "choice"
     n_train = round(config.choice_share * config.choice_steps * config.batch_size)
+    n_train += len(TEXT_CHOICE_TASK.question_types) * config.choice_match_steps * config.batch_size  # one kind in 4
     return write_text_choice(root, seed=config.seed, n_train=n_train, n_test=400)
 
 
 def multiple_choice_stage(backbone: Backbone, mix: list[Sample], choice_root: Path,
                           config: PretrainConfig) -> dict[str, float]:
-    """Stage 3 (tiny-reader): ``choice_steps`` steps at a constant learning rate (after 2% warm-up) on the
-    text-only multiple-choice questions under ``choice_root`` shuffled with the ``mix``, so the language model
-    learns to answer with the letter of the option it means; returns the trainer's metrics."""
+    """Stage 3 (tiny-reader), at a constant learning rate (after 2% warm-up): ``choice_match_steps`` steps on
+    the "Which option is X?" questions under ``choice_root`` alone (the answer is written in the question, so
+    only the option's letter is to learn), then ``choice_steps`` steps on all its text-only questions shuffled
+    with the ``mix``, so the language model learns to answer with the letter of the option it means; returns
+    the trainer's metrics of each part (the first one's keys prefixed ``match_``)."""
     choice = _read_mix([choice_root], "train")
-    training = TrainingConfig(epochs=1.0, max_steps=config.choice_steps, batch_size=config.batch_size,
-                              learning_rate=config.learning_rate, lr_scheduler="constant_with_warmup",
-                              warmup_ratio=0.02, weight_decay=0.01, logging_steps=50)  # fmt: skip
-    with tempfile.TemporaryDirectory() as work:
-        return train_on_samples(backbone, choice + mix, training, Path(work), seed=config.seed)
+    metrics: dict[str, float] = {}
+    parts = [("match_", config.choice_match_steps, [s for s in choice if s.metadata.get("qtype") == "text-match"]),
+             ("", config.choice_steps, choice + mix)]  # fmt: skip
+    for prefix, steps, samples in parts:
+        if not steps:
+            continue
+        training = TrainingConfig(epochs=1.0, max_steps=steps, batch_size=config.batch_size,
+                                  learning_rate=config.learning_rate, lr_scheduler="constant_with_warmup",
+                                  warmup_ratio=0.02, weight_decay=0.01, logging_steps=50)  # fmt: skip
+        with tempfile.TemporaryDirectory() as work:
+            part = train_on_samples(backbone, samples, training, Path(work), seed=config.seed)
+        metrics.update({prefix + key: value for key, value in part.items()})
+    return metrics
 
 
 def _read_mix(roots: list[Path], split: str) -> list[Sample]:
@@ -384,7 +397,8 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
                                     spec.vocab_size)
         model = build_model(tokenizer, spec, seed=config.seed)
     if config.prompt_words:
-        words_from = train + (_read_mix([_choice_root(config, data_dir)], "train") if config.choice_steps else [])
+        has_choice = config.choice_steps or config.choice_match_steps
+        words_from = train + (_read_mix([_choice_root(config, data_dir)], "train") if has_choice else [])
         tokenizer = add_prompt_words(tokenizer, model, words_from, config.prompt_words)
     processor = build_processor(tokenizer, spec)
     vision_accuracy = pretrain_vision_tower(model, processor, train, spec, config)
@@ -402,7 +416,7 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
     with tempfile.TemporaryDirectory() as work:
         metrics = train_on_samples(backbone, train, training, Path(work), seed=config.seed)
     choice_metrics = None
-    if config.choice_steps:
+    if config.choice_steps or config.choice_match_steps:
         data_roots.append(_choice_root(config, data_dir))
         choice_metrics = multiple_choice_stage(backbone, train, data_roots[-1], config)
     held_out = held_out_accuracy(backbone, _read_mix(data_roots, "test"))
