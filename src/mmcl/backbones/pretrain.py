@@ -68,6 +68,10 @@ class PretrainConfig:
     choice_match_steps: int = 0  # stage 3 first: steps on its "Which option is X?" questions alone (0 = none)
     prompt_words: int = 0  # the N most frequent prompt words the tokenizer cuts up, made single tokens (0 = none)
 
+    @property
+    def has_choice_stage(self) -> bool:
+        return bool(self.choice_steps or self.choice_match_steps)
+
 
 DEFAULT_PRESET = "tiny-llava"
 # Recipe fields newer than tiny-llava's shipped pretrain.json, so left out of its record.
@@ -397,8 +401,7 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
                                     spec.vocab_size)
         model = build_model(tokenizer, spec, seed=config.seed)
     if config.prompt_words:
-        has_choice = config.choice_steps or config.choice_match_steps
-        words_from = train + (_read_mix([_choice_root(config, data_dir)], "train") if has_choice else [])
+        words_from = train + (_read_mix([_choice_root(config, data_dir)], "train") if config.has_choice_stage else [])
         tokenizer = add_prompt_words(tokenizer, model, words_from, config.prompt_words)
     processor = build_processor(tokenizer, spec)
     vision_accuracy = pretrain_vision_tower(model, processor, train, spec, config)
@@ -416,7 +419,7 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
     with tempfile.TemporaryDirectory() as work:
         metrics = train_on_samples(backbone, train, training, Path(work), seed=config.seed)
     choice_metrics = None
-    if config.choice_steps or config.choice_match_steps:
+    if config.has_choice_stage:
         data_roots.append(_choice_root(config, data_dir))
         choice_metrics = multiple_choice_stage(backbone, train, data_roots[-1], config)
     held_out = held_out_accuracy(backbone, _read_mix(data_roots, "test"))
