@@ -139,14 +139,13 @@ def _choice_root(config: PretrainConfig, data_dir: Path | None) -> Path:
     return write_text_choice(root, seed=config.seed, n_train=n_train, n_test=400)
 
 
-def multiple_choice_stage(backbone: Backbone, mix: list[Sample], choice_root: Path,
+def multiple_choice_stage(backbone: Backbone, mix: list[Sample], choice: list[Sample],
                           config: PretrainConfig) -> dict[str, float]:
     """Stage 3 (tiny-reader), at a constant learning rate (after 2% warm-up): ``choice_match_steps`` steps on
-    the "Which option is X?" questions under ``choice_root`` alone (the answer is written in the question, so
+    the "Which option is X?" questions of ``choice`` alone (the answer is written in the question, so
     only the option's letter is to learn), then ``choice_steps`` steps on all its text-only questions shuffled
     with the ``mix``, so the language model learns to answer with the letter of the option it means; returns
     the trainer's metrics of each part (the first one's keys prefixed ``match_``)."""
-    choice = _read_mix([choice_root], "train")
     metrics: dict[str, float] = {}
     parts = [("match_", config.choice_match_steps, [s for s in choice if s.metadata.get("qtype") == "text-match"]),
              ("", config.choice_steps, choice + mix)]  # fmt: skip
@@ -394,6 +393,10 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
     out_dir = Path(out_dir or SHIPPED_PRESET_DIRS[config.preset])
     data_roots = _mix_roots(config, data_dir)
     train = _read_mix(data_roots, "train")
+    choice: list[Sample] = []  # stage 3's text-only questions
+    if config.has_choice_stage:
+        data_roots.append(_choice_root(config, data_dir))
+        choice = _read_mix(data_roots[-1:], "train")
     if config.init_from:
         tokenizer, model = warm_start(config.init_from, spec, config.seed)
     else:
@@ -401,8 +404,7 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
                                     spec.vocab_size)
         model = build_model(tokenizer, spec, seed=config.seed)
     if config.prompt_words:
-        words_from = train + (_read_mix([_choice_root(config, data_dir)], "train") if config.has_choice_stage else [])
-        tokenizer = add_prompt_words(tokenizer, model, words_from, config.prompt_words)
+        tokenizer = add_prompt_words(tokenizer, model, train + choice, config.prompt_words)
     processor = build_processor(tokenizer, spec)
     vision_accuracy = pretrain_vision_tower(model, processor, train, spec, config)
     backbone = Backbone(name=config.preset, model=model, processor=processor, lora_targets="")
@@ -420,8 +422,7 @@ def pretrain_tiny(config: PretrainConfig, out_dir: Path | None = None, data_dir:
         metrics = train_on_samples(backbone, train, training, Path(work), seed=config.seed)
     choice_metrics = None
     if config.has_choice_stage:
-        data_roots.append(_choice_root(config, data_dir))
-        choice_metrics = multiple_choice_stage(backbone, train, data_roots[-1], config)
+        choice_metrics = multiple_choice_stage(backbone, train, choice, config)
     held_out = held_out_accuracy(backbone, _read_mix(data_roots, "test"))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -45,7 +45,6 @@ class TinyLlavaSpec:
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):
     """Byte-level BPE trained on ``corpus`` (deterministic), wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,8 +56,16 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return _as_fast_tokenizer(tokenizer)
+
+
+def _as_fast_tokenizer(tokenizer_object):
+    """A ``tokenizers.Tokenizer`` with the tiny models' special tokens and chat template, as a transformers
+    fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=tokenizer_object,
         pad_token="<pad>",
         bos_token="<s>",
         eos_token="<|end|>",
@@ -132,7 +139,7 @@ def build_model(tokenizer, spec: TinyLlavaSpec, seed: int = 0):
 
 
 def add_whole_words(tokenizer, words: Iterable[str]):
-    """A copy of the byte-level BPE ``tokenizer`` in which each of ``words`` (pre-tokens as the tokenizer splits
+    """A copy of the tiny models' byte-level BPE ``tokenizer`` in which each of ``words`` (pre-tokens as the tokenizer splits
     text, e.g. ``"Ġletter"`` for " letter") is one token: merges that join its present pieces left to right are
     appended after the existing ones, so they act only once the old merges are done (another word that holds
     such a pair of pieces changes too). New ids follow the last id; returns the new tokenizer and, per new id
@@ -140,7 +147,6 @@ def add_whole_words(tokenizer, words: Iterable[str]):
     import json
 
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab, merges = state["model"]["vocab"], state["model"]["merges"]
@@ -157,14 +163,4 @@ def add_whole_words(tokenizer, words: Iterable[str]):
                 merges.append([left, piece])
                 pieces_of[next_id] = [vocab[part] for part in pieces[:count]]
                 next_id += 1
-    extended = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
-        pad_token=tokenizer.pad_token,
-        bos_token=tokenizer.bos_token,
-        eos_token=tokenizer.eos_token,
-        unk_token=tokenizer.unk_token,
-        extra_special_tokens={"image_token": "<image>"},
-        chat_template=tokenizer.chat_template,
-        padding_side=tokenizer.padding_side,
-    )
-    return extended, pieces_of
+    return _as_fast_tokenizer(Tokenizer.from_str(json.dumps(state))), pieces_of
