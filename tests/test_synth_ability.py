@@ -69,7 +69,7 @@ def _check_answer(task: str, answer: str, prompt: str) -> None:
     elif task == "math":
         assert (answer in options and len(options) == 4) or (re.fullmatch(r"\d+", answer) and not options)
     elif task == "vp":
-        assert answer in options and len(options) >= 3
+        assert answer in options and len(options) == (4 if "How many" in prompt else 2)
     else:
         box = BOX.match(answer)
         if box:
@@ -132,16 +132,20 @@ def test_answers_follow_from_the_scene(examples: Examples) -> None:
             if example.qtype == "count":
                 color, shape = re.search(r"How many (\w+) (\w+?)e?s are", example.question).groups()
                 assert int(target) == sum(o["color"] == color and o["shape"].startswith(shape) for o in objects)
-            elif example.qtype == "size":
+            elif example.qtype in ("size", "depth"):  # two named objects, in the order of the options
+                names = [f"the {o['color']} {o['shape']}" for o in objects]
+                named = [names.index(option) for option in example.facts["options"]]
+                assert example.question.index(example.facts["options"][0]) < example.question.index(
+                    example.facts["options"][1])
                 sides = [o["box"][2] - o["box"][0] for o in objects]
-                assert target == f"the {objects[0]['color']} {objects[0]['shape']}" and sides[0] == max(sides)
-            elif example.qtype == "depth":
-                assert target == f"the {objects[-1]['color']} {objects[-1]['shape']}"
+                truth = max(named, key=lambda i: sides[i]) if example.qtype == "size" else max(named)  # drawn last
+                assert target == names[truth] and (example.qtype == "depth" or sides[truth] == max(sides))
             else:
                 (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = (o["box"] for o in objects)
                 dx, dy = (ax0 + ax1 - bx0 - bx1) / 2, (ay0 + ay1 - by0 - by1) / 2
-                horizontal = "left" if dx < 0 else "right"
-                assert target == (f"to the {horizontal}" if abs(dx) > abs(dy) else "above" if dy < 0 else "below")
+                axis = ["left", "right"] if abs(dx) > abs(dy) else ["above", "below"]
+                assert example.facts["options"] == axis
+                assert target == (axis[0] if (dx if axis[0] == "left" else dy) < 0 else axis[1])
         for example in examples[("gui", split)]:
             (element,) = [e for e in example.facts["elements"] if e["label"] == example.facts["target"]]
             x1, y1, x2, y2 = element["box"]

@@ -15,8 +15,10 @@ train and test :class:`AbilitySettings` profiles (defaults below; pixels are for
   3-4) and slices (4-5 vs 3) with closer pie slices, descending sequences too, and other layouts
   (written column sums, horizontal bars, donuts, sequences in boxes, transposed tables).
   Scorer ``mllm_cl_math``.
-- ``vp`` (CV-Bench style): counting, relative position, relative size, depth order (occlusion, size and
-  height cues), always multiple choice. Test: counts above training's range (6-9 vs 1-5), shape-colour
+- ``vp`` (CV-Bench style): counting (four numbers in shuffled order), relative position (the two options of
+  the axis in a fixed order: left, right or above, below), relative size and depth order (occlusion, size
+  and height cues) of two named objects (the options in the order the question names them), always
+  multiple choice, as CV-Bench asks its count, relation and depth questions. Test: counts above training's range (6-9 vs 1-5), shape-colour
   pairs never seen in training (the 16 pairs are split in two halves by parity; every shape and colour
   occurs in both), four stacked objects instead of three, closer sizes (largest side 1.25x the next vs
   1.5x). Scorer ``option_letter``.
@@ -49,7 +51,7 @@ from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, draw_shape, multipl
 from mmcl.synthetic.files import check_sizes, write_cached, write_split
 from mmcl.utils import ShuffledCycle
 
-GENERATOR_VERSION = 1  # part of the cache key: bump it whenever the output changes
+GENERATOR_VERSION = 2  # part of the cache key: bump it whenever the output changes
 
 ABILITY_TASKS: list[TaskSpec] = [
     TaskSpec("ocr", "OCR: read the rendered word, number or line (test: unseen renderings and strings)",
@@ -388,12 +390,13 @@ def _draw_objects(image: Image.Image, objects: Sequence[tuple[tuple[str, str], S
     return [{"shape": s, "color": c, "box": [round(v, 1) for v in box]} for (s, c), box in objects]
 
 
-VpScene = tuple[str, str, list[str], Image.Image, list[dict[str, Any]]]  # question, correct, distractors, ...
+VpScene = tuple[str, list[str], str, Image.Image, list[dict[str, Any]]]  # question, options, letter, image, objects
 BACKDROP: RGB = (245, 245, 240)
 
 
-def _vp_count(rng: random.Random, size: int, p: VpProfile) -> VpScene:
-    """``count`` targets of one pair among a few objects of other pairs, one per grid cell."""
+def _vp_count(rng: random.Random, size: int, p: VpProfile, arrange: OptionArranger) -> VpScene:
+    """``count`` targets of one pair among a few objects of other pairs, one per grid cell; four numbers in
+    shuffled order, as CV-Bench's count questions."""
     pairs = vp_pairs(p.pairs)
     target = rng.choice(pairs)
     count, extra = _between(rng, p.counts), _between(rng, p.count_distractors)
@@ -410,18 +413,20 @@ def _vp_count(rng: random.Random, size: int, p: VpProfile) -> VpScene:
         objects.append((pair, (x0, y0, x0 + side, y0 + side)))
     image = Image.new("RGB", (size, size), BACKDROP)
     start = max(0, count - rng.randint(0, 3))
-    distractors = [str(v) for v in range(start, start + 4) if v != count]
+    options, letter = arrange(str(count), [str(v) for v in range(start, start + 4) if v != count], order=int)
     question = f"How many {target[1]} {PLURAL[target[0]]} are in the image?"
-    return question, str(count), distractors, image, _draw_objects(image, objects)
+    return question, options, letter, image, _draw_objects(image, objects)
 
 
-_RELATIONS = {"left": "to the left", "right": "to the right", "above": "above", "below": "below"}
+_AXES = {"left": ("left", "right"), "right": ("left", "right"), "above": ("above", "below"),
+         "below": ("above", "below")}  # fmt: skip
 
 
-def _vp_position(rng: random.Random, size: int, p: VpProfile) -> VpScene:
-    """Two objects clearly apart along one axis and nearly aligned along the other."""
+def _vp_position(rng: random.Random, size: int, p: VpProfile, arrange: OptionArranger) -> VpScene:
+    """Two objects clearly apart along one axis and nearly aligned along the other; as CV-Bench's relation
+    questions, the two options of that axis in a fixed order (left, right or above, below)."""
     first, second = rng.sample(vp_pairs(p.pairs), 2)
-    relation = rng.choice(list(_RELATIONS))
+    relation = rng.choice(list(_AXES))
     side = rng.uniform(0.18, 0.26) * size
     gap, offset = rng.uniform(0.3, 0.55) * size, rng.uniform(-0.08, 0.08) * size
     low, high = side / 2 + 2, size - side / 2 - 2
@@ -434,13 +439,22 @@ def _vp_position(rng: random.Random, size: int, p: VpProfile) -> VpScene:
     objects = [(pair, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
                for pair, (cx, cy) in zip((first, second), centers)]  # fmt: skip
     image = Image.new("RGB", (size, size), BACKDROP)
-    correct = _RELATIONS[relation]
-    question = f"Where is the {_name(first)} relative to the {_name(second)}?"
-    return question, correct, [v for v in _RELATIONS.values() if v != correct], image, _draw_objects(image, objects)
+    options = list(_AXES[relation])
+    question = (f"Considering the relative positions of the {_name(first)} and the {_name(second)} in the image, "
+                f"where is the {_name(first)} located with respect to the {_name(second)}?")
+    return question, options, LETTERS[options.index(relation)], image, _draw_objects(image, objects)
 
 
-def _vp_size(rng: random.Random, size: int, p: VpProfile) -> VpScene:
-    """Four objects, one per quadrant; the largest side beats the others by ``size_ratio`` at least."""
+def _two_named(arrange: OptionArranger, correct: tuple[str, str], other: tuple[str, str],
+               question: str) -> tuple[str, list[str], str]:
+    """CV-Bench's two-object form: the question names both objects in the order of the options."""
+    options, letter = arrange(f"the {_name(correct)}", [f"the {_name(other)}"])
+    return f"{question}, {options[0]} or {options[1]}?", options, letter
+
+
+def _vp_size(rng: random.Random, size: int, p: VpProfile, arrange: OptionArranger) -> VpScene:
+    """Four objects, one per quadrant; the largest side beats the others by ``size_ratio`` at least; the
+    question names the largest and one other."""
     pairs = rng.sample(vp_pairs(p.pairs), 4)
     cell, largest = size / 2, rng.uniform(0.34, 0.44) * size
     sides = [largest] + [rng.uniform(0.12 * size, largest / p.size_ratio) for _ in range(3)]
@@ -450,12 +464,13 @@ def _vp_size(rng: random.Random, size: int, p: VpProfile) -> VpScene:
         x0, y0 = col * cell + rng.uniform(1, cell - side - 1), row * cell + rng.uniform(1, cell - side - 1)
         objects.append((pair, (x0, y0, x0 + side, y0 + side)))
     image = Image.new("RGB", (size, size), BACKDROP)
-    names = [f"the {_name(pair)}" for pair in pairs]
-    return "Which object is the largest?", names[0], names[1:], image, _draw_objects(image, objects)
+    question, options, letter = _two_named(arrange, pairs[0], rng.choice(pairs[1:]), "Which object is larger")
+    return question, options, letter, image, _draw_objects(image, objects)
 
 
-def _vp_depth(rng: random.Random, size: int, p: VpProfile) -> VpScene:
-    """Objects drawn back to front, each larger, lower and overlapping the one before (outlined)."""
+def _vp_depth(rng: random.Random, size: int, p: VpProfile, arrange: OptionArranger) -> VpScene:
+    """Objects drawn back to front, each larger, lower and overlapping the one before (outlined); the question
+    names two of them, as CV-Bench's depth questions."""
     pairs = rng.sample(vp_pairs(p.pairs), p.depth_objects)
     side, bottom, center = 0.2 * size, 0.42 * size, rng.uniform(0.3, 0.7) * size
     objects = []
@@ -468,21 +483,22 @@ def _vp_depth(rng: random.Random, size: int, p: VpProfile) -> VpScene:
         side *= rng.uniform(1.15, 1.3)
         bottom += rng.uniform(0.12, 0.18) * size
     image = Image.new("RGB", (size, size), BACKDROP)
-    names = [f"the {_name(pair)}" for pair in pairs]
-    facts = _draw_objects(image, objects, outline=(30, 30, 30))
-    return "Which object is closest to the camera?", names[-1], names[:-1], image, facts
+    farther, closer = sorted(rng.sample(range(len(pairs)), 2))  # drawn later = closer
+    question, options, letter = _two_named(arrange, pairs[closer], pairs[farther],
+                                           "Which object is closer to the camera")
+    return question, options, letter, image, _draw_objects(image, objects, outline=(30, 30, 30))
 
 
-_VP_KINDS: dict[str, Callable[[random.Random, int, VpProfile], VpScene]] = {
+_VP_KINDS: dict[str, Callable[[random.Random, int, VpProfile, OptionArranger], VpScene]] = {
     "count": _vp_count, "position": _vp_position, "size": _vp_size, "depth": _vp_depth,
 }  # fmt: skip
 
 
 def vp_example(rng: random.Random, size: int, kind: str, p: VpProfile, arrange: OptionArranger) -> SynthExample:
-    """One CV-Bench-style multiple-choice question about drawn objects."""
-    question, correct, distractors, image, objects = _VP_KINDS[kind](rng, size, p)
-    options, letter = arrange(correct, distractors, order=(int if kind == "count" else str))
-    facts = {"objects": objects, "options": options, "target": correct}
+    """One CV-Bench-style multiple-choice question about drawn objects (count: four numbers; position, size,
+    depth: two options)."""
+    question, options, letter, image, objects = _VP_KINDS[kind](rng, size, p, arrange)
+    facts = {"objects": objects, "options": options, "target": options[LETTERS.index(letter)]}
     return SynthExample(image, multiple_choice(question, options), letter, kind, facts)
 
 
