@@ -18,10 +18,10 @@ train and test :class:`AbilitySettings` profiles (defaults below; pixels are for
 - ``vp`` (CV-Bench style): counting (four numbers in shuffled order), relative position (the two options of
   the axis in a fixed order: left, right or above, below), relative size and depth order (occlusion, size
   and height cues) of two named objects (the options in the order the question names them), always
-  multiple choice, as CV-Bench asks its count, relation and depth questions. Test: counts above training's range (6-9 vs 1-5), shape-colour
-  pairs never seen in training (the 16 pairs are split in two halves by parity; every shape and colour
-  occurs in both), four stacked objects instead of three, closer sizes (largest side 1.25x the next vs
-  1.5x). Scorer ``option_letter``.
+  multiple choice, as CV-Bench asks its count, relation and depth questions. Test: counts above training's
+  range (6-9 vs 1-5), shape-colour pairs never seen in training (the 16 pairs are split in two halves by
+  parity; every shape and colour occurs in both), four stacked objects instead of three, closer sizes
+  (largest side 1.25x the next vs 1.5x). Scorer ``option_letter``.
 - ``gui``: app screens with labelled buttons, fields, tabs and list rows plus an instruction; the
   answer is the letter of the right tap/type action among four (MMT-Bench GUI style; the options give
   element centres, so only the screen tells them apart) or the target element's box ``[x1,y1,x2,y2]``
