@@ -418,15 +418,14 @@ def _vp_count(rng: random.Random, size: int, p: VpProfile, arrange: OptionArrang
     return question, options, letter, image, _draw_objects(image, objects)
 
 
-_AXES = {"left": ("left", "right"), "right": ("left", "right"), "above": ("above", "below"),
-         "below": ("above", "below")}  # fmt: skip
+_AXES = (("left", "right"), ("above", "below"))  # each in CV-Bench's option order
 
 
 def _vp_position(rng: random.Random, size: int, p: VpProfile, arrange: OptionArranger) -> VpScene:
     """Two objects clearly apart along one axis and nearly aligned along the other; as CV-Bench's relation
     questions, the two options of that axis in a fixed order (left, right or above, below)."""
     first, second = rng.sample(vp_pairs(p.pairs), 2)
-    relation = rng.choice(list(_AXES))
+    relation = rng.choice([relation for axis in _AXES for relation in axis])
     side = rng.uniform(0.18, 0.26) * size
     gap, offset = rng.uniform(0.3, 0.55) * size, rng.uniform(-0.08, 0.08) * size
     low, high = side / 2 + 2, size - side / 2 - 2
@@ -439,7 +438,7 @@ def _vp_position(rng: random.Random, size: int, p: VpProfile, arrange: OptionArr
     objects = [(pair, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
                for pair, (cx, cy) in zip((first, second), centers)]  # fmt: skip
     image = Image.new("RGB", (size, size), BACKDROP)
-    options = list(_AXES[relation])
+    options = list(next(axis for axis in _AXES if relation in axis))
     question = (f"Considering the relative positions of the {_name(first)} and the {_name(second)} in the image, "
                 f"where is the {_name(first)} located with respect to the {_name(second)}?")
     return question, options, LETTERS[options.index(relation)], image, _draw_objects(image, objects)
