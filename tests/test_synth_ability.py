@@ -3,6 +3,7 @@ that their own scorer accepts, and the synth_gui scorer."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,30 @@ def test_shifted_test_zero_draws_test_sets_from_the_training_profiles(tmp_path: 
     assert all(any(pair in s.prompt for pair in train_pairs) for s in vp if "How many" in s.prompt)
     train_ids = {s.id for s in read_samples(iid[0].train_file, "ocr")}
     assert train_ids.isdisjoint({s.id for s in ocr})
+
+
+def test_a_seq_lora_run_of_synth_ability_scores_every_task_with_its_own_scorer(
+    tiny_model_dir: Path, stream_cache_dir: Path, tmp_path: Path
+) -> None:
+    """The stream end to end through ``mmcl run`` on a named backbone (the tests' tiny model, which cannot read),
+    so the run's plumbing is checked without tiny-reader's weights: four stages in MLLM-CL's order, every cell
+    of the lower triangle scored, and each task's chance taken from its own answers."""
+    from conftest import make_stream_config, write_config
+    from test_runner import invoke, read_json
+
+    stream = {"name": "synth-ability", "options": {"train_per_task": 4, "test_per_task": 8},
+              "cache_dir": str(stream_cache_dir)}  # fmt: skip
+    config = make_stream_config(tiny_model_dir, stream_cache_dir, tmp_path / "run", stream=stream,
+                                training={"epochs": 1, "batch_size": 4, "progress_bar": False})  # fmt: skip
+    result = invoke(["run", str(write_config(tmp_path / "ability.yaml", config))])
+    assert result.code == 0, result.err
+    results = read_json(tmp_path / "run" / "results.json")
+    assert results["row_labels"] == ["base", *TASKS]
+    assert all(results["matrix"][t][i] is not None for t in range(5) for i in range(4) if t == 0 or i < t)
+    tasks = {task["name"]: task for task in results["tasks"]}
+    assert {name: task["scorer"] for name, task in tasks.items()} == SCORER
+    assert tasks["ocr"]["chance"] == 0  # open answers
+    assert 25 < tasks["vp"]["chance"] < 50  # four count options, two for the other kinds
+    assert 0 < tasks["gui"]["chance"] < 25  # a letter among four, or an open box
+    first_line = (tmp_path / "run" / "predictions" / "4_gui" / "gui.jsonl").read_text().splitlines()[0]
+    assert json.loads(first_line)["meta"] == {**json.loads(first_line)["meta"], "scorer": "synth_gui", "n": 8}
