@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw
 from mmcl.data.answer_styles import LETTERS
 from mmcl.errors import ConfigError
 from mmcl.synthetic import ability_draw as art
-from mmcl.synthetic.draw import RGB, SynthExample, TaskSpec, draw_shape, multiple_choice, rng_for
+from mmcl.synthetic.draw import RGB, OptionArranger, SynthExample, TaskSpec, draw_shape, multiple_choice, rng_for
 from mmcl.synthetic.files import check_sizes, write_cached, write_split
 from mmcl.utils import ShuffledCycle
 
@@ -204,27 +204,6 @@ class AbilitySettings:
 
     def profile(self, task: str, split: str) -> Any:
         return getattr(self, f"{task}_{'train' if split == 'train' else 'test'}")
-
-
-class OptionArranger:
-    """Puts the correct option at the next position of a shuffled cycle per option count (so answer
-    letters are balanced) among shuffled distractors, or every option in a canonical ``order`` (``fixed``)."""
-
-    def __init__(self, rng: random.Random, fixed: bool) -> None:
-        self._rng, self._fixed = rng, fixed
-        self._positions: dict[int, ShuffledCycle] = {}
-
-    def __call__(self, correct: str, distractors: Sequence[str],
-                 order: Callable[[str], Any] = str) -> tuple[list[str], str]:
-        """The options and the correct one's letter."""
-        if self._fixed:
-            options = sorted([correct, *distractors], key=order)
-        else:
-            count = len(distractors) + 1
-            position = self._positions.setdefault(count, ShuffledCycle(self._rng, range(count))).next()
-            options = self._rng.sample(list(distractors), len(distractors))
-            options.insert(position, correct)
-        return options, LETTERS[options.index(correct)]
 
 
 def _number_distractors(rng: random.Random, answer: int, count: int = 3) -> list[str]:

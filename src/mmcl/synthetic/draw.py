@@ -95,6 +95,27 @@ def multiple_choice(question: str, options: Sequence[str]) -> str:
     return "\n".join([question, *(f"{letter}. {option}" for letter, option in zip(LETTERS, options)), MC_INSTRUCTION])
 
 
+class OptionArranger:
+    """Puts the correct option at the next position of a shuffled cycle per option count (so answer
+    letters are balanced) among shuffled distractors, or every option in a canonical ``order`` (``fixed``)."""
+
+    def __init__(self, rng: random.Random, fixed: bool) -> None:
+        self._rng, self._fixed = rng, fixed
+        self._positions: dict[int, ShuffledCycle] = {}
+
+    def __call__(self, correct: str, distractors: Sequence[str],
+                 order: Callable[[str], Any] = str) -> tuple[list[str], str]:
+        """The options and the correct one's letter."""
+        if self._fixed:
+            options = sorted([correct, *distractors], key=order)
+        else:
+            count = len(distractors) + 1
+            position = self._positions.setdefault(count, ShuffledCycle(self._rng, range(count))).next()
+            options = self._rng.sample(list(distractors), len(distractors))
+            options.insert(position, correct)
+        return options, LETTERS[options.index(correct)]
+
+
 def with_multiple_choice(
     examples: Iterable[SynthExample], pools: Mapping[str, Sequence[str]], fraction: float, rng: random.Random
 ) -> Iterator[SynthExample]:
@@ -116,6 +137,6 @@ def with_multiple_choice(
 
 
 __all__ = [
-    "RGB", "Box", "SynthExample", "TaskSpec", "balanced_examples", "draw_shape", "multiple_choice", "rng_for",
-    "with_multiple_choice", "yes_no",
+    "RGB", "Box", "OptionArranger", "SynthExample", "TaskSpec", "balanced_examples", "draw_shape", "multiple_choice",
+    "rng_for", "with_multiple_choice", "yes_no",
 ]  # fmt: skip

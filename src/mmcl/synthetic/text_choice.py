@@ -19,12 +19,11 @@ import string
 from pathlib import Path
 from typing import Iterator
 
-from mmcl.data.answer_styles import LETTERS
-from mmcl.synthetic.draw import SynthExample, TaskSpec, multiple_choice, rng_for
+from mmcl.synthetic.draw import OptionArranger, SynthExample, TaskSpec, multiple_choice, rng_for
 from mmcl.synthetic.files import write_task_stream
 from mmcl.utils import ShuffledCycle
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: letters balanced by draw.OptionArranger
 TEXT_CHOICE_TASK = TaskSpec("text-choice", "Text-only multiple choice: answer with the option's letter",
                             "exact_match", 4, ("text-match", "text-plus", "text-larger", "text-next"))
 MATCH_WORDS = (
@@ -56,15 +55,13 @@ def text_choice_examples(task: str, n: int, seed: int, split: str, image_size: i
     """``n`` text-only multiple-choice examples; kinds and answer letters in shuffled passes."""
     rng = rng_for("text-choice", GENERATOR_VERSION, seed, split)
     kinds = ShuffledCycle(rng, TEXT_CHOICE_TASK.question_types)
-    positions = ShuffledCycle(rng, range(len(LETTERS)))
+    arrange = OptionArranger(rng, fixed=False)
     for _ in range(n):
         kind = kinds.next()
         question, answer, others = _question(rng, kind)
-        options = rng.sample(others, len(others))
-        position = positions.next()
-        options.insert(position, answer)
-        yield SynthExample(None, multiple_choice(question, options), LETTERS[position], kind,
-                           {"options": options, "target": answer})
+        options, letter = arrange(answer, others)
+        facts = {"options": options, "target": answer}
+        yield SynthExample(None, multiple_choice(question, options), letter, kind, facts)
 
 
 def write_text_choice(root: Path, seed: int = 0, n_train: int = 20000, n_test: int = 400) -> Path:
