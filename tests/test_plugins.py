@@ -65,6 +65,18 @@ def test_second_definition_of_a_plugin_name_is_refused(tmp_path: Path) -> None:
     assert invoke(["list", "--plugin", str(EXAMPLE), "--plugin", str(copy)]).code == 0
 
 
+def test_a_run_records_the_plugins_it_loads_not_those_of_earlier_calls(tmp_path: Path) -> None:
+    """In one process (tests, a notebook), a plugin loaded by an earlier ``mmcl`` call stays loaded but is not
+    in a later run's ``config.plugins``, so it does not change that run's fingerprint."""
+    from mmcl.plugins import load_plugins, loaded_plugins
+
+    copy = tmp_path / "same_l2.py"
+    copy.write_text(EXAMPLE.read_text(encoding="utf-8"))
+    assert [record["path"] for record in load_plugins([EXAMPLE, copy])][-2:] == [str(EXAMPLE), str(copy.resolve())]
+    assert {str(EXAMPLE), str(copy.resolve())} <= {record["path"] for record in loaded_plugins()}
+    assert not {str(EXAMPLE), str(copy.resolve())} & {record["path"] for record in load_plugins([])}
+
+
 def test_plugin_with_a_syntax_error_is_one_line(tmp_path: Path) -> None:
     broken = tmp_path / "broken.py"
     broken.write_text("from mmcl.methods.base import Method\n\nclass Half(Method:\n    pass\n")

@@ -88,9 +88,9 @@ def command_run(args: argparse.Namespace) -> int:
     if level is not None:  # before anything imports torch
         pin_environment(level)
     from mmcl.config import load_config
-    from mmcl.plugins import load_plugins, loaded_plugins
+    from mmcl.plugins import load_plugins
 
-    load_plugins(args.plugin or [])  # on every torchrun process, before anything is looked up by name
+    plugins = load_plugins(args.plugin or [])  # on every torchrun process, before anything is looked up by name
     if config_path is not None and config_path.is_dir():  # a folder of <task>/{train,test}.json: its stream
         config = load_config(None, {**_folder_stream(config_path), **overrides})
         config_path = None
@@ -98,7 +98,7 @@ def command_run(args: argparse.Namespace) -> int:
         config = load_config(config_path, overrides)
     _stream_backbone(config, named="backbone.name" in overrides or _names_backbone(file_data))
     if hasattr(config, "plugins"):
-        config.plugins = loaded_plugins()
+        config.plugins = plugins
     base_dir = config_path.parent if config_path else Path.cwd()
     return _run(config, base_dir, overwrite=args.overwrite, recompute_changed=args.recompute_changed,
                 stop_after=args.stop_after_stage)

@@ -5,8 +5,8 @@ streams, scorers or backbone presets with the same calls the built-ins use (``re
 
 A file is imported under a module name made from its content's SHA-256, so loading the same file
 twice (a resumed run, every ``torchrun`` process) is one module and registers nothing twice, while
-another file claiming a taken name is refused. :func:`loaded_plugins` lists what was loaded (resolved
-path and SHA-256 of the file) for the run's resolved config.
+another file claiming a taken name is refused. :func:`load_plugins` returns what a run loaded (resolved
+path and SHA-256 of each file) for its resolved config; :func:`loaded_plugins` lists every plugin of the process.
 """
 
 from __future__ import annotations
@@ -89,9 +89,11 @@ def load_plugin_file(path: str | Path) -> ModuleType:
     return module
 
 
-def load_entry_points() -> None:
-    """Import the module of every ``mmcl.plugins`` entry point of the installed packages."""
+def load_entry_points() -> list[str]:
+    """Import the module of every ``mmcl.plugins`` entry point of the installed packages; returns the resolved
+    paths of their source files."""
     _register_builtins()
+    sources = []
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             entry.load()
@@ -106,13 +108,21 @@ def load_entry_points() -> None:
             resolved = Path(source).resolve()
             digest = hashlib.sha256(resolved.read_bytes()).hexdigest()
             _loaded.setdefault(str(resolved), {"path": str(resolved), "sha256": digest})
+            sources.append(str(resolved))
+    return sources
 
 
-def load_plugins(paths: Sequence[str | Path] = ()) -> None:
-    """The entry points, then the files ``paths`` in order (what ``mmcl run --plugin`` does)."""
-    load_entry_points()
+def load_plugins(paths: Sequence[str | Path] = ()) -> list[dict[str, str]]:
+    """The entry points, then the files ``paths`` in order (what ``mmcl run --plugin`` does). Returns what the
+    run's ``config.plugins`` records: those plugins (path, SHA-256), the entry points not named in ``paths``
+    first, then ``paths`` in order; not other plugins an earlier call in this process loaded."""
+    entry_sources = load_entry_points()
+    files = []
     for path in paths:
         load_plugin_file(path)
+        files.append(str(Path(path).expanduser().resolve()))  # a copy of a loaded file is recorded under its own path
+    ordered = [source for source in entry_sources if source not in files] + files
+    return [dict(_loaded[source]) for source in dict.fromkeys(ordered)]
 
 
 def loaded_plugins() -> list[dict[str, str]]:

@@ -401,36 +401,17 @@ def expand(sweep: Sweep) -> list[SweepRun]:
 # -- checking the runs' configs --------------------------------------------------------------------
 
 
-def plugin_records(files: list[Path]) -> list[dict[str, str]]:
-    """What a run's ``config.plugins`` records (as ``mmcl run --plugin`` does: the installed entry points'
-    modules, then the files in order), for the fingerprint a run dir is compared with. Loads them."""
-    import importlib.metadata
-    import sys
-
-    from mmcl.plugins import ENTRY_POINT_GROUP, load_plugins, loaded_plugins
-
-    load_plugins(files)
-    entry_files = set()
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        source = getattr(sys.modules.get(entry.module), "__file__", None)
-        if source:
-            entry_files.add(str(Path(source).resolve()))
-    loaded = {record["path"]: record for record in loaded_plugins()}
-    wanted = [str(Path(file).resolve()) for file in files]
-    ordered = [path for path in loaded if path in entry_files and path not in wanted] + wanted
-    return [dict(loaded[path]) for path in dict.fromkeys(ordered) if path in loaded]
-
-
 def check_runs(sweep: Sweep) -> dict[str, Any]:
     """Every run's :class:`~mmcl.config.ExperimentConfig` (by run name), read by ``load_config`` from the
     base file and the run's settings, its method and options and its stream looked up: a bad value fails
     here, naming the run, before anything is launched. Loads the sweep's plugins."""
     from mmcl.config import from_dict, load_config
     from mmcl.methods import METHODS
+    from mmcl.plugins import load_plugins
     from mmcl.streams import registry  # noqa: F401  (registers the built-in streams)
     from mmcl.streams.stream import STREAMS
 
-    records = plugin_records(sweep.plugins)
+    records = load_plugins(sweep.plugins)
     prefix = f"{sweep.base}: " if sweep.base else ""
     try:
         load_config(sweep.base, dict(sweep.inline))
