@@ -3,7 +3,6 @@ that their own scorer accepts, and the synth_gui scorer."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -285,7 +284,7 @@ def test_a_seq_lora_run_of_synth_ability_scores_every_task_with_its_own_scorer(
     so the run's plumbing is checked without tiny-reader's weights: four stages in MLLM-CL's order, every cell
     of the lower triangle scored, and each task's chance taken from its own answers."""
     from conftest import make_stream_config, write_config
-    from test_runner import invoke, read_json
+    from test_runner import invoke, prediction_records, read_json
 
     stream = {"name": "synth-ability", "options": {"train_per_task": 4, "test_per_task": 8},
               "cache_dir": str(stream_cache_dir)}  # fmt: skip
@@ -301,6 +300,5 @@ def test_a_seq_lora_run_of_synth_ability_scores_every_task_with_its_own_scorer(
     assert tasks["ocr"]["chance"] == 0  # open answers
     assert 25 < tasks["vp"]["chance"] < 50  # four count options, two for the other kinds
     assert 0 < tasks["gui"]["chance"] < 25  # a letter among four, or an open box
-    first_line = (tmp_path / "run" / "predictions" / "4_gui" / "gui.jsonl").read_text().splitlines()[0]
-    meta = json.loads(first_line)["meta"]
+    meta, _ = prediction_records(tmp_path / "run" / "predictions" / "4_gui" / "gui.jsonl")
     assert (meta["scorer"], meta["n"]) == ("synth_gui", 8)
